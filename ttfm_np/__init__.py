@@ -1,0 +1,17 @@
+"""ttfm_np: flow matching and two-timed flow model distillation (ITVM), by hand.
+
+Every forward and backward pass is written out in NumPy (CPU) or CuPy with
+custom CUDA kernels (GPU). Start with:
+
+    from ttfm_np import backend, model, params
+    xp = backend.select_device("cpu")
+    cfg = model.make_config("tiny", (3, 16, 16))
+    p = model.init_model(cfg, seed=0)
+    u, cache = model.model_forward(p, cfg, x, t)
+    dx, grads = model.model_backward(du, cache, p, cfg)
+
+One file per concept: linear, conv, groupnorm, activations, attention,
+resample, dropout, embedding, resblock, unet, mlp, model, optim, ckpt, data,
+flow, train, ttfm, losses, inception, fid.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,36 @@
+"""Element-wise activations and their derivatives.
+
+SiLU (a.k.a. swish): silu(x) = x * sigmoid(x)
+    d silu / dx = sigmoid(x) * (1 + x * (1 - sigmoid(x)))
+"""
+from __future__ import annotations
+
+from . import backend
+
+
+def sigmoid(x):
+    xp = backend.array_module(x)
+    # 1 / (1 + e^-x) written through tanh: no overflow warning for large |x|
+    return 0.5 * (xp.tanh(0.5 * x) + 1.0)
+
+
+def silu_forward(x):
+    """y = x * sigmoid(x); the cache keeps x (sigmoid is recomputed in backward)."""
+    return x * sigmoid(x), x
+
+
+def silu_backward(dy, cache):
+    x = cache
+    s = sigmoid(x)
+    # y = x * s(x)  =>  dy/dx = s + x s (1 - s) = s (1 + x (1 - s))
+    return dy * (s * (1.0 + x * (1.0 - s)))
+
+
+def relu_forward(x):
+    xp = backend.array_module(x)
+    return xp.maximum(x, 0), x
+
+
+def relu_backward(dy, cache):
+    x = cache
+    return dy * (x > 0)

@@ -1,0 +1,144 @@
+"""Array backend: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+All model code is written once against an array module ``xp`` that is either
+``numpy`` or ``cupy``. Layer functions never look at a global: they ask the
+arrays they were given (``array_module(x)``), the way ``cupy.get_array_module``
+does, so the same function serves both devices. The global choice made here is
+only used where new arrays are *created* (parameter initialisation, data
+batches, noise).
+
+Choosing the device:
+
+* ``select_device("cpu")``  -> numpy
+* ``select_device("gpu")``  -> cupy, or a ``BackendError`` that says why not
+  (never a silent CPU run)
+* ``select_device("auto")`` -> cupy only when a GPU is really usable (CuPy
+  imports, a device exists and a tiny kernel runs), numpy otherwise.
+
+The default comes from the environment variable ``TTFM_DEVICE`` (cpu, gpu,
+auto), and is ``auto`` when unset.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+DEVICE_CHOICES = ("cpu", "gpu", "auto")
+
+
+class BackendError(RuntimeError):
+    """The requested device cannot be used; the message says why and what to do."""
+
+
+_cupy_module = None      # the cupy module once it imported and a GPU answered
+_cupy_problem = None     # why cupy is not usable (str), once we have tried
+_current_xp = None       # the module chosen by select_device
+
+
+def _probe_cupy():
+    """Import cupy and run one tiny kernel; remember the outcome."""
+    global _cupy_module, _cupy_problem
+    if _cupy_module is not None or _cupy_problem is not None:
+        return _cupy_module
+    try:
+        import cupy  # noqa: WPS433 (optional dependency)
+    except Exception as exc:  # ImportError, or a broken CUDA install
+        _cupy_problem = (f"CuPy is not importable ({exc.__class__.__name__}: {exc}). "
+                         "Install it with `pip install -e .[gpu]` (CUDA 12) or "
+                         "`pip install -e .[gpu13]` (CUDA 13).")
+        return None
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device found")
+        probe = cupy.arange(4, dtype=cupy.float32)
+        float((probe * 2).sum())           # forces a kernel launch and a copy back
+    except Exception as exc:
+        _cupy_problem = (f"CuPy imported but no GPU is usable ({exc.__class__.__name__}: {exc}). "
+                         "Check `nvidia-smi` and the CUDA driver, or run with --device cpu.")
+        return None
+    _cupy_module = cupy
+    return cupy
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and a CUDA device really runs a kernel."""
+    return _probe_cupy() is not None
+
+
+def gpu_problem() -> str | None:
+    """Why the GPU cannot be used (None when it can). Used in skip reasons."""
+    _probe_cupy()
+    return _cupy_problem
+
+
+def select_device(name: str | None = None):
+    """Choose numpy or cupy for newly created arrays and return the module.
+
+    name: "cpu", "gpu" or "auto"; None reads $TTFM_DEVICE (default "auto").
+    """
+    global _current_xp
+    if name is None:
+        name = os.environ.get("TTFM_DEVICE", "auto")
+    name = name.strip().lower()
+    if name not in DEVICE_CHOICES:
+        raise BackendError(f"unknown device {name!r}: choose one of {', '.join(DEVICE_CHOICES)} "
+                           "(flag --device or environment variable TTFM_DEVICE)")
+    if name == "cpu":
+        _current_xp = np
+    elif name == "gpu":
+        cupy = _probe_cupy()
+        if cupy is None:
+            raise BackendError(f"--device gpu was requested but {_cupy_problem}")
+        _current_xp = cupy
+    else:
+        cupy = _probe_cupy()
+        _current_xp = cupy if cupy is not None else np
+    return _current_xp
+
+
+def get_xp():
+    """The module chosen by select_device (selected from $TTFM_DEVICE on first use)."""
+    if _current_xp is None:
+        return select_device(None)
+    return _current_xp
+
+
+def device_name(xp=None) -> str:
+    xp = get_xp() if xp is None else xp
+    return "gpu" if is_cupy(xp) else "cpu"
+
+
+def is_cupy(xp) -> bool:
+    return xp is not np and getattr(xp, "__name__", "") == "cupy"
+
+
+def array_module(*arrays):
+    """numpy or cupy, decided by the arrays themselves (like cupy.get_array_module)."""
+    for a in arrays:
+        mod = type(a).__module__
+        if mod.startswith("cupy"):
+            return _probe_cupy() or __import__("cupy")
+    return np
+
+
+def to_numpy(a):
+    """A NumPy copy (or view) of a numpy/cupy array or a Python scalar."""
+    if isinstance(a, np.ndarray):
+        return a
+    if type(a).__module__.startswith("cupy"):
+        return a.get()
+    return np.asarray(a)
+
+
+def to_device(a, xp):
+    """Move an array to the device of module xp (no copy when already there)."""
+    if xp is np:
+        return to_numpy(a)
+    return xp.asarray(a)
+
+
+def default_rng(seed, xp=None):
+    """A seeded random Generator on the device of xp (numpy or cupy)."""
+    xp = get_xp() if xp is None else xp
+    return xp.random.default_rng(seed)

@@ -1,0 +1,94 @@
+"""Time embeddings: one time (teacher) or two times (TTFM student).
+
+Sinusoidal features of a time t in [0, 1] (positional encoding of scale * t):
+
+    f = [cos(scale t w_0), ..., cos(scale t w_{h-1}), sin(scale t w_0), ..., sin(scale t w_{h-1})]
+    w_i = max_period^(-i / h),  h = dim / 2
+
+E(t) = fc1(silu(fc0(f(t))))           the teacher's embedding (an MLP)
+
+Two-timed student (DESIGN section 4): with the teacher's E reused,
+
+    e(s, t) = E(s) + W_d E(t - s)      W_d (E_dim, E_dim), zero-initialised,
+
+so at initialisation e(s, t) = E(s) and the student equals the teacher.
+Parameter names: {prefix}.fc0.weight/bias, {prefix}.fc1.weight/bias and, for
+two-time models, {prefix}.delta.weight.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+from .activations import silu_backward, silu_forward
+from .linear import linear_backward, linear_forward
+from .params import accumulate, linear_weight
+
+
+def sinusoidal_features(t, dim: int, scale: float = 1000.0, max_period: float = 10000.0):
+    """t (N,) -> (N, dim) features; no parameters, no gradient needed w.r.t. t."""
+    xp = backend.array_module(t)
+    half = dim // 2
+    freqs = xp.exp(-np.log(max_period) * xp.arange(half, dtype=t.dtype) / half)   # (h,)
+    args = (scale * t)[:, None] * freqs[None, :]                                   # (N, h)
+    return xp.concatenate([xp.cos(args), xp.sin(args)], axis=1)
+
+
+def init_time_embedding(rng, prefix: str, feat_dim: int, emb_dim: int, two_time: bool):
+    p = {
+        f"{prefix}.fc0.weight": linear_weight(rng, emb_dim, feat_dim),
+        f"{prefix}.fc0.bias": np.zeros(emb_dim, np.float32),
+        f"{prefix}.fc1.weight": linear_weight(rng, emb_dim, emb_dim),
+        f"{prefix}.fc1.bias": np.zeros(emb_dim, np.float32),
+    }
+    if two_time:
+        p[f"{prefix}.delta.weight"] = np.zeros((emb_dim, emb_dim), np.float32)   # W_d = 0: warm start
+    return p
+
+
+def _mlp_forward(params, prefix, t, feat_dim, scale):
+    """E(t) for t (N,) -> (N, emb_dim)."""
+    f = sinusoidal_features(t, feat_dim, scale).astype(params[f"{prefix}.fc0.weight"].dtype)
+    h, c0 = linear_forward(f, params[f"{prefix}.fc0.weight"], params[f"{prefix}.fc0.bias"])
+    a, cs = silu_forward(h)
+    e, c1 = linear_forward(a, params[f"{prefix}.fc1.weight"], params[f"{prefix}.fc1.bias"])
+    return e, (c0, cs, c1)
+
+
+def _mlp_backward(de, cache, prefix, grads):
+    c0, cs, c1 = cache
+    # e = fc1(a)
+    da, dW, db = linear_backward(de, c1)
+    accumulate(grads, f"{prefix}.fc1.weight", dW)
+    accumulate(grads, f"{prefix}.fc1.bias", db)
+    # a = silu(h)
+    dh = silu_backward(da, cs)
+    # h = fc0(f)      (f depends on t only: no gradient needed)
+    _, dW, db = linear_backward(dh, c0)
+    accumulate(grads, f"{prefix}.fc0.weight", dW)
+    accumulate(grads, f"{prefix}.fc0.bias", db)
+
+
+def time_embedding_forward(params, prefix: str, s, t=None, feat_dim: int = 128, scale: float = 1000.0):
+    """e = E(s) (one time) or E(s) + W_d E(t - s) (two times). s, t: (N,)."""
+    e, cache_s = _mlp_forward(params, prefix, s, feat_dim, scale)
+    if t is None:
+        return e, (cache_s, None, None)
+    Wd = params.get(f"{prefix}.delta.weight")
+    if Wd is None:
+        raise ValueError("two times were given but the model has no delta projection "
+                         "(it was built as a one-time teacher; use ttfm.student_from_teacher)")
+    e_delta, cache_d = _mlp_forward(params, prefix, t - s, feat_dim, scale)
+    proj, cache_p = linear_forward(e_delta, Wd)            # W_d E(t - s)
+    return e + proj, (cache_s, cache_d, cache_p)
+
+
+def time_embedding_backward(de, cache, prefix: str, grads: dict):
+    """Accumulates the embedding's parameter gradients into grads (E is used twice)."""
+    cache_s, cache_d, cache_p = cache
+    _mlp_backward(de, cache_s, prefix, grads)               # e = E(s) + ...
+    if cache_d is not None:
+        # e = ... + W_d E(t - s)
+        de_delta, dWd, _ = linear_backward(de, cache_p)
+        accumulate(grads, f"{prefix}.delta.weight", dWd)
+        _mlp_backward(de_delta, cache_d, prefix, grads)

@@ -1,0 +1,61 @@
+"""One interface over the two network families (U-Net for images, MLP for 2-D data).
+
+    cfg    = config_from_dict(d)           # d["kind"] is "unet" or "mlp"
+    params = init_model(cfg, seed)
+    u, cache = model_forward(params, cfg, x, s, t=None, rng=None)
+    dx, grads = model_backward(du, cache, params, cfg)
+
+t=None evaluates a one-time (teacher) network v(x, s); with t the two-time
+student's u(x, s, t). The cache is the caller's: evaluate as many times as you
+like, then call the backward of whichever evaluations need gradients.
+"""
+from __future__ import annotations
+
+from . import mlp, unet
+
+
+def config_from_dict(d: dict):
+    kind = d.get("kind")
+    if kind == "unet":
+        return unet.UNetConfig.from_dict(d)
+    if kind == "mlp":
+        return mlp.MLPConfig.from_dict(d)
+    raise ValueError(f"unknown model kind {kind!r} in config (expected 'unet' or 'mlp')")
+
+
+def make_config(model: str, data_shape: tuple, two_time: bool = False, **overrides):
+    """A config from a preset name and the shape of one data sample.
+
+    model: "mlp" (or "mlp-tiny") for vectors, a U-Net preset (tiny, small, cifar10,
+    celebahq64) for images (C, H, W).
+    """
+    if model in ("mlp", "mlp-tiny"):
+        if len(data_shape) != 1:
+            raise ValueError(f"the MLP is for vector data; this dataset's samples have shape {data_shape}: "
+                             "use a U-Net preset (tiny, small, cifar10, celebahq64)")
+        kw = dict(mlp.PRESETS["tiny" if model == "mlp-tiny" else "mlp"])
+        kw.update(overrides)
+        return mlp.MLPConfig(dim=data_shape[0], two_time=two_time, **kw)
+    if len(data_shape) != 3:
+        raise ValueError(f"U-Net presets are for images (C, H, W); this dataset's samples have shape "
+                         f"{data_shape}: use --model mlp")
+    C, H, W = data_shape
+    if H != W:
+        raise ValueError(f"the U-Net needs square images, got {H}x{W}")
+    return unet.preset_config(model, in_channels=C, resolution=H, two_time=two_time, **overrides)
+
+
+def init_model(cfg, seed: int = 0):
+    return unet.init_unet(cfg, seed) if cfg.kind == "unet" else mlp.init_mlp(cfg, seed)
+
+
+def model_forward(params, cfg, x, s, t=None, rng=None):
+    if cfg.kind == "unet":
+        return unet.unet_forward(params, cfg, x, s, t, rng)
+    return mlp.mlp_forward(params, cfg, x, s, t, rng)
+
+
+def model_backward(du, cache, params, cfg):
+    if cfg.kind == "unet":
+        return unet.unet_backward(du, cache, params, cfg)
+    return mlp.mlp_backward(du, cache, params, cfg)

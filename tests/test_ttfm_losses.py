@@ -1,0 +1,160 @@
+"""Two-timed student and distillation losses: warm start, sampling grids,
+float64 gradient checks of every loss w.r.t. the student's parameters, and the
+stop-gradient/EMA semantics of the targets."""
+import numpy as np
+import pytest
+
+from gradcheck import check_gradients
+from ttfm_np import losses, model, params as P, ttfm, unet
+
+
+def _teacher(kind="mlp", seed=0):
+    if kind == "mlp":
+        cfg = model.make_config("mlp-tiny", (2,))
+    else:
+        cfg = unet.preset_config("tiny", in_channels=1, resolution=8, attn_resolutions=(4,))
+    p = P.randomize(P.astype(model.init_model(cfg, seed), np.float64), seed=seed + 10, std=0.3)
+    return p, cfg
+
+
+def _batch(rng, shape, n):
+    x0 = rng.standard_normal((n,) + shape)
+    x1 = rng.standard_normal((n,) + shape)
+    a, b = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+    s, t = np.minimum(a, b), np.maximum(a, b)
+    s[0] = t[0] = 0.4                                       # one pair with t = s
+    t[1] = 1.0                                              # one pair ending at t = 1
+    x_s = ttfm.bcast(1 - s, x0) * x0 + ttfm.bcast(s, x1) * x1
+    return x_s, s, t
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_warm_start_is_exact(rng, kind):
+    tp, tcfg = _teacher(kind)
+    sp, scfg = ttfm.student_from_teacher(tp, tcfg)
+    shape = (2,) if kind == "mlp" else (1, 8, 8)
+    x = rng.standard_normal((3,) + shape)
+    s, t = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    u, _ = model.model_forward(sp, scfg, x, s, t)
+    v, _ = model.model_forward(tp, tcfg, x, s)
+    np.testing.assert_array_equal(u, v)                     # u(x, s, t) = v(x, s) at step 0
+    phi, _ = ttfm.phi_forward(sp, scfg, x, s, s)
+    np.testing.assert_array_equal(phi, x)                   # phi(x, s, s) = x
+
+
+def test_sampling_grid_and_reverse(rng):
+    tp, tcfg = _teacher()
+    sp, scfg = ttfm.student_from_teacher(tp, tcfg)
+    z = rng.standard_normal((4, 2))
+    # one step from 0 to 1 at warm start is the teacher's one Euler step
+    x1 = ttfm.sample(sp, scfg, z, n_steps=1)
+    np.testing.assert_allclose(x1, z + model.model_forward(tp, tcfg, z, np.zeros(4))[0], rtol=1e-12)
+    # a custom grid equals the uniform grid with the same times
+    np.testing.assert_allclose(ttfm.sample(sp, scfg, z, grid=[0, 0.5, 1]), ttfm.sample(sp, scfg, z, n_steps=2))
+    # decreasing grid maps toward noise: one step back from 1 to 0
+    back = ttfm.sample(sp, scfg, x1, grid=[1.0, 0.0])
+    np.testing.assert_allclose(back, x1 - model.model_forward(tp, tcfg, x1, np.ones(4))[0], rtol=1e-12)
+    for bad in ([0.0], [0, 0.7, 0.5, 1], [0, 1.5]):
+        with pytest.raises(ValueError):
+            ttfm.make_grid(grid=bad)
+    with pytest.raises(ValueError, match=">= 1"):
+        ttfm.make_grid(n_steps=0)
+
+
+OPTS = [
+    dict(loss="itvm"),
+    dict(loss="itvm", target_solver="heun", delta_mode="relative"),
+    dict(loss="itvm", lambda_init=0.0),
+    dict(loss="lfmd"),
+    dict(loss="ecd"),
+]
+
+
+@pytest.mark.parametrize("kw", OPTS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_loss_gradients_mlp(rng, kw):
+    """Finite differences move only the student; the EMA copy is a separate, fixed dict."""
+    tp, tcfg = _teacher()
+    sp, scfg = ttfm.student_from_teacher(tp, tcfg)
+    sp = P.randomize(sp, seed=5, std=0.3)                    # a trained-looking student, W_d != 0
+    ema = P.randomize(sp, seed=6, std=0.3)
+    x_s, s, t = _batch(rng, (2,), 6)
+    opts = losses.DistillLossConfig(delta=0.1, fd_step=1e-3, **kw).validate()
+    loss, grads, _ = losses.distill_loss((sp, scfg), (ema, scfg), (tp, tcfg), x_s, s, t, opts)
+    f = lambda: losses.distill_loss((sp, scfg), (ema, scfg), (tp, tcfg), x_s, s, t, opts)[0]
+    assert abs(f() - loss) == 0
+    assert set(grads) == set(sp)
+    check_gradients(f, sp, grads, n_max=4, tol=1e-6)
+
+
+def test_lfmd_semi_gradient_treats_teacher_output_as_constant(rng):
+    """lfmd_teacher_grad=False: the gradient of ||dphi/dt - c||^2 with c = v(phi(theta0), t) frozen."""
+    tp, tcfg = _teacher()
+    sp, scfg = ttfm.student_from_teacher(tp, tcfg)
+    sp = P.randomize(sp, seed=5, std=0.3)
+    x_s, s, t = _batch(rng, (2,), 6)
+    opts = losses.DistillLossConfig(loss="lfmd", lfmd_teacher_grad=False).validate()
+    _, grads, _ = losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts)
+    h = opts.fd_step
+    t_plus = np.minimum(t + h, 1.0)
+    c = model.model_forward(tp, tcfg, ttfm.phi_forward(sp, scfg, x_s, s, t)[0], t)[0]   # frozen target
+
+    def f():
+        d = (ttfm.phi_forward(sp, scfg, x_s, s, t_plus)[0] - ttfm.phi_forward(sp, scfg, x_s, s, t_plus - 2 * h)[0]) / (2 * h)
+        return float(((d - c) ** 2).mean())
+    check_gradients(f, sp, grads, n_max=4, tol=1e-6)
+
+
+def test_itvm_gradients_unet(rng):
+    tp, tcfg = _teacher("unet")
+    sp, scfg = ttfm.student_from_teacher(tp, tcfg)
+    sp = P.randomize(sp, seed=5, std=0.3)
+    x_s, s, t = _batch(rng, (1, 8, 8), 3)
+    opts = losses.DistillLossConfig(delta=0.1).validate()
+    loss, grads, _ = losses.distill_loss((sp, scfg), (sp.copy(), scfg), (tp, tcfg), x_s, s, t, opts)
+    frozen = P.copy(sp)                                     # EMA = a frozen copy of the student
+    f = lambda: losses.distill_loss((sp, scfg), (frozen, scfg), (tp, tcfg), x_s, s, t, opts)[0]
+    check_gradients(f, sp, grads, n_max=2, tol=1e-6)
+
+
+def test_terminal_target_is_stop_gradient_from_ema(rng):
+    tp, tcfg = _teacher()
+    sp, scfg = ttfm.student_from_teacher(tp, tcfg)
+    sp = P.randomize(sp, seed=5, std=0.3)
+    x_s, s, t = _batch(rng, (2,), 8)
+    opts = losses.DistillLossConfig(lambda_init=0.0, delta=0.1).validate()
+    # EMA off (target from the live weights under sg) == EMA equal to a frozen copy
+    off = losses.DistillLossConfig(lambda_init=0.0, delta=0.1, ema_target=False).validate()
+    _, g_off, _ = losses.distill_loss((sp, scfg), (P.randomize(sp, seed=9), scfg), (tp, tcfg), x_s, s, t, off)
+    _, g_copy, _ = losses.distill_loss((sp, scfg), (P.copy(sp), scfg), (tp, tcfg), x_s, s, t, opts)
+    for k in sp:
+        np.testing.assert_array_equal(g_off[k], g_copy[k])
+    # the target is built from the EMA weights: change them and the loss changes, the student unchanged
+    ema2 = P.randomize(sp, seed=11, std=0.3)
+    l1 = losses.distill_loss((sp, scfg), (P.copy(sp), scfg), (tp, tcfg), x_s, s, t, opts)[0]
+    l2 = losses.distill_loss((sp, scfg), (ema2, scfg), (tp, tcfg), x_s, s, t, opts)[0]
+    assert l1 != l2
+    # and it equals (y_hat - x_s)/(t - s) from an explicit computation
+    u_tgt = losses.itvm_terminal_target((ema2, scfg), (tp, tcfg), x_s, s, t, opts)
+    tp_ = np.maximum(s, t - 0.1)
+    y = x_s + (tp_ - s)[:, None] * model.model_forward(ema2, scfg, x_s, s, tp_)[0]
+    y_hat = y + (t - tp_)[:, None] * model.model_forward(tp, tcfg, y, tp_)[0]
+    valid = t > s
+    np.testing.assert_allclose(u_tgt[valid], (y_hat - x_s)[valid] / (t - s)[valid, None], rtol=1e-12)
+
+
+def test_itvm_at_warm_start_is_zero_with_exact_teacher_targets(rng):
+    """At warm start with Delta >= t - s the target is v(x_s, s) and u = v: both terms vanish."""
+    tp, tcfg = _teacher()
+    sp, scfg = ttfm.student_from_teacher(tp, tcfg)
+    x_s, s, t = _batch(rng, (2,), 6)
+    opts = losses.DistillLossConfig(delta=1.0).validate()
+    loss, grads, m = losses.distill_loss((sp, scfg), (sp, scfg), (tp, tcfg), x_s, s, t, opts)
+    assert m["loss_init"] == 0.0 and m["loss_term"] < 1e-25
+
+
+def test_bad_loss_options():
+    for kw, msg in [(dict(loss="foo"), "unknown loss"), (dict(delta=0.0), "delta"),
+                    (dict(target_solver="rk9"), "target_solver"),
+                    (dict(lambda_init=0.0, lambda_term=0.0), "not both 0")]:
+        with pytest.raises(ValueError, match=msg):
+            losses.DistillLossConfig(**kw).validate()

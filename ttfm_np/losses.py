@@ -1,0 +1,219 @@
+"""Distillation losses for the two-timed student (DESIGN section 5).
+
+Notation: x0 ~ N(0, I) noise, x1 data, x_s = (1 - s) x0 + s x1, v the frozen
+teacher, u/phi the student (theta), theta^- its EMA copy, sg = stop-gradient.
+||a||^2 is the mean over the non-batch dimensions; losses average over the
+batch. Each function returns (loss, grads, metrics): grads are d loss / d theta
+for the student's parameters, computed by calling the student's backward once
+per student evaluation that carries gradient. Teacher and EMA evaluations are
+plain forwards whose results are constants (that *is* the stop-gradient).
+
+    ITVM (the paper's):
+        L_init = || u(x_s, s, s) - v(x_s, s) ||^2
+        t' = max(s, t - Delta) (absolute) or t - kappa (t - s) (relative),  d = t - t'
+        y  = phi_{theta^-}(x_s, s, t');   y_hat = y + d v(y, t')  (Euler) or Heun
+        L_term = || u(x_s, s, t) - sg((y_hat - x_s) / (t - s)) ||^2    (pairs with t > s)
+        L = lambda_init L_init + lambda_term L_term
+    LFMD (Boffi et al.): || d/dt phi(x_s, s, t) - v(phi(x_s, s, t), t) ||^2, d/dt by finite difference
+    ECD (consistency, initial end): || phi(x_s, s, t) - sg(phi_{theta^-}(x_s + D v(x_s, s), s + D, t)) ||^2
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from . import backend
+from .model import model_backward, model_forward
+from .ttfm import bcast, phi_backward, phi_forward
+
+LOSSES = ("itvm", "lfmd", "ecd")
+
+
+@dataclass
+class DistillLossConfig:
+    loss: str = "itvm"              # itvm | lfmd | ecd
+    lambda_init: float = 1.0        # ITVM: weight of the initial-velocity term (0 = ablation)
+    lambda_term: float = 1.0        # ITVM: weight of the terminal-velocity term
+    delta: float = 1.0 / 64         # ITVM/ECD: teacher step Delta (absolute)
+    delta_mode: str = "absolute"    # absolute: t' = max(s, t - delta); relative: t' = t - kappa (t - s)
+    kappa: float = 0.25             # relative Delta as a fraction of t - s
+    target_solver: str = "euler"    # ITVM: euler (O(Delta) bias) or heun (O(Delta^2)) for y_hat
+    ema_target: bool = True         # ITVM/ECD: target from the EMA student (False: the live weights under sg)
+    fd_step: float = 1e-3           # LFMD: finite-difference step h in t
+    lfmd_teacher_grad: bool = True  # LFMD: back-propagate through the teacher's input phi (see lfmd_loss)
+
+    def validate(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.delta_mode not in ("absolute", "relative"):
+            raise ValueError(f"delta_mode must be 'absolute' or 'relative', got {self.delta_mode!r}")
+        if self.target_solver not in ("euler", "heun"):
+            raise ValueError(f"target_solver must be 'euler' or 'heun', got {self.target_solver!r}")
+        if not 0.0 < self.delta <= 1.0:
+            raise ValueError(f"delta must be in (0, 1], got {self.delta}")
+        if not 0.0 < self.kappa <= 1.0:
+            raise ValueError(f"kappa must be in (0, 1], got {self.kappa}")
+        if not 0.0 < self.fd_step < 0.5:
+            raise ValueError(f"fd_step must be in (0, 0.5), got {self.fd_step}")
+        if self.lambda_init < 0 or self.lambda_term < 0 or self.lambda_init + self.lambda_term == 0:
+            raise ValueError("lambda_init and lambda_term must be >= 0 and not both 0")
+        return self
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def mse_and_grad(pred, target, weight=None):
+    """L = mean_n w_n * mean_d (pred - target)^2, and dL/dpred.
+
+    weight (N,) or None: per-sample weights (e.g. 0 for pairs with t = s).
+    """
+    N = pred.shape[0]
+    D = pred.size // N
+    r = pred - target
+    per_sample = (r * r).reshape(N, -1).mean(axis=1)          # (N,)
+    if weight is None:
+        return float(per_sample.mean()), (2.0 / (N * D)) * r
+    return float((weight * per_sample).mean()), (2.0 / (N * D)) * bcast(weight, r) * r
+
+
+def _add_grads(total, grads, scale=1.0):
+    for k, g in grads.items():
+        total[k] = total[k] + scale * g if k in total else scale * g
+    return total
+
+
+def teacher_velocity(teacher, x, t):
+    """v(x, t) of the frozen teacher, evaluation mode. teacher = (params, cfg)."""
+    params, cfg = teacher
+    return model_forward(params, cfg, x, t)[0]
+
+
+# ----------------------------------------------------------------------------- ITVM
+
+def itvm_target_times(s, t, opts: DistillLossConfig):
+    """t' = max(s, t - Delta) or t - kappa (t - s); returns t'."""
+    xp = backend.array_module(s)
+    if opts.delta_mode == "absolute":
+        return xp.maximum(s, t - opts.delta)
+    return t - opts.kappa * (t - s)
+
+
+def itvm_terminal_target(ema, teacher, x_s, s, t, opts: DistillLossConfig):
+    """u_tgt = (y_hat - x_s) / (t - s), computed with forwards only (no gradient).
+
+    ema = (params, cfg) of theta^- (or of theta itself when EMA targets are off).
+    Pairs with t = s get u_tgt = 0 and must be masked out by the caller.
+    """
+    xp = backend.array_module(x_s)
+    t_prime = itvm_target_times(s, t, opts)
+    d = bcast(t - t_prime, x_s)
+    # y = phi_{theta^-}(x_s, s, t')   (= x_s exactly where t' = s)
+    y, _ = phi_forward(ema[0], ema[1], x_s, s, t_prime)
+    v1 = teacher_velocity(teacher, y, t_prime)
+    if opts.target_solver == "euler":
+        y_hat = y + d * v1                                     # y_hat = y + d v(y, t')
+    else:                                                      # Heun: trapezoid with an Euler predictor
+        v2 = teacher_velocity(teacher, y + d * v1, t)
+        y_hat = y + 0.5 * d * (v1 + v2)
+    gap = t - s
+    safe_gap = xp.where(gap > 0, gap, 1.0)
+    return (y_hat - x_s) / bcast(safe_gap, x_s)
+
+
+def itvm_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=None):
+    """ITVM loss and its gradient w.r.t. the student's parameters.
+
+    student, ema, teacher: (params, cfg) pairs. Cost: 2 student forward+backward,
+    1 EMA forward, 2 teacher forwards (3 with Heun).
+    """
+    params, cfg = student
+    xp = backend.array_module(x_s)
+    grads, metrics, loss = {}, {}, 0.0
+    if opts.lambda_init > 0:
+        # L_init = || u(x_s, s, s) - v(x_s, s) ||^2
+        v_s = teacher_velocity(teacher, x_s, s)
+        u_init, c_init = model_forward(params, cfg, x_s, s, s, rng)
+        l_init, du = mse_and_grad(u_init, v_s)
+        _, g = model_backward(opts.lambda_init * du, c_init, params, cfg)
+        _add_grads(grads, g)
+        loss += opts.lambda_init * l_init
+        metrics["loss_init"] = l_init
+    if opts.lambda_term > 0:
+        valid = (t - s > 0).astype(x_s.dtype)                  # the terminal term needs t > s
+        u_tgt = itvm_terminal_target(ema, teacher, x_s, s, t, opts)
+        # L_term = || u(x_s, s, t) - sg(u_tgt) ||^2
+        u_term, c_term = model_forward(params, cfg, x_s, s, t, rng)
+        l_term, du = mse_and_grad(u_term, u_tgt, weight=valid)
+        _, g = model_backward(opts.lambda_term * du, c_term, params, cfg)
+        _add_grads(grads, g)
+        loss += opts.lambda_term * l_term
+        metrics["loss_term"] = l_term
+    metrics["loss"] = loss
+    return loss, grads, metrics
+
+
+# ----------------------------------------------------------------------------- LFMD
+
+def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=None):
+    """Lagrangian map distillation: || d/dt phi(x_s, s, t) - v(phi(x_s, s, t), t) ||^2.
+
+    d/dt phi by a central difference with step h on the stencil
+    [t_plus - 2h, t_plus], t_plus = min(t + h, 1): centred at t inside (0, 1),
+    one-sided (backward, step 2h) at t = 1.
+
+    Gradient through the teacher's input (opts.lfmd_teacher_grad, default True):
+    the loss depends on theta also through phi inside v(phi, t); keeping that
+    path gives the exact gradient of the objective as written (Boffi et al.
+    minimise this loss with ordinary autodiff). False makes v(phi) a constant
+    target: cheaper (no teacher backward) but a semi-gradient method.
+    The ema argument is unused (LFMD has no EMA target); it keeps the signature uniform.
+    """
+    params, cfg = student
+    xp = backend.array_module(x_s)
+    h = opts.fd_step
+    t_plus = xp.minimum(t + h, 1.0)
+    t_minus = t_plus - 2 * h
+    phi_p, c_p = phi_forward(params, cfg, x_s, s, t_plus, rng)
+    phi_m, c_m = phi_forward(params, cfg, x_s, s, t_minus, rng)
+    dphi_dt = (phi_p - phi_m) / (2 * h)
+    phi_t, c_t = phi_forward(params, cfg, x_s, s, t, rng)
+    v_out, c_v = model_forward(teacher[0], teacher[1], phi_t, t)
+    loss, dres = mse_and_grad(dphi_dt, v_out)                  # residual r = dphi_dt - v(phi_t)
+    grads = {}
+    # dphi_dt = (phi_p - phi_m) / 2h
+    _add_grads(grads, phi_backward(dres / (2 * h), c_p, params, cfg)[1])
+    _add_grads(grads, phi_backward(-dres / (2 * h), c_m, params, cfg)[1])
+    if opts.lfmd_teacher_grad:
+        # r = ... - v(phi_t, t): the teacher's input gradient, parameters frozen
+        dphi_t, _ = model_backward(-dres, c_v, teacher[0], teacher[1])
+        _add_grads(grads, phi_backward(dphi_t, c_t, params, cfg)[1])
+    return loss, grads, {"loss": loss}
+
+
+# ----------------------------------------------------------------------------- ECD
+
+def ecd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=None):
+    """Consistency-style initial-end distillation:
+
+        s' = min(s + Delta, t),  x' = x_s + (s' - s) v(x_s, s)        (one teacher Euler step)
+        L  = || phi(x_s, s, t) - sg(phi_{theta^-}(x', s', t)) ||^2
+    """
+    params, cfg = student
+    xp = backend.array_module(x_s)
+    s_next = xp.minimum(s + opts.delta, t)
+    x_next = x_s + bcast(s_next - s, x_s) * teacher_velocity(teacher, x_s, s)
+    target, _ = phi_forward(ema[0], ema[1], x_next, s_next, t)
+    pred, c = phi_forward(params, cfg, x_s, s, t, rng)
+    loss, dpred = mse_and_grad(pred, target)
+    _, grads = phi_backward(dpred, c, params, cfg)
+    return loss, grads, {"loss": loss}
+
+
+LOSS_FUNCTIONS = {"itvm": itvm_loss, "lfmd": lfmd_loss, "ecd": ecd_loss}
+
+
+def distill_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=None):
+    """Dispatch on opts.loss. ema=None (or opts.ema_target False) uses the live weights under sg."""
+    if ema is None or not opts.ema_target:
+        ema = student
+    return LOSS_FUNCTIONS[opts.loss](student, ema, teacher, x_s, s, t, opts, rng)

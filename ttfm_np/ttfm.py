@@ -1,0 +1,87 @@
+"""Two-timed flow model (TTFM): the student phi(x, s, t) (DESIGN section 4).
+
+    phi_theta(x, s, t) = x + (t - s) * u_theta(x, s, t)
+
+u_theta is a two-time network (model.py with cfg.two_time=True): an *average
+velocity* over [s, t]. By construction phi(x, s, s) = x exactly. Few-step
+sampling on a grid 0 = tau_0 < ... < tau_N = 1 applies x <- phi(x, tau_k, tau_{k+1}),
+one network evaluation per step; a decreasing grid maps data back toward noise.
+
+Warm start: the student copies the teacher's weights and adds W_d = 0 to the
+time embedding, so at step 0  u(x, s, t) = v(x, s)  for every t.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import backend
+from .model import model_backward, model_forward
+
+
+def bcast(t, x):
+    """Per-sample times (N,) -> (N, 1, ..., 1) to broadcast against x (N, ...)."""
+    return t.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def student_config(teacher_cfg):
+    """The student's config: the teacher's architecture, conditioned on two times."""
+    if teacher_cfg.two_time:
+        raise ValueError("the teacher is already a two-time model: pass a flow-matching teacher checkpoint")
+    return dataclasses.replace(teacher_cfg, two_time=True)
+
+
+def student_from_teacher(teacher_params, teacher_cfg):
+    """(params, cfg) of a student warm-started from the teacher (W_d = 0)."""
+    cfg = student_config(teacher_cfg)
+    params = {k: v.copy() for k, v in teacher_params.items()}
+    w = params["emb.fc1.weight"]                      # (E, E): the embedding width
+    xp = backend.array_module(w)
+    params["emb.delta.weight"] = xp.zeros((w.shape[0], w.shape[0]), dtype=w.dtype)
+    return params, cfg
+
+
+def phi_forward(params, cfg, x, s, t, rng=None):
+    """phi(x, s, t) = x + (t - s) u(x, s, t). x (N, ...), s, t (N,). Returns (phi, cache)."""
+    u, cache = model_forward(params, cfg, x, s, t, rng)
+    gap = bcast(t - s, x)
+    return x + gap * u, (cache, gap)
+
+
+def phi_backward(dphi, cache, params, cfg):
+    """-> dx, grads. phi = x + gap * u(x)  =>  dx = dphi + du/dx^T (gap * dphi)."""
+    net_cache, gap = cache
+    dx_net, grads = model_backward(gap * dphi, net_cache, params, cfg)
+    return dphi + dx_net, grads
+
+
+def make_grid(n_steps: int | None = None, grid=None, t0: float = 0.0, t1: float = 1.0):
+    """A monotone time grid: uniform with n_steps steps, or a given list."""
+    if grid is None:
+        if n_steps is None or int(n_steps) < 1:
+            raise ValueError(f"the number of sampling steps must be >= 1, got {n_steps}")
+        return np.linspace(t0, t1, int(n_steps) + 1)
+    g = np.asarray(grid, dtype=np.float64)
+    if g.ndim != 1 or len(g) < 2:
+        raise ValueError("a custom grid needs at least two times, e.g. 0,0.5,1")
+    if np.any(g < 0) or np.any(g > 1):
+        raise ValueError(f"grid times must lie in [0, 1], got {g.tolist()}")
+    d = np.diff(g)
+    if not (np.all(d > 0) or np.all(d < 0)):
+        raise ValueError(f"the grid must be strictly increasing (noise -> data) or decreasing, got {g.tolist()}")
+    return g
+
+
+def sample(params, cfg, x, n_steps: int | None = None, grid=None):
+    """Apply phi along the grid: N network evaluations for an N-step grid.
+
+    x: (N, ...) noise at grid[0] (default 0) -> samples at grid[-1] (default 1).
+    """
+    g = make_grid(n_steps, grid)
+    xp = backend.array_module(x)
+    for a, b in zip(g[:-1], g[1:]):
+        s = xp.full((x.shape[0],), a, dtype=x.dtype)
+        t = xp.full((x.shape[0],), b, dtype=x.dtype)
+        x, _ = phi_forward(params, cfg, x, s, t)
+    return x

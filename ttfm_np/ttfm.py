@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from . import backend
+from .flow import make_grid
 from .model import model_backward, model_forward
 
 
@@ -54,23 +53,6 @@ def phi_backward(dphi, cache, params, cfg):
     net_cache, gap = cache
     dx_net, grads = model_backward(gap * dphi, net_cache, params, cfg)
     return dphi + dx_net, grads
-
-
-def make_grid(n_steps: int | None = None, grid=None, t0: float = 0.0, t1: float = 1.0):
-    """A monotone time grid: uniform with n_steps steps, or a given list."""
-    if grid is None:
-        if n_steps is None or int(n_steps) < 1:
-            raise ValueError(f"the number of sampling steps must be >= 1, got {n_steps}")
-        return np.linspace(t0, t1, int(n_steps) + 1)
-    g = np.asarray(grid, dtype=np.float64)
-    if g.ndim != 1 or len(g) < 2:
-        raise ValueError("a custom grid needs at least two times, e.g. 0,0.5,1")
-    if np.any(g < 0) or np.any(g > 1):
-        raise ValueError(f"grid times must lie in [0, 1], got {g.tolist()}")
-    d = np.diff(g)
-    if not (np.all(d > 0) or np.all(d < 0)):
-        raise ValueError(f"the grid must be strictly increasing (noise -> data) or decreasing, got {g.tolist()}")
-    return g
 
 
 def sample(params, cfg, x, n_steps: int | None = None, grid=None):

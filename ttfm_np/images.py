@@ -1,0 +1,83 @@
+"""PNG output people can look at: image grids and 2-D scatter plots (pillow only)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from . import backend
+
+
+def to_uint8(images):
+    """NCHW floats in [-1, 1] -> NHWC uint8 in [0, 255] (clipped)."""
+    x = backend.to_numpy(images).astype(np.float64)
+    x = np.clip((x + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return x.transpose(0, 2, 3, 1)
+
+
+def image_grid(images, nrow: int | None = None, pad: int = 2) -> Image.Image:
+    """A grid of NCHW images in [-1, 1] (C = 1 or 3) as one pillow image."""
+    x = to_uint8(images)
+    n, h, w, c = x.shape
+    if c not in (1, 3):
+        raise ValueError(f"image grids need 1 or 3 channels, got {c}")
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    canvas = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode="L" if c == 1 else "RGB")
+
+
+def save_image_grid(images, path: str, nrow: int | None = None, upscale: int = 1):
+    img = image_grid(images, nrow)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    _save(img, path)
+
+
+def scatter_image(points, reference=None, size: int = 512, extent: float = 4.5, title: str | None = None):
+    """2-D points as dots on a white square ([-extent, extent]^2); reference points in grey."""
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+
+    def to_px(p):
+        p = backend.to_numpy(p).astype(np.float64)
+        return (p + extent) / (2 * extent) * (size - 1)
+
+    mid = (size - 1) / 2
+    draw.line([(0, mid), (size, mid)], fill=(225, 225, 225))
+    draw.line([(mid, 0), (mid, size)], fill=(225, 225, 225))
+    for pts, colour in ((reference, (170, 170, 170)), (points, (20, 70, 200))):
+        if pts is None:
+            continue
+        px = to_px(pts)
+        for x, y in px:
+            y = size - 1 - y                                  # image rows grow downward
+            draw.rectangle([x - 1, y - 1, x + 1, y + 1], fill=colour)
+    if title:
+        draw.text((6, 6), title, fill=(0, 0, 0))
+    return img
+
+
+def save_scatter(points, path: str, reference=None, title: str | None = None):
+    _save(scatter_image(points, reference, title=title), path)
+
+
+def save_panels(images, path: str):
+    """Place several pillow images side by side (e.g. one per step count)."""
+    w = sum(im.width for im in images) + 4 * (len(images) - 1)
+    h = max(im.height for im in images)
+    canvas = Image.new("RGB", (w, h), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im.convert("RGB"), (x, 0))
+        x += im.width + 4
+    _save(canvas, path)
+
+
+def _save(img: Image.Image, path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)

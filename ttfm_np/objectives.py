@@ -1,0 +1,90 @@
+"""What the training loop optimises: the teacher's flow-matching objective and
+the student's distillation objective. Each turns a data batch x1 and the
+step's random Generator into (loss, grads, metrics), and can write samples.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend, flow, losses, ttfm
+from .images import save_image_grid, save_scatter
+from .model import model_backward, model_forward
+
+
+def _noise(rng, like):
+    return rng.standard_normal(like.shape, dtype=like.dtype)
+
+
+def _save_samples(x, path, sample_kind, heldout, title):
+    if sample_kind == "toy":
+        save_scatter(x, path, reference=heldout, title=title)
+    else:
+        save_image_grid(x[:64], path, upscale=2)
+
+
+class FlowMatchingObjective:
+    """L_FM = E || v(x_t, t) - (x1 - x0) ||^2,  x_t = (1 - t) x0 + t x1."""
+
+    def __init__(self, cfg, time_sampling="uniform", sample_kind="image", heldout=None, sample_steps=32):
+        self.cfg, self.time_sampling = cfg, time_sampling
+        self.sample_kind, self.heldout, self.sample_steps = sample_kind, heldout, sample_steps
+
+    def loss_and_grads(self, params, ema, x1, rng, dropout_rng):
+        x0 = _noise(rng, x1)
+        t = flow.sample_times(rng, x1.shape[0], kind=self.time_sampling).astype(x1.dtype)
+        x_t = flow.interpolate(x0, x1, t)
+        v, cache = model_forward(params, self.cfg, x_t, t, None, dropout_rng)
+        loss, dv = flow.flow_matching_loss_and_grad(v, x0, x1)
+        _, grads = model_backward(dv, cache, params, self.cfg)
+        return float(loss), grads, {}
+
+    def save_samples(self, params, path):
+        xp = backend.array_module(params["emb.fc0.weight"])
+        shape = (self.cfg.dim,) if self.cfg.kind == "mlp" else (self.cfg.in_channels, self.cfg.resolution, self.cfg.resolution)
+        n = 1000 if self.sample_kind == "toy" else 64
+        z = xp.asarray(np.random.default_rng(0).standard_normal((n,) + shape)).astype(params["emb.fc0.weight"].dtype)
+        velocity = lambda x, t: model_forward(params, self.cfg, x, t)[0]
+        x = flow.solve_ode(velocity, z, n_steps=self.sample_steps, method="heun")
+        _save_samples(x, path, self.sample_kind, self.heldout, f"teacher heun {self.sample_steps}")
+
+
+def sample_time_pairs(rng, n, dtype, frac_t1=0.0, max_gap=None):
+    """s = min(a, b), t = max(a, b) with a, b ~ U[0, 1] (DESIGN section 4).
+
+    frac_t1: fraction of pairs whose t is set to 1 (trains the jumps sampling uses).
+    max_gap: restrict t - s <= max_gap by shrinking the gap (t = s + min(t - s, max_gap)).
+    """
+    a = rng.random(n, dtype=dtype)
+    b = rng.random(n, dtype=dtype)
+    xp = backend.array_module(a)
+    s, t = xp.minimum(a, b), xp.maximum(a, b)
+    if frac_t1 > 0:
+        t = xp.where(rng.random(n, dtype=dtype) < frac_t1, xp.ones_like(t), t)
+    if max_gap is not None:
+        t = s + xp.minimum(t - s, max_gap)
+    return s, t
+
+
+class DistillObjective:
+    """Distillation of a frozen teacher into the two-timed student (losses.py)."""
+
+    def __init__(self, student_cfg, teacher, loss_opts: losses.DistillLossConfig, frac_t1=0.0, max_gap=None,
+                 sample_kind="image", heldout=None, sample_steps=(1, 2, 4)):
+        self.cfg, self.teacher, self.opts = student_cfg, teacher, loss_opts.validate()
+        self.frac_t1, self.max_gap = frac_t1, max_gap
+        self.sample_kind, self.heldout, self.sample_steps = sample_kind, heldout, sample_steps
+
+    def loss_and_grads(self, params, ema, x1, rng, dropout_rng):
+        x0 = _noise(rng, x1)
+        s, t = sample_time_pairs(rng, x1.shape[0], x1.dtype, self.frac_t1, self.max_gap)
+        x_s = flow.interpolate(x0, x1, s)
+        return losses.distill_loss((params, self.cfg), (ema, self.cfg), self.teacher, x_s, s, t, self.opts,
+                                   dropout_rng)
+
+    def save_samples(self, params, path):
+        xp = backend.array_module(params["emb.fc0.weight"])
+        shape = (self.cfg.dim,) if self.cfg.kind == "mlp" else (self.cfg.in_channels, self.cfg.resolution, self.cfg.resolution)
+        n = 1000 if self.sample_kind == "toy" else 64
+        z = xp.asarray(np.random.default_rng(0).standard_normal((n,) + shape)).astype(params["emb.fc0.weight"].dtype)
+        x = ttfm.sample(params, self.cfg, z, n_steps=self.sample_steps[0])
+        _save_samples(x, path, self.sample_kind, self.heldout, f"student {self.sample_steps[0]}-step")

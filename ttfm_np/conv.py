@@ -8,15 +8,19 @@ Shapes (NCHW):
 
     y[n, o, i, j] = b[o] + sum_{c, p, q} W[o, c, p, q] * xpad[n, c, i*stride + p, j*stride + q]
 
-im2col turns the sum into a matrix product. cols[n] is a (C*kh*kw, Ho*Wo)
-matrix whose column (i, j) is the receptive field of output pixel (i, j):
+im2col turns the sum into ONE matrix product with the batch folded in. cols is
+a (C*kh*kw, N*Ho*Wo) matrix whose column (n, i, j) is the receptive field of
+output pixel (i, j) of sample n:
 
-    cols[n, (c, p, q), (i, j)] = xpad[n, c, i*stride + p, j*stride + q]
-    y[n] = Wm @ cols[n]          with Wm = W.reshape(O, C*kh*kw)
+    cols[(c, p, q), (n, i, j)] = xpad[n, c, i*stride + p, j*stride + q]
+    Y = Wm @ cols               Wm = W.reshape(O, C*kh*kw),  Y (O, N*Ho*Wo)
+    y = Y.reshape(O, N, Ho, Wo).transpose(1, 0, 2, 3)
 
-On the CPU, cols is built from a strided *view* of xpad (no Python loop over
-pixels; one copy). On the GPU a CUDA kernel (kernels/im2col.cu) writes cols and
-another (col2im) scatters the gradient back; the GEMM is cuBLAS via cupy.matmul.
+One large GEMM (M = O, K = C*kh*kw, N = batch*pixels) keeps BLAS near its
+peak. On the CPU, cols is filled by kh*kw slab copies of a strided view of
+xpad (no Python loop over pixels); on the GPU a CUDA kernel (kernels/im2col.cu)
+writes cols and another (col2im) gathers the gradient back; the GEMM is cuBLAS.
+(dev/conv2d.py keeps the versions measured on the way here.)
 """
 from __future__ import annotations
 
@@ -34,20 +38,21 @@ def conv_output_size(size: int, k: int, stride: int, pad: int) -> int:
 # ----------------------------------------------------------------------------
 
 def im2col_numpy(x, kh: int, kw: int, stride: int, pad: int):
-    """x (N, C, H, W) -> cols (N, C*kh*kw, Ho*Wo) through a strided view."""
+    """x (N, C, H, W) -> cols (C*kh*kw, N*Ho*Wo), filled by kh*kw slab copies."""
     N, C, H, W = x.shape
     Ho, Wo = conv_output_size(H, kh, stride, pad), conv_output_size(W, kw, stride, pad)
     xpad = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else x
-    sN, sC, sH, sW = xpad.strides
-    # windows[n, c, p, q, i, j] = xpad[n, c, i*stride + p, j*stride + q]   (a view, no copy)
-    windows = np.lib.stride_tricks.as_strided(
-        xpad, shape=(N, C, kh, kw, Ho, Wo),
-        strides=(sN, sC, sH, sW, sH * stride, sW * stride), writeable=False)
-    return windows.reshape(N, C * kh * kw, Ho * Wo)          # the one copy
+    xt = xpad.transpose(1, 0, 2, 3)                              # (C, N, Hp, Wp), a view
+    cols = np.empty((C, kh, kw, N, Ho, Wo), dtype=x.dtype)
+    for p in range(kh):
+        for q in range(kw):
+            # cols[c, p, q, n, i, j] = xpad[n, c, p + i*stride, q + j*stride]
+            cols[:, p, q] = xt[:, :, p:p + stride * (Ho - 1) + 1:stride, q:q + stride * (Wo - 1) + 1:stride]
+    return cols.reshape(C * kh * kw, N * Ho * Wo)
 
 
 def col2im_numpy(dcols, x_shape, kh: int, kw: int, stride: int, pad: int):
-    """Adjoint of im2col: dcols (N, C*kh*kw, Ho*Wo) -> dx (N, C, H, W).
+    """Adjoint of im2col: dcols (C*kh*kw, N*Ho*Wo) -> dx (N, C, H, W).
 
     Every cols entry was a copy of one xpad entry, so the gradient of xpad is
     the sum of the dcols entries that copied it. Loop over the kh*kw kernel
@@ -55,15 +60,13 @@ def col2im_numpy(dcols, x_shape, kh: int, kw: int, stride: int, pad: int):
     """
     N, C, H, W = x_shape
     Ho, Wo = conv_output_size(H, kh, stride, pad), conv_output_size(W, kw, stride, pad)
-    dxpad = np.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=dcols.dtype)
-    d6 = dcols.reshape(N, C, kh, kw, Ho, Wo)
+    dxt = np.zeros((C, N, H + 2 * pad, W + 2 * pad), dtype=dcols.dtype)
+    d6 = dcols.reshape(C, kh, kw, N, Ho, Wo)
     for p in range(kh):
         for q in range(kw):
-            # forward: cols[n, c, p, q, i, j] = xpad[n, c, p + i*stride, q + j*stride]
-            dxpad[:, :, p:p + stride * Ho:stride, q:q + stride * Wo:stride] += d6[:, :, p, q]
-    if pad:
-        return dxpad[:, :, pad:pad + H, pad:pad + W]
-    return dxpad
+            # forward: cols[c, p, q, n, i, j] = xpad[n, c, p + i*stride, q + j*stride]
+            dxt[:, :, p:p + stride * (Ho - 1) + 1:stride, q:q + stride * (Wo - 1) + 1:stride] += d6[:, p, q]
+    return np.ascontiguousarray(dxt[:, :, pad:pad + H, pad:pad + W].transpose(1, 0, 2, 3))
 
 
 def im2col_cupy(x, kh: int, kw: int, stride: int, pad: int):
@@ -73,10 +76,10 @@ def im2col_cupy(x, kh: int, kw: int, stride: int, pad: int):
     N, C, H, W = x.shape
     Ho, Wo = conv_output_size(H, kh, stride, pad), conv_output_size(W, kw, stride, pad)
     x = cp.ascontiguousarray(x)
-    cols = cp.empty((N, C * kh * kw, Ho * Wo), dtype=x.dtype)
+    cols = cp.empty((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
     kernel = cuda.get_kernel("im2col", "im2col", x.dtype)
     total = cols.size
-    cuda.launch_1d(kernel, total, (x, cols, np.int64(total), np.int32(C), np.int32(H), np.int32(W),
+    cuda.launch_1d(kernel, total, (x, cols, np.int64(total), np.int32(N), np.int32(C), np.int32(H), np.int32(W),
                                    np.int32(kh), np.int32(kw), np.int32(stride), np.int32(pad),
                                    np.int32(Ho), np.int32(Wo)))
     return cols
@@ -92,7 +95,7 @@ def col2im_cupy(dcols, x_shape, kh: int, kw: int, stride: int, pad: int):
     dx = cp.empty((N, C, H, W), dtype=dcols.dtype)
     kernel = cuda.get_kernel("im2col", "col2im", dcols.dtype)
     total = dx.size
-    cuda.launch_1d(kernel, total, (dcols, dx, np.int64(total), np.int32(C), np.int32(H), np.int32(W),
+    cuda.launch_1d(kernel, total, (dcols, dx, np.int64(total), np.int32(N), np.int32(C), np.int32(H), np.int32(W),
                                    np.int32(kh), np.int32(kw), np.int32(stride), np.int32(pad),
                                    np.int32(Ho), np.int32(Wo)))
     return dx
@@ -114,6 +117,10 @@ def col2im(dcols, x_shape, kh, kw, stride, pad):
 # conv2d forward / backward
 # ----------------------------------------------------------------------------
 
+def _is_pointwise(kh, kw, stride, padding):
+    return kh == 1 and kw == 1 and stride == 1 and padding == 0
+
+
 def conv2d_forward(x, W, b=None, stride: int = 1, padding: int = 0):
     """x (N, C, H, W), W (O, C, kh, kw), b (O,) -> y (N, O, Ho, Wo), cache."""
     xp = backend.array_module(x)
@@ -122,16 +129,16 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding: int = 0):
     if Cw != C:
         raise ValueError(f"conv2d: input has {C} channels but the weight expects {Cw} (weight shape {W.shape})")
     Ho, Wo = conv_output_size(H, kh, stride, padding), conv_output_size(Wd, kw, stride, padding)
-    if kh == 1 and kw == 1 and stride == 1 and padding == 0:
-        cols = x.reshape(N, C, H * Wd)                # a 1x1 conv needs no im2col
+    if _is_pointwise(kh, kw, stride, padding):
+        cols = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(C, N * H * Wd)   # 1x1: no im2col
     else:
-        cols = im2col(x, kh, kw, stride, padding)     # (N, C*kh*kw, Ho*Wo)
-    Wm = W.reshape(O, C * kh * kw)
-    y = xp.matmul(Wm, cols)                           # (N, O, Ho*Wo): one batched GEMM
+        cols = im2col(x, kh, kw, stride, padding)     # (C*kh*kw, N*Ho*Wo)
+    Y = W.reshape(O, C * kh * kw) @ cols              # (O, N*Ho*Wo): one GEMM
     if b is not None:
-        y += b.reshape(1, O, 1)
+        Y += b[:, None]
+    y = xp.ascontiguousarray(Y.reshape(O, N, Ho, Wo).transpose(1, 0, 2, 3))
     cache = (cols, W, x.shape, stride, padding, b is not None)
-    return y.reshape(N, O, Ho, Wo), cache
+    return y, cache
 
 
 def conv2d_backward(dy, cache):
@@ -140,15 +147,15 @@ def conv2d_backward(dy, cache):
     xp = backend.array_module(dy)
     N, O, Ho, Wo = dy.shape
     _, C, kh, kw = W.shape
-    dy3 = dy.reshape(N, O, Ho * Wo)
-    # y[n] = Wm @ cols[n]  =>  dWm = sum_n dy[n] @ cols[n]^T   (one GEMM over (n, pixel))
-    dWm = xp.tensordot(dy3, cols, axes=((0, 2), (0, 2)))     # (O, C*kh*kw)
-    # y += b               =>  db = sum of dy over n and pixels
-    db = dy3.sum(axis=(0, 2)) if has_bias else None
-    # y[n] = Wm @ cols[n]  =>  dcols[n] = Wm^T @ dy[n]
-    dcols = xp.matmul(W.reshape(O, C * kh * kw).T, dy3)      # (N, C*kh*kw, Ho*Wo)
-    if kh == 1 and kw == 1 and stride == 1 and padding == 0:
-        dx = dcols.reshape(x_shape)
+    dY = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * Ho * Wo)
+    # Y = Wm @ cols   =>  dWm = dY @ cols^T   (one GEMM over all samples and pixels)
+    dWm = dY @ cols.T
+    # Y += b          =>  db = sum of dY over samples and pixels
+    db = dY.sum(axis=1) if has_bias else None
+    # Y = Wm @ cols   =>  dcols = Wm^T @ dY
+    dcols = W.reshape(O, C * kh * kw).T @ dY          # (C*kh*kw, N*Ho*Wo)
+    if _is_pointwise(kh, kw, stride, padding):
+        dx = xp.ascontiguousarray(dcols.reshape(C, N, Ho, Wo).transpose(1, 0, 2, 3))
     else:
         dx = col2im(dcols, x_shape, kh, kw, stride, padding)
     return dx, dWm.reshape(W.shape), db

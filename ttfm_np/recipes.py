@@ -14,7 +14,7 @@ DATA_DIR = os.path.join(PROJECT_ROOT, "data")
 
 TEACHER_RECIPES = {
     "toy":           dict(model="mlp", steps=4000, batch_size=512, lr=2e-3, warmup=100, ema_decay=0.995),
-    "fashion-mnist": dict(model="small", steps=3000, batch_size=32, lr=4e-4, warmup=200, ema_decay=0.999),
+    "fashion-mnist": dict(model="small", steps=1500, batch_size=32, lr=4e-4, warmup=100, ema_decay=0.995),
     "cifar10":       dict(model="cifar10", steps=400_000, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999),
     "imagefolder":   dict(model="celebahq64", steps=400_000, batch_size=64, lr=2e-4, warmup=5000, ema_decay=0.9999),
 }

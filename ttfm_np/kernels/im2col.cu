@@ -1,8 +1,8 @@
 // im2col / col2im for conv2d (NCHW), the CUDA versions of conv.py's
 // im2col_numpy / col2im_numpy. Compiled once per dtype with -DSCALAR=float|double.
 //
-//   cols[n, (c, p, q), (i, j)] = xpad[n, c, i*stride + p, j*stride + q]
-//   shapes: x (N, C, H, W), cols (N, C*kh*kw, Ho*Wo)
+//   cols[(c, p, q), (n, i, j)] = xpad[n, c, i*stride + p, j*stride + q]
+//   shapes: x (N, C, H, W), cols (C*kh*kw, N*Ho*Wo)   (batch folded into the GEMM's N)
 #ifndef SCALAR
 #define SCALAR float
 #endif
@@ -10,23 +10,24 @@
 // One thread per cols entry; consecutive threads write consecutive (i, j), so
 // the stores are coalesced and the loads are strided by `stride`.
 extern "C" __global__ void im2col(const SCALAR* __restrict__ x, SCALAR* __restrict__ cols,
-                                  long long total, int C, int H, int W,
+                                  long long total, int N, int C, int H, int W,
                                   int kh, int kw, int stride, int pad, int Ho, int Wo)
 {
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (long long)blockDim.x * gridDim.x) {
+        // idx = ((((c*kh + p)*kw + q)*N + n)*Ho + i)*Wo + j
         int j = (int)(idx % Wo);
         long long r = idx / Wo;
         int i = (int)(r % Ho);  r /= Ho;
+        int n = (int)(r % N);   r /= N;
         int q = (int)(r % kw);  r /= kw;
-        int p = (int)(r % kh);  r /= kh;
-        int c = (int)(r % C);
-        long long n = r / C;
+        int p = (int)(r % kh);
+        long long c = r / kh;
         int h = i * stride + p - pad;     // row in the unpadded input
         int w = j * stride + q - pad;
         SCALAR v = (SCALAR)0;
         if (h >= 0 && h < H && w >= 0 && w < W)
-            v = x[((n * C + c) * H + h) * W + w];
+            v = x[(((long long)n * C + c) * H + h) * W + w];
         cols[idx] = v;
     }
 }
@@ -35,9 +36,10 @@ extern "C" __global__ void im2col(const SCALAR* __restrict__ x, SCALAR* __restri
 // cols entry that copied it: kernel offset p with i*stride + p = h + pad, so
 // no two threads write the same address and no atomics are needed.
 extern "C" __global__ void col2im(const SCALAR* __restrict__ dcols, SCALAR* __restrict__ dx,
-                                  long long total, int C, int H, int W,
+                                  long long total, int N, int C, int H, int W,
                                   int kh, int kw, int stride, int pad, int Ho, int Wo)
 {
+    long long npix = (long long)N * Ho * Wo;            // length of one cols row
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (long long)blockDim.x * gridDim.x) {
         int w = (int)(idx % W);
@@ -58,7 +60,7 @@ extern "C" __global__ void col2im(const SCALAR* __restrict__ dcols, SCALAR* __re
                 int j = wj / stride;
                 if (j >= Wo) continue;
                 long long row = ((long long)c * kh + p) * kw + q;
-                acc += dcols[((n * C * kh * kw) + row) * ((long long)Ho * Wo) + (long long)i * Wo + j];
+                acc += dcols[row * npix + (n * Ho + i) * Wo + j];
             }
         }
         dx[idx] = acc;

@@ -1,0 +1,164 @@
+"""Time one training step (forward + backward + Adam) of ttfm_np, optionally
+against the identical PyTorch network measured in the same run.
+
+    python benchmarks/unet_step.py                       # small U-Net, batch 32, 3x32x32
+    python benchmarks/unet_step.py --against torch       # + PyTorch eager, ratio ours/torch
+    python benchmarks/unet_step.py --model mlp --batch 4096 --against torch
+    python benchmarks/unet_step.py --json results.jsonl  # append one JSON line per run
+
+Reported: median seconds per step over --iters timed steps (after --warmup),
+the analytic GEMM FLOPs of one step (2*M*N*K per matrix product; backward =
+2x forward), the achieved GFLOP/s, and the SGEMM GFLOP/s NumPy reaches on
+this machine (a 2048^3 product) as the practical peak.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import click
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ttfm_np import backend, flow, model, optim  # noqa: E402
+from ttfm_np.unet import layout  # noqa: E402
+
+
+def forward_flops(cfg, batch: int) -> float:
+    """GEMM FLOPs of one forward pass (convs, linears, attention), 2*M*N*K each."""
+    if cfg.kind == "mlp":
+        h, e = cfg.hidden, cfg.emb_dim
+        per = 2 * (cfg.dim * h + e * h + (cfg.depth - 1) * h * h + h * cfg.dim)
+        emb = 2 * (cfg.emb_features * e + e * e)
+        return batch * (per + emb)
+    enc, dec, cout = layout(cfg)
+    R = cfg.resolution
+    total = 0.0
+    for e in enc + dec:
+        r = e["res"]
+        pix = batch * r * r
+        if e["kind"] in ("conv", "up"):
+            total += 2 * pix * e["cout"] * e["cin"] * 9
+        elif e["kind"] == "down":
+            total += 2 * pix * e["cout"] * e["cin"] * 9          # output pixels at r
+        else:
+            total += 2 * pix * (e["cout"] * e["cin"] * 9 + e["cout"] * e["cout"] * 9)
+            if e["cin"] != e["cout"]:
+                total += 2 * pix * e["cout"] * e["cin"]
+            if e["attention"]:
+                C, L = e["cout"], r * r
+                total += 2 * pix * (3 * C * C + C * C) + 2 * 2 * batch * L * L * C
+    total += 2 * batch * R * R * cfg.in_channels * cout * 9
+    return total
+
+
+def sgemm_peak(xp, n: int = 2048, reps: int = 3) -> float:
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
+    b = a.copy()
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        c = a @ b
+        if backend.is_cupy(xp):
+            xp.cuda.Device().synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def time_ours(cfg, batch, warmup, iters, xp):
+    p = {k: xp.asarray(v) for k, v in model.init_model(cfg, 0).items()}
+    st = optim.adam_init(p)
+    rng = np.random.default_rng(0)
+    shape = (batch, cfg.dim) if cfg.kind == "mlp" else (batch, cfg.in_channels, cfg.resolution, cfg.resolution)
+    x1 = xp.asarray(rng.standard_normal(shape).astype(np.float32))
+    x0 = xp.asarray(rng.standard_normal(shape).astype(np.float32))
+    t = xp.asarray(rng.random(batch).astype(np.float32))
+    xt = flow.interpolate(x0, x1, t)
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        v, cache = model.model_forward(p, cfg, xt, t)
+        loss, dv = flow.flow_matching_loss_and_grad(v, x0, x1)
+        _, g = model.model_backward(dv, cache, p, cfg)
+        optim.adam_step(p, g, st, 1e-4)
+        if backend.is_cupy(xp):
+            xp.cuda.Device().synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_torch(cfg, batch, warmup, iters, device):
+    import torch
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_reference as tr
+    torch.manual_seed(0)
+    net = tr.load_params(tr.build_torch_model(cfg), model.init_model(cfg, 0)).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    shape = (batch, cfg.dim) if cfg.kind == "mlp" else (batch, cfg.in_channels, cfg.resolution, cfg.resolution)
+    x1, x0 = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    t = torch.rand(batch, device=device)
+    xt = (1 - t.view(-1, *[1] * (len(shape) - 1))) * x0 + t.view(-1, *[1] * (len(shape) - 1)) * x1
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = ((net(xt, t) - (x1 - x0)) ** 2).mean()
+        loss.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--model", "model_name", type=click.Choice(["tiny", "small", "cifar10", "mlp"]), default="small")
+@click.option("--batch", type=click.IntRange(1), default=None, help="default 32 for U-Nets, 4096 for the MLP")
+@click.option("--resolution", type=click.IntRange(8), default=32)
+@click.option("--channels", type=click.IntRange(1), default=3)
+@click.option("--warmup", type=click.IntRange(0), default=2)
+@click.option("--iters", type=click.IntRange(1), default=5)
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu")
+@click.option("--against", type=click.Choice(["none", "torch"]), default="none")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="append a JSON line here")
+def main(model_name, batch, resolution, channels, warmup, iters, device, against, json_out):
+    xp = backend.select_device(device)
+    if model_name == "mlp":
+        batch = batch or 4096
+        cfg = model.make_config("mlp", (2,))
+    else:
+        batch = batch or 32
+        cfg = model.make_config(model_name, (channels, resolution, resolution))
+    n_params = sum(v.size for v in model.init_model(cfg, 0).values())
+    flops = 3 * forward_flops(cfg, batch)
+    peak = sgemm_peak(xp)
+    ours = time_ours(cfg, batch, warmup, iters, xp)
+    rec = dict(model=model_name, batch=batch, resolution=resolution if model_name != "mlp" else None,
+               params=int(n_params), device=device, step_gflop=flops / 1e9, ours_s=ours,
+               ours_gflops=flops / ours / 1e9, sgemm_peak_gflops=peak, machine=platform.processor() or platform.machine(),
+               threads=os.cpu_count())
+    click.echo(f"{model_name} ({n_params:,} params), batch {batch}, {device}: step = {flops / 1e9:.1f} GFLOP")
+    click.echo(f"  SGEMM peak on this machine: {peak:.0f} GFLOP/s")
+    click.echo(f"  ttfm_np: {ours:.3f} s/step  ({flops / ours / 1e9:.0f} GFLOP/s, {flops / ours / 1e9 / peak:.0%} of SGEMM peak)")
+    if against == "torch":
+        import torch
+        tdev = "cuda" if device == "gpu" else "cpu"
+        theirs = time_torch(cfg, batch, warmup, iters, tdev)
+        rec.update(torch_s=theirs, torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+                   ratio_ours_over_torch=ours / theirs)
+        click.echo(f"  torch {torch.__version__} eager: {theirs:.3f} s/step  ({flops / theirs / 1e9:.0f} GFLOP/s)")
+        click.echo(f"  ratio ours/torch = {ours / theirs:.2f}x  (below 1 = ttfm_np faster)")
+    if json_out:
+        with open(json_out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()

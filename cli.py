@@ -191,11 +191,16 @@ def sample(ckpt, steps, solver, n, seed, weights, out, device):
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(exc)
     x = sampler(n, seed)
+    kind = "student" if sampler.model.is_student else f"teacher/{solver}"
+    data = sampler.model.config.get("data", "")
     if x.ndim == 2:
-        images.save_scatter(x, out, title=f"{steps} steps")
+        heldout = _load_data(data, None, split="test", n=n).data if data.startswith("toy:") else None
+        images.save_scatter(x, out, reference=heldout, title=f"{kind}, {steps} steps")
+        if heldout is not None:
+            from ttfm_np import metrics
+            click.echo(f"sliced-W2 to {n} held-out {data} points: {metrics.sliced_w2(x, heldout):.4f}")
     else:
         images.save_image_grid(x, out, upscale=2)
-    kind = "student" if sampler.model.is_student else f"teacher/{solver}"
     click.echo(f"wrote {out}: {n} samples, {steps} steps ({kind})")
 
 

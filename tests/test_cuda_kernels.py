@@ -41,11 +41,12 @@ def _rel(a, b):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (5, 2, 2)])
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (5, 2, 2), ((1, 7), 1, (0, 3))])
 def test_conv_cupy_matches_numpy(rng, k, stride, pad):
     import cupy as cp
+    kh, kw = k if isinstance(k, tuple) else (k, k)
     x = rng.standard_normal((3, 5, 9, 8)).astype(np.float32)
-    W = rng.standard_normal((4, 5, k, k)).astype(np.float32)
+    W = rng.standard_normal((4, 5, kh, kw)).astype(np.float32)
     b = rng.standard_normal(4).astype(np.float32)
     y, c = conv.conv2d_forward(x, W, b, stride, pad)
     yg, cg = conv.conv2d_forward(cp.asarray(x), cp.asarray(W), cp.asarray(b), stride, pad)
@@ -53,7 +54,7 @@ def test_conv_cupy_matches_numpy(rng, k, stride, pad):
     dy = rng.standard_normal(y.shape).astype(np.float32)
     for a, g in zip(conv.conv2d_backward(dy, c), conv.conv2d_backward(cp.asarray(dy), cg)):
         assert _rel(g, a) < 1e-5
-    assert _rel(conv.im2col_cupy(cp.asarray(x), k, k, stride, pad), conv.im2col_numpy(x, k, k, stride, pad)) < 1e-6
+    assert _rel(conv.im2col_cupy(cp.asarray(x), kh, kw, stride, pad), conv.im2col_numpy(x, kh, kw, stride, pad)) < 1e-6
 
 
 @pytest.mark.gpu

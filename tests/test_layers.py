@@ -34,8 +34,9 @@ def conv2d_reference(x, W, b, stride, pad):
     """Direct definition, loops over the kernel offsets only, float64."""
     N, C, H, Wd = x.shape
     O, _, kh, kw = W.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    Ho, Wo = (H + 2 * pad - kh) // stride + 1, (Wd + 2 * pad - kw) // stride + 1
+    ph, pw = pad if isinstance(pad, tuple) else (pad, pad)
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    Ho, Wo = (H + 2 * ph - kh) // stride + 1, (Wd + 2 * pw - kw) // stride + 1
     y = np.zeros((N, O, Ho, Wo))
     for p in range(kh):
         for q in range(kw):
@@ -45,10 +46,12 @@ def conv2d_reference(x, W, b, stride, pad):
 
 
 @pytest.mark.parametrize("k,stride,pad,H,W", [(3, 1, 1, 6, 5), (3, 2, 1, 7, 6), (1, 1, 0, 4, 4),
-                                              (5, 2, 2, 9, 9), (2, 2, 0, 6, 6), (3, 1, 0, 5, 5)])
+                                              (5, 2, 2, 9, 9), (2, 2, 0, 6, 6), (3, 1, 0, 5, 5),
+                                              ((1, 7), 1, (0, 3), 6, 9), ((3, 1), 2, (1, 0), 7, 5)])
 def test_conv2d_forward_and_grad(rng, k, stride, pad, H, W):
+    kh, kw = k if isinstance(k, tuple) else (k, k)
     x = rng.standard_normal((2, 3, H, W))
-    Wt = rng.standard_normal((4, 3, k, k))
+    Wt = rng.standard_normal((4, 3, kh, kw))
     b = rng.standard_normal(4)
     y, cache = conv.conv2d_forward(x, Wt, b, stride, pad)
     np.testing.assert_allclose(y, conv2d_reference(x, Wt, b, stride, pad), rtol=1e-10, atol=1e-12)

@@ -4,7 +4,8 @@ Shapes (NCHW):
     x   (N, C, H, W)            input
     W   (O, C, kh, kw)          weight, OIHW
     b   (O,)                    bias (or None)
-    y   (N, O, Ho, Wo)          Ho = (H + 2 pad - kh) // stride + 1
+    y   (N, O, Ho, Wo)          Ho = (H + 2 ph - kh) // stride + 1, Wo likewise with pw
+    padding (ph, pw) may differ per axis (Inception's 1x7 / 7x1 convolutions).
 
     y[n, o, i, j] = b[o] + sum_{c, p, q} W[o, c, p, q] * xpad[n, c, i*stride + p, j*stride + q]
 
@@ -33,15 +34,23 @@ def conv_output_size(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
 
 
+def as_pair(padding):
+    """padding p or (ph, pw) -> (ph, pw)."""
+    if isinstance(padding, (tuple, list)):
+        return int(padding[0]), int(padding[1])
+    return int(padding), int(padding)
+
+
 # ----------------------------------------------------------------------------
 # im2col / col2im, NumPy (reference) and CuPy (CUDA kernel) paths
 # ----------------------------------------------------------------------------
 
-def im2col_numpy(x, kh: int, kw: int, stride: int, pad: int):
+def im2col_numpy(x, kh: int, kw: int, stride: int, pad):
     """x (N, C, H, W) -> cols (C*kh*kw, N*Ho*Wo), filled by kh*kw slab copies."""
     N, C, H, W = x.shape
-    Ho, Wo = conv_output_size(H, kh, stride, pad), conv_output_size(W, kw, stride, pad)
-    xpad = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else x
+    ph, pw = as_pair(pad)
+    Ho, Wo = conv_output_size(H, kh, stride, ph), conv_output_size(W, kw, stride, pw)
+    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
     xt = xpad.transpose(1, 0, 2, 3)                              # (C, N, Hp, Wp), a view
     cols = np.empty((C, kh, kw, N, Ho, Wo), dtype=x.dtype)
     for p in range(kh):
@@ -51,7 +60,7 @@ def im2col_numpy(x, kh: int, kw: int, stride: int, pad: int):
     return cols.reshape(C * kh * kw, N * Ho * Wo)
 
 
-def col2im_numpy(dcols, x_shape, kh: int, kw: int, stride: int, pad: int):
+def col2im_numpy(dcols, x_shape, kh: int, kw: int, stride: int, pad):
     """Adjoint of im2col: dcols (C*kh*kw, N*Ho*Wo) -> dx (N, C, H, W).
 
     Every cols entry was a copy of one xpad entry, so the gradient of xpad is
@@ -59,44 +68,47 @@ def col2im_numpy(dcols, x_shape, kh: int, kw: int, stride: int, pad: int):
     offsets (9 for a 3x3 conv), never over pixels.
     """
     N, C, H, W = x_shape
-    Ho, Wo = conv_output_size(H, kh, stride, pad), conv_output_size(W, kw, stride, pad)
-    dxt = np.zeros((C, N, H + 2 * pad, W + 2 * pad), dtype=dcols.dtype)
+    ph, pw = as_pair(pad)
+    Ho, Wo = conv_output_size(H, kh, stride, ph), conv_output_size(W, kw, stride, pw)
+    dxt = np.zeros((C, N, H + 2 * ph, W + 2 * pw), dtype=dcols.dtype)
     d6 = dcols.reshape(C, kh, kw, N, Ho, Wo)
     for p in range(kh):
         for q in range(kw):
             # forward: cols[c, p, q, n, i, j] = xpad[n, c, p + i*stride, q + j*stride]
             dxt[:, :, p:p + stride * (Ho - 1) + 1:stride, q:q + stride * (Wo - 1) + 1:stride] += d6[:, p, q]
-    return np.ascontiguousarray(dxt[:, :, pad:pad + H, pad:pad + W].transpose(1, 0, 2, 3))
+    return np.ascontiguousarray(dxt[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3))
 
 
-def im2col_cupy(x, kh: int, kw: int, stride: int, pad: int):
+def im2col_cupy(x, kh: int, kw: int, stride: int, pad):
     """CUDA version of im2col_numpy (kernels/im2col.cu, kernel `im2col`)."""
     from . import cuda
     cp = backend.array_module(x)
     N, C, H, W = x.shape
-    Ho, Wo = conv_output_size(H, kh, stride, pad), conv_output_size(W, kw, stride, pad)
+    ph, pw = as_pair(pad)
+    Ho, Wo = conv_output_size(H, kh, stride, ph), conv_output_size(W, kw, stride, pw)
     x = cp.ascontiguousarray(x)
     cols = cp.empty((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
     kernel = cuda.get_kernel("im2col", "im2col", x.dtype)
     total = cols.size
     cuda.launch_1d(kernel, total, (x, cols, np.int64(total), np.int32(N), np.int32(C), np.int32(H), np.int32(W),
-                                   np.int32(kh), np.int32(kw), np.int32(stride), np.int32(pad),
+                                   np.int32(kh), np.int32(kw), np.int32(stride), np.int32(ph), np.int32(pw),
                                    np.int32(Ho), np.int32(Wo)))
     return cols
 
 
-def col2im_cupy(dcols, x_shape, kh: int, kw: int, stride: int, pad: int):
+def col2im_cupy(dcols, x_shape, kh: int, kw: int, stride: int, pad):
     """CUDA version of col2im_numpy: one thread per input pixel gathers its terms (no atomics)."""
     from . import cuda
     cp = backend.array_module(dcols)
     N, C, H, W = x_shape
-    Ho, Wo = conv_output_size(H, kh, stride, pad), conv_output_size(W, kw, stride, pad)
+    ph, pw = as_pair(pad)
+    Ho, Wo = conv_output_size(H, kh, stride, ph), conv_output_size(W, kw, stride, pw)
     dcols = cp.ascontiguousarray(dcols)
     dx = cp.empty((N, C, H, W), dtype=dcols.dtype)
     kernel = cuda.get_kernel("im2col", "col2im", dcols.dtype)
     total = dx.size
     cuda.launch_1d(kernel, total, (dcols, dx, np.int64(total), np.int32(N), np.int32(C), np.int32(H), np.int32(W),
-                                   np.int32(kh), np.int32(kw), np.int32(stride), np.int32(pad),
+                                   np.int32(kh), np.int32(kw), np.int32(stride), np.int32(ph), np.int32(pw),
                                    np.int32(Ho), np.int32(Wo)))
     return dx
 
@@ -118,17 +130,18 @@ def col2im(dcols, x_shape, kh, kw, stride, pad):
 # ----------------------------------------------------------------------------
 
 def _is_pointwise(kh, kw, stride, padding):
-    return kh == 1 and kw == 1 and stride == 1 and padding == 0
+    return kh == 1 and kw == 1 and stride == 1 and as_pair(padding) == (0, 0)
 
 
-def conv2d_forward(x, W, b=None, stride: int = 1, padding: int = 0):
-    """x (N, C, H, W), W (O, C, kh, kw), b (O,) -> y (N, O, Ho, Wo), cache."""
+def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
+    """x (N, C, H, W), W (O, C, kh, kw), b (O,) -> y (N, O, Ho, Wo), cache. padding: p or (ph, pw)."""
     xp = backend.array_module(x)
     N, C, H, Wd = x.shape
     O, Cw, kh, kw = W.shape
     if Cw != C:
         raise ValueError(f"conv2d: input has {C} channels but the weight expects {Cw} (weight shape {W.shape})")
-    Ho, Wo = conv_output_size(H, kh, stride, padding), conv_output_size(Wd, kw, stride, padding)
+    ph, pw = as_pair(padding)
+    Ho, Wo = conv_output_size(H, kh, stride, ph), conv_output_size(Wd, kw, stride, pw)
     if _is_pointwise(kh, kw, stride, padding):
         cols = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(C, N * H * Wd)   # 1x1: no im2col
     else:

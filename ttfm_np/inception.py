@@ -1,0 +1,212 @@
+"""Inception-v3 in the variant pytorch-fid uses for FID (forward only).
+
+    images (N, 3, H, W) in [0, 1] -> pool3 features (N, 2048)
+
+Input: bilinear resize to 299x299 (align_corners=False, no antialias), then
+x = 2x - 1. Every unit is conv (no bias) -> BatchNorm (eps 0.001, running
+statistics) -> ReLU; BatchNorm is folded into the conv at load time:
+    W' = W * gamma / sqrt(var + eps),   b' = beta - mean * gamma / sqrt(var + eps)
+
+Stem: Conv2d_1a 3->32 k3 s2; 2a 32->32 k3; 2b 32->64 k3 p1; maxpool k3 s2;
+      3b 64->80 k1; 4a 80->192 k3; maxpool k3 s2.
+Mixed_5b/5c/5d: block A (in, pool features) (192, 32), (256, 64), (288, 64)
+Mixed_6a: block B;  Mixed_6b..6e: block C with c7 = 128, 160, 160, 192
+Mixed_7a: block D;  Mixed_7b: block E (avg pool);  Mixed_7c: block E (max pool)
+global average pool -> 2048 features.
+
+pytorch-fid's differences from torchvision's Inception3 (DESIGN 8.1): the pool
+branch of A, C and the first E is avg_pool k3 s1 p1 with count_include_pad=False;
+the second E uses max_pool k3 s1 p1 there.
+Branch order: A [1x1, 5x5, 3x3dbl, pool]; B [3x3, 3x3dbl, pool];
+C [1x1, 7x7, 7x7dbl, pool]; D [3x3, 7x7x3, pool];
+E [1x1, cat(3x3_2a, 3x3_2b), cat(3x3dbl_3a, 3x3dbl_3b), pool].
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import backend
+from .conv import conv2d_forward
+from .pool import avg_pool2d, max_pool2d
+from .recipes import DATA_DIR
+from .resize import resize_bilinear
+
+WEIGHTS_PTH = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_PTH
+WEIGHTS_H5 = "inception_fid.h5"
+BN_EPS = 1e-3
+FEATURE_DIM = 2048
+
+# (kernel (kh, kw), stride, padding (ph, pw)) of every conv unit, by name.
+def _spec(k, s=1, p=0):
+    kh, kw = (k, k) if isinstance(k, int) else k
+    ph, pw = (p, p) if isinstance(p, int) else p
+    return (kh, kw), s, (ph, pw)
+
+
+STEM = [("Conv2d_1a_3x3", _spec(3, 2)), ("Conv2d_2a_3x3", _spec(3)), ("Conv2d_2b_3x3", _spec(3, 1, 1)),
+        ("maxpool", None), ("Conv2d_3b_1x1", _spec(1)), ("Conv2d_4a_3x3", _spec(3)), ("maxpool", None)]
+BLOCKS = [("Mixed_5b", "A"), ("Mixed_5c", "A"), ("Mixed_5d", "A"), ("Mixed_6a", "B"),
+          ("Mixed_6b", "C"), ("Mixed_6c", "C"), ("Mixed_6d", "C"), ("Mixed_6e", "C"),
+          ("Mixed_7a", "D"), ("Mixed_7b", "E1"), ("Mixed_7c", "E2")]
+
+
+def fold_batchnorm(state_dict) -> dict:
+    """{unit: (W', b')} from a pytorch-fid state dict (conv.weight + bn.*); fc is ignored."""
+    units = {}
+    for key in state_dict:
+        if key.endswith(".conv.weight"):
+            unit = key[: -len(".conv.weight")]
+            W = np.asarray(state_dict[key], np.float64)
+            try:
+                g, b = state_dict[f"{unit}.bn.weight"], state_dict[f"{unit}.bn.bias"]
+                m, v = state_dict[f"{unit}.bn.running_mean"], state_dict[f"{unit}.bn.running_var"]
+            except KeyError as exc:
+                raise ValueError(f"Inception weights: {unit} has a conv but no BatchNorm entry {exc}") from None
+            scale = np.asarray(g, np.float64) / np.sqrt(np.asarray(v, np.float64) + BN_EPS)
+            units[unit] = ((W * scale[:, None, None, None]).astype(np.float32),
+                           (np.asarray(b, np.float64) - np.asarray(m, np.float64) * scale).astype(np.float32))
+    have_blocks = {u.split(".")[0] for u in units}
+    missing = [b for b, _ in BLOCKS if b not in have_blocks] + [n for n, s in STEM if s and n not in units]
+    if missing:
+        raise ValueError(f"Inception weights are missing units: {', '.join(missing)} "
+                         f"(is this {WEIGHTS_PTH}?)")
+    return units
+
+
+class InceptionV3FID:
+    """Feature extractor: `features(images_0_1)` -> (N, 2048) float64 NumPy."""
+
+    def __init__(self, units: dict, xp=None, dtype=np.float32):
+        xp = xp or backend.get_xp()
+        self.xp, self.dtype = xp, np.dtype(dtype)
+        self.units = {k: (xp.asarray(W.astype(dtype)), xp.asarray(b.astype(dtype))) for k, (W, b) in units.items()}
+
+    # -- building blocks ---------------------------------------------------
+    def unit(self, name, x, k=1, s=1, p=0):
+        """conv (BN folded) -> ReLU."""
+        W, b = self.units[name]
+        if W.shape[2:] != _spec(k)[0]:
+            raise ValueError(f"{name}: weight kernel {W.shape[2:]} but the architecture expects {_spec(k)[0]}")
+        y, _ = conv2d_forward(x, W, b, s, _spec(k, s, p)[2])
+        return self.xp.maximum(y, 0, out=y)
+
+    def block_a(self, n, x):
+        b1 = self.unit(f"{n}.branch1x1", x)
+        b5 = self.unit(f"{n}.branch5x5_2", self.unit(f"{n}.branch5x5_1", x), 5, 1, 2)
+        b3 = self.unit(f"{n}.branch3x3dbl_1", x)
+        b3 = self.unit(f"{n}.branch3x3dbl_3", self.unit(f"{n}.branch3x3dbl_2", b3, 3, 1, 1), 3, 1, 1)
+        bp = self.unit(f"{n}.branch_pool", avg_pool2d(x, 3, 1, 1))
+        return self.xp.concatenate([b1, b5, b3, bp], axis=1)
+
+    def block_b(self, n, x):
+        b3 = self.unit(f"{n}.branch3x3", x, 3, 2)
+        bd = self.unit(f"{n}.branch3x3dbl_1", x)
+        bd = self.unit(f"{n}.branch3x3dbl_3", self.unit(f"{n}.branch3x3dbl_2", bd, 3, 1, 1), 3, 2)
+        return self.xp.concatenate([b3, bd, max_pool2d(x, 3, 2)], axis=1)
+
+    def block_c(self, n, x):
+        b1 = self.unit(f"{n}.branch1x1", x)
+        b7 = self.unit(f"{n}.branch7x7_1", x)
+        b7 = self.unit(f"{n}.branch7x7_2", b7, (1, 7), 1, (0, 3))
+        b7 = self.unit(f"{n}.branch7x7_3", b7, (7, 1), 1, (3, 0))
+        bd = self.unit(f"{n}.branch7x7dbl_1", x)
+        bd = self.unit(f"{n}.branch7x7dbl_2", bd, (7, 1), 1, (3, 0))
+        bd = self.unit(f"{n}.branch7x7dbl_3", bd, (1, 7), 1, (0, 3))
+        bd = self.unit(f"{n}.branch7x7dbl_4", bd, (7, 1), 1, (3, 0))
+        bd = self.unit(f"{n}.branch7x7dbl_5", bd, (1, 7), 1, (0, 3))
+        bp = self.unit(f"{n}.branch_pool", avg_pool2d(x, 3, 1, 1))
+        return self.xp.concatenate([b1, b7, bd, bp], axis=1)
+
+    def block_d(self, n, x):
+        b3 = self.unit(f"{n}.branch3x3_2", self.unit(f"{n}.branch3x3_1", x), 3, 2)
+        b7 = self.unit(f"{n}.branch7x7x3_1", x)
+        b7 = self.unit(f"{n}.branch7x7x3_2", b7, (1, 7), 1, (0, 3))
+        b7 = self.unit(f"{n}.branch7x7x3_3", b7, (7, 1), 1, (3, 0))
+        b7 = self.unit(f"{n}.branch7x7x3_4", b7, 3, 2)
+        return self.xp.concatenate([b3, b7, max_pool2d(x, 3, 2)], axis=1)
+
+    def block_e(self, n, x, pool):
+        xp = self.xp
+        b1 = self.unit(f"{n}.branch1x1", x)
+        b3 = self.unit(f"{n}.branch3x3_1", x)
+        b3 = xp.concatenate([self.unit(f"{n}.branch3x3_2a", b3, (1, 3), 1, (0, 1)),
+                             self.unit(f"{n}.branch3x3_2b", b3, (3, 1), 1, (1, 0))], axis=1)
+        bd = self.unit(f"{n}.branch3x3dbl_2", self.unit(f"{n}.branch3x3dbl_1", x), 3, 1, 1)
+        bd = xp.concatenate([self.unit(f"{n}.branch3x3dbl_3a", bd, (1, 3), 1, (0, 1)),
+                             self.unit(f"{n}.branch3x3dbl_3b", bd, (3, 1), 1, (1, 0))], axis=1)
+        pooled = avg_pool2d(x, 3, 1, 1) if pool == "avg" else max_pool2d(x, 3, 1, 1)
+        bp = self.unit(f"{n}.branch_pool", pooled)
+        return xp.concatenate([b1, b3, bd, bp], axis=1)
+
+    # -- the network -------------------------------------------------------
+    def features(self, images):
+        """images (N, 3, H, W) in [0, 1] (numpy or device array) -> (N, 2048) float64 NumPy."""
+        xp = self.xp
+        x = backend.to_device(images, xp).astype(self.dtype, copy=False)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Inception takes RGB images (N, 3, H, W), got {tuple(x.shape)}")
+        x = resize_bilinear(x, 299, 299) * 2 - 1
+        for name, spec in STEM:
+            if spec is None:
+                x = max_pool2d(x, 3, 2)
+            else:
+                (kh, kw), s, p = spec
+                x = self.unit(name, x, (kh, kw), s, p)
+        for name, kind in BLOCKS:
+            if kind == "A":
+                x = self.block_a(name, x)
+            elif kind == "B":
+                x = self.block_b(name, x)
+            elif kind == "C":
+                x = self.block_c(name, x)
+            elif kind == "D":
+                x = self.block_d(name, x)
+            else:
+                x = self.block_e(name, x, "avg" if kind == "E1" else "max")
+        pooled = x.mean(axis=(2, 3))                                   # (N, 2048) pool3
+        return backend.to_numpy(pooled).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- weights files
+
+def convert_weights(pth_path: str, h5_path: str | None = None) -> str:
+    """Read the pytorch-fid .pth (no torch needed), fold BatchNorm, write HDF5 once."""
+    import h5py
+
+    from .torch_reader import load_torch_file
+    h5_path = h5_path or os.path.join(DATA_DIR, WEIGHTS_H5)
+    units = fold_batchnorm(load_torch_file(pth_path))
+    os.makedirs(os.path.dirname(os.path.abspath(h5_path)), exist_ok=True)
+    tmp = h5_path + ".tmp"
+    with h5py.File(tmp, "w") as f:
+        f.attrs["source"] = os.path.basename(pth_path)
+        for name, (W, b) in units.items():
+            f[f"{name}/weight"] = W
+            f[f"{name}/bias"] = b
+    os.replace(tmp, h5_path)
+    return h5_path
+
+
+def load_inception(h5_path: str | None = None, xp=None) -> InceptionV3FID:
+    """The FID Inception from data/inception_fid.h5 (converting the .pth in data/ if only that exists)."""
+    import h5py
+    h5_path = h5_path or os.path.join(DATA_DIR, WEIGHTS_H5)
+    if not os.path.exists(h5_path):
+        pth = os.path.join(DATA_DIR, WEIGHTS_PTH)
+        if not os.path.exists(pth):
+            raise FileNotFoundError(
+                f"FID needs the Inception weights {WEIGHTS_PTH} (published by pytorch-fid at {WEIGHTS_URL}). "
+                f"Download it into {DATA_DIR}/ and run `python cli.py convert-inception {os.path.join('data', WEIGHTS_PTH)}`.")
+        convert_weights(pth, h5_path)
+    with h5py.File(h5_path, "r") as f:
+        units = {name: (f[name]["weight"][()], f[name]["bias"][()]) for name in _unit_names(f)}
+    return InceptionV3FID(units, xp)
+
+
+def _unit_names(f):
+    names = []
+    f.visit(lambda n: names.append(n[: -len("/weight")]) if n.endswith("/weight") else None)
+    return names

@@ -1,0 +1,57 @@
+// Max and average pooling (forward), the CUDA versions of pool.py.
+// One thread per output element (n, c, i, j). -DSCALAR=float|double.
+//   y[n, c, i, j] = max / mean over the real pixels of window
+//                   rows i*stride - pad .. + k-1, cols j*stride - pad .. + k-1
+// The average counts only real pixels (count_include_pad=False).
+#ifndef SCALAR
+#define SCALAR float
+#endif
+
+extern "C" __global__ void max_pool2d(const SCALAR* __restrict__ x, SCALAR* __restrict__ y, long long total,
+                                      int H, int W, int k, int stride, int pad, int Ho, int Wo)
+{
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)blockDim.x * gridDim.x) {
+        int j = (int)(idx % Wo);
+        int i = (int)((idx / Wo) % Ho);
+        long long nc = idx / ((long long)Wo * Ho);
+        const SCALAR* plane = x + nc * H * W;
+        SCALAR best = -(SCALAR)1e300;       // below any float: becomes -inf in float32
+        for (int p = 0; p < k; ++p) {
+            int h = i * stride - pad + p;
+            if (h < 0 || h >= H) continue;
+            for (int q = 0; q < k; ++q) {
+                int w = j * stride - pad + q;
+                if (w < 0 || w >= W) continue;
+                SCALAR v = plane[h * W + w];
+                best = v > best ? v : best;
+            }
+        }
+        y[idx] = best;
+    }
+}
+
+extern "C" __global__ void avg_pool2d(const SCALAR* __restrict__ x, SCALAR* __restrict__ y, long long total,
+                                      int H, int W, int k, int stride, int pad, int Ho, int Wo)
+{
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)blockDim.x * gridDim.x) {
+        int j = (int)(idx % Wo);
+        int i = (int)((idx / Wo) % Ho);
+        long long nc = idx / ((long long)Wo * Ho);
+        const SCALAR* plane = x + nc * H * W;
+        SCALAR acc = 0;
+        int count = 0;
+        for (int p = 0; p < k; ++p) {
+            int h = i * stride - pad + p;
+            if (h < 0 || h >= H) continue;
+            for (int q = 0; q < k; ++q) {
+                int w = j * stride - pad + q;
+                if (w < 0 || w >= W) continue;
+                acc += plane[h * W + w];
+                ++count;
+            }
+        }
+        y[idx] = acc / (SCALAR)count;
+    }
+}

@@ -345,5 +345,100 @@ def eval_cmd(teacher, student, steps_text, n, n_ref, seed, out, data_dir, device
     _evaluate(teacher, student, _parse_steps(steps_text), n, n_ref, out, seed, data_dir)
 
 
+# ----------------------------------------------------------------------------- FID
+
+@cli.command("convert-inception")
+@click.argument("pth", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="HDF5 file (default data/inception_fid.h5)")
+def convert_inception(pth, out):
+    """Convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth to HDF5 (no torch needed)."""
+    from ttfm_np import inception
+    if not os.path.exists(pth):
+        _fail(FileNotFoundError(f"{pth} does not exist; it is published at {inception.WEIGHTS_URL}"))
+    try:
+        path = inception.convert_weights(pth, out)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    click.echo(f"wrote {path}")
+
+
+def _feature_batches(images, batch_size):
+    for i in range(0, len(images), batch_size):
+        yield images[i:i + batch_size]
+
+
+@cli.command("fid-stats")
+@click.option("--data", required=True, help="dataset (fashion-mnist, cifar10, imagefolder:PATH) or a folder of PNGs")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train")
+@click.option("--n", type=click.IntRange(2), default=None, help="use only the first n images")
+@click.option("--batch-size", type=click.IntRange(1), default=100)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="default data/fid_stats/<data>-<split>.npz")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@DEVICE_OPTION
+def fid_stats(data, split, n, batch_size, out, data_dir, device):
+    """Inception statistics (mu, sigma) of a dataset, cached under data/fid_stats/."""
+    from ttfm_np import fid, inception
+    use_device(device)
+    try:
+        images = fid.load_png_folder(data)[:n] if os.path.isdir(data) else _load_data(data, data_dir, split, n=n).data
+        model = inception.load_inception()
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        _fail(exc)
+    fid.warn_if_few(len(images))
+    stats = fid.stats_of_images(model, _feature_batches(images, batch_size), "inception features",
+                                -(-len(images) // batch_size))
+    out = out or fid.default_stats_path(data if not os.path.isdir(data) else "folder-" + os.path.basename(os.path.normpath(data)), split)
+    fid.save_stats(out, stats.mu, stats.sigma, stats.n, f"{data}:{split}")
+    click.echo(f"wrote {out} ({stats.n} images)")
+
+
+@cli.command("fid")
+@click.option("--ckpt", type=click.Path(), default=None, help="checkpoint to sample from")
+@click.option("--folder", type=click.Path(file_okay=False), default=None, help="or: a folder of PNGs to score")
+@click.option("--steps", type=click.IntRange(1), default=1, help="sampling steps")
+@click.option("--solver", type=click.Choice(["euler", "heun", "rk4"]), default="euler", help="ODE solver (teachers)")
+@click.option("--n", type=click.IntRange(2), default=50000, help="samples to generate")
+@click.option("--batch-size", type=click.IntRange(1), default=100)
+@click.option("--ref", type=click.Path(), default=None,
+              help="reference statistics .npz or a PNG folder (default: the checkpoint's dataset, train split)")
+@click.option("--seed", type=int, default=0)
+@DEVICE_OPTION
+def fid_cmd(ckpt, folder, steps, solver, n, batch_size, ref, seed, device):
+    """FID of a checkpoint's samples (or of a PNG folder) against reference statistics."""
+    from ttfm_np import fid, inception, sampling
+    use_device(device)
+    if (ckpt is None) == (folder is None):
+        raise click.UsageError("give exactly one of --ckpt and --folder")
+    try:
+        model = inception.load_inception()
+        if ref is None:
+            if ckpt is None:
+                raise click.UsageError("--ref is required with --folder")
+            data = sampling.load_model(ckpt).config.get("data", "")
+            ref = fid.default_stats_path(data, "train")
+            if not os.path.exists(ref):
+                raise FileNotFoundError(f"no reference statistics {ref}: run `python cli.py fid-stats --data {data}` first")
+        if os.path.isdir(ref):
+            imgs = fid.load_png_folder(ref)
+            rs = fid.stats_of_images(model, _feature_batches(imgs, batch_size), "reference features",
+                                     -(-len(imgs) // batch_size))
+            mu_r, sigma_r = rs.mu, rs.sigma
+        else:
+            mu_r, sigma_r, _ = fid.load_stats(ref)
+        if folder:
+            imgs = fid.load_png_folder(folder)
+            batches, total = _feature_batches(imgs, batch_size), len(imgs)
+        else:
+            sampler = sampling.load_sampler(ckpt, steps, solver, batch_size=batch_size)
+            total = n
+            batches = (sampler(min(batch_size, n - i), seed * 1000003 + i) for i in range(0, n, batch_size))
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        _fail(exc)
+    fid.warn_if_few(total)
+    stats = fid.stats_of_images(model, batches, f"FID features ({total} images)", -(-total // batch_size))
+    score = fid.frechet_distance(stats.mu, stats.sigma, mu_r, sigma_r)
+    click.echo(f"FID {score:.3f}  ({total} images, {'folder ' + folder if folder else f'{steps} steps'}, ref {ref})")
+
+
 if __name__ == "__main__":
     cli()

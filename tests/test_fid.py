@@ -1,0 +1,96 @@
+"""Frechet distance against closed forms; streaming statistics; the fid and
+fid-stats commands end to end on PNG folders (random Inception weights)."""
+import os
+import re
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ttfm_np import fid
+
+
+def test_identical_statistics_give_zero(rng):
+    a = rng.standard_normal((500, 6))
+    st = fid.FeatureStats(6)
+    st.update(a)
+    assert abs(fid.frechet_distance(st.mu, st.sigma, st.mu, st.sigma)) < 1e-9
+
+
+def test_commuting_covariances_closed_form(rng):
+    """Diagonal covariances commute: FID = |mu1 - mu2|^2 + sum (sqrt(d1) - sqrt(d2))^2."""
+    d1, d2 = rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
+    mu1, mu2 = rng.standard_normal(8), rng.standard_normal(8)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) == pytest.approx(expected, rel=1e-10)
+    Q, _ = np.linalg.qr(rng.standard_normal((8, 8)))           # same rotation of both: still commuting
+    got = fid.frechet_distance(Q @ mu1, Q @ np.diag(d1) @ Q.T, Q @ mu2, Q @ np.diag(d2) @ Q.T)
+    assert got == pytest.approx(expected, rel=1e-8)
+
+
+def test_streaming_stats_match_numpy(rng):
+    a = rng.standard_normal((301, 5)) * [1, 2, 3, 4, 5] + 7
+    st = fid.FeatureStats(5)
+    for chunk in np.array_split(a, 7):
+        st.update(chunk)
+    np.testing.assert_allclose(st.mu, a.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(st.sigma, np.cov(a, rowvar=False), rtol=1e-9)
+
+
+def test_near_singular_covariances_do_not_give_nan(rng):
+    a = rng.standard_normal((10, 50))                           # 10 samples in 50 dims: rank 9
+    b = rng.standard_normal((10, 50)) + 0.5
+    sa, sb = fid.FeatureStats(50), fid.FeatureStats(50)
+    sa.update(a)
+    sb.update(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = fid.frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
+    assert np.isfinite(d) and d > 0
+    with pytest.warns(UserWarning, match="biased upward"):
+        fid.warn_if_few(10)
+
+
+def test_stats_file_round_trip_and_errors(tmp_path, rng):
+    p = tmp_path / "s.npz"
+    fid.save_stats(str(p), np.ones(3), np.eye(3), 5, "x")
+    mu, sigma, n = fid.load_stats(str(p))
+    assert n == 5 and (sigma == np.eye(3)).all()
+    with pytest.raises(FileNotFoundError, match="fid-stats"):
+        fid.load_stats(str(tmp_path / "none.npz"))
+    with pytest.raises(ValueError, match="different shapes"):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def _score(output):
+    line = [l for l in output.splitlines() if re.match(r"FID -?\d", l)][-1]
+    return float(line.split()[1])
+
+
+def test_fid_commands_on_png_folders(tmp_path, rng, monkeypatch):
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: cannot write a random Inception .pth")
+    import cli
+    from test_inception import random_fid_inception
+    from ttfm_np import inception
+    pth = tmp_path / "inception.pth"
+    torch.save(random_fid_inception(1).state_dict(), pth)
+    monkeypatch.setattr(inception, "DATA_DIR", str(tmp_path))
+    r = CliRunner()
+    res = r.invoke(cli.cli, ["convert-inception", str(pth)])
+    assert res.exit_code == 0, res.output
+    assert os.path.exists(tmp_path / inception.WEIGHTS_H5)
+    for name, shift in (("a", 0), ("c", 120)):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            img = np.clip(rng.integers(0, 136, (16, 16, 3)) + shift, 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / name / f"{i}.png")
+    same = r.invoke(cli.cli, ["fid", "--folder", str(tmp_path / "a"), "--ref", str(tmp_path / "a")])
+    assert same.exit_code == 0, same.output
+    assert abs(_score(same.output)) < 1e-3
+    far = r.invoke(cli.cli, ["fid", "--folder", str(tmp_path / "a"), "--ref", str(tmp_path / "c")])
+    assert far.exit_code == 0, far.output
+    assert _score(far.output) > 1.0                          # brighter images: clearly apart
+    res = r.invoke(cli.cli, ["fid", "--folder", str(tmp_path / "a")])
+    assert res.exit_code != 0 and "--ref" in res.output

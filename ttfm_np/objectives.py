@@ -15,6 +15,15 @@ def _noise(rng, like):
     return rng.standard_normal(like.shape, dtype=like.dtype)
 
 
+def _fixed_noise(cfg, params, sample_kind):
+    """The same noise at every save (seed 0), so progress pictures are comparable across steps."""
+    like = params["emb.fc0.weight"]
+    xp = backend.array_module(like)
+    shape = (cfg.dim,) if cfg.kind == "mlp" else (cfg.in_channels, cfg.resolution, cfg.resolution)
+    n = 1000 if sample_kind == "toy" else 64
+    return xp.asarray(np.random.default_rng(0).standard_normal((n,) + shape)).astype(like.dtype)
+
+
 def _save_samples(x, path, sample_kind, heldout, title):
     if sample_kind == "toy":
         save_scatter(x, path, reference=heldout, title=title)
@@ -41,10 +50,7 @@ class FlowMatchingObjective:
         return float(loss), grads, {}
 
     def save_samples(self, params, path):
-        xp = backend.array_module(params["emb.fc0.weight"])
-        shape = (self.cfg.dim,) if self.cfg.kind == "mlp" else (self.cfg.in_channels, self.cfg.resolution, self.cfg.resolution)
-        n = 1000 if self.sample_kind == "toy" else 64
-        z = xp.asarray(np.random.default_rng(0).standard_normal((n,) + shape)).astype(params["emb.fc0.weight"].dtype)
+        z = _fixed_noise(self.cfg, params, self.sample_kind)
         velocity = lambda x, t: model_forward(params, self.cfg, x, t)[0]
         x = flow.solve_ode(velocity, z, n_steps=self.sample_steps, method="heun")
         _save_samples(x, path, self.sample_kind, self.heldout, f"teacher heun {self.sample_steps}")
@@ -84,9 +90,6 @@ class DistillObjective:
                                    dropout_rng)
 
     def save_samples(self, params, path):
-        xp = backend.array_module(params["emb.fc0.weight"])
-        shape = (self.cfg.dim,) if self.cfg.kind == "mlp" else (self.cfg.in_channels, self.cfg.resolution, self.cfg.resolution)
-        n = 1000 if self.sample_kind == "toy" else 64
-        z = xp.asarray(np.random.default_rng(0).standard_normal((n,) + shape)).astype(params["emb.fc0.weight"].dtype)
+        z = _fixed_noise(self.cfg, params, self.sample_kind)
         x = ttfm.sample(params, self.cfg, z, n_steps=self.sample_steps[0])
         _save_samples(x, path, self.sample_kind, self.heldout, f"student {self.sample_steps[0]}-step")

@@ -240,6 +240,7 @@ def distill(data, teacher, model_name, loss, lambda_init, lambda_term, delta, de
     """
     from ttfm_np import data as D
     from ttfm_np import losses, recipes, sampling, train, ttfm
+    from ttfm_np import params as P
     from ttfm_np.objectives import DistillObjective
     use_device(device)
     steps_list = _parse_steps(eval_steps)
@@ -280,7 +281,7 @@ def distill(data, teacher, model_name, loss, lambda_init, lambda_term, delta, de
     except ValueError as exc:
         _fail(exc)
     ds = _load_data(data, data_dir)
-    student_params, scfg = ttfm.student_from_teacher(backend_numpy_params(tm.params), tm.cfg)
+    student_params, scfg = ttfm.student_from_teacher(P.to_numpy(tm.params), tm.cfg)
     heldout = ds.data[:1000] if ds.kind == "toy" else None
     objective = DistillObjective(scfg, (tm.params, tm.cfg), opts, frac_t1=frac_t1, max_gap=max_gap,
                                  sample_kind=ds.kind, heldout=heldout)
@@ -297,11 +298,6 @@ def distill(data, teacher, model_name, loss, lambda_init, lambda_term, delta, de
     _evaluate(teacher, os.path.join(out, "checkpoint.h5"), steps_list,
               eval_n or (2000 if ds.kind == "toy" else 256), 256, os.path.join(out, "eval"), 0, data_dir,
               kw["dtype"])
-
-
-def backend_numpy_params(params):
-    from ttfm_np import params as P
-    return P.to_numpy(params)
 
 
 def _evaluate(teacher_path, student_path, steps, n, n_ref, out, seed, data_dir, dtype="float32"):

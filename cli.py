@@ -121,11 +121,11 @@ def train_options(f):
     return f
 
 
-def _run_teacher_training(data, model_name, out, tcfg, time_sampling, flip, resume, data_dir):
+def _run_teacher_training(data, model_name, out, tcfg, time_sampling, flip, resume, data_dir, resolution=None):
     from ttfm_np import model, train
     from ttfm_np import data as D
     from ttfm_np.objectives import FlowMatchingObjective
-    ds = _load_data(data, data_dir)
+    ds = _load_data(data, data_dir, resolution=resolution)
     try:
         cfg = model.make_config(model_name, ds.shape)
     except ValueError as exc:
@@ -138,7 +138,8 @@ def _run_teacher_training(data, model_name, out, tcfg, time_sampling, flip, resu
     try:
         return train.train_loop(out, model_cfg=cfg, init_params=model.init_model(cfg, tcfg.seed),
                                 objective=objective, data_iter=it, tcfg=tcfg, resume=resume,
-                                run_config=dict(task="teacher", data=data, time_sampling=time_sampling))
+                                run_config=dict(task="teacher", data=data, time_sampling=time_sampling,
+                                                resolution=ds.shape[-1] if ds.kind == "image" else None))
     except (train.TrainingDiverged, FileExistsError, ValueError) as exc:
         _fail(exc)
 
@@ -154,8 +155,9 @@ def _run_teacher_training(data, model_name, out, tcfg, time_sampling, flip, resu
 @click.option("--time-sampling", type=click.Choice(["uniform", "logit_normal"]), default="uniform",
               help="distribution of t in the flow-matching loss")
 @click.option("--flip/--no-flip", default=False, help="random horizontal flips of images")
+@click.option("--resolution", type=click.IntRange(4, 1024), default=None, help="image size for imagefolder data (default 64)")
 @train_options
-def train(data, model_name, out, time_sampling, flip, resume, data_dir, device, **kw):
+def train(data, model_name, out, time_sampling, flip, resolution, resume, data_dir, device, **kw):
     """Train a flow-matching teacher v(x, t)."""
     from ttfm_np import recipes
     use_device(device)
@@ -167,7 +169,7 @@ def train(data, model_name, out, time_sampling, flip, resume, data_dir, device, 
     recipe.pop("model", None)
     tcfg = _train_config(recipe, **kw)
     out = out or recipes.default_teacher_dir(data, model_name)
-    _run_teacher_training(data, model_name, out, tcfg, time_sampling, flip, resume, data_dir)
+    _run_teacher_training(data, model_name, out, tcfg, time_sampling, flip, resume, data_dir, resolution)
     click.echo(f"checkpoint: {os.path.join(out, 'checkpoint.h5')}")
 
 
@@ -280,7 +282,7 @@ def distill(data, teacher, model_name, loss, lambda_init, lambda_term, delta, de
         opts.validate()
     except ValueError as exc:
         _fail(exc)
-    ds = _load_data(data, data_dir)
+    ds = _load_data(data, data_dir, resolution=tm.config.get("resolution") if data.startswith("imagefolder:") else None)
     student_params, scfg = ttfm.student_from_teacher(P.to_numpy(tm.params), tm.cfg)
     heldout = ds.data[:1000] if ds.kind == "toy" else None
     objective = DistillObjective(scfg, (tm.params, tm.cfg), opts, frac_t1=frac_t1, max_gap=max_gap,
@@ -369,14 +371,16 @@ def _feature_batches(images, batch_size):
 @click.option("--n", type=click.IntRange(2), default=None, help="use only the first n images")
 @click.option("--batch-size", type=click.IntRange(1), default=100)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="default data/fid_stats/<data>-<split>.npz")
+@click.option("--resolution", type=click.IntRange(4, 1024), default=None, help="image size for imagefolder data")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @DEVICE_OPTION
-def fid_stats(data, split, n, batch_size, out, data_dir, device):
+def fid_stats(data, split, n, batch_size, out, resolution, data_dir, device):
     """Inception statistics (mu, sigma) of a dataset, cached under data/fid_stats/."""
     from ttfm_np import fid, inception
     use_device(device)
     try:
-        images = fid.load_png_folder(data)[:n] if os.path.isdir(data) else _load_data(data, data_dir, split, n=n).data
+        images = (fid.load_png_folder(data)[:n] if os.path.isdir(data)
+                  else _load_data(data, data_dir, split, resolution=resolution, n=n).data)
         model = inception.load_inception()
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(exc)

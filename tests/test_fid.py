@@ -94,3 +94,37 @@ def test_fid_commands_on_png_folders(tmp_path, rng, monkeypatch):
     assert _score(far.output) > 1.0                          # brighter images: clearly apart
     res = r.invoke(cli.cli, ["fid", "--folder", str(tmp_path / "a")])
     assert res.exit_code != 0 and "--ref" in res.output
+
+
+def test_missing_weights_error_names_file_and_address(tmp_path, monkeypatch):
+    from ttfm_np import inception
+    monkeypatch.setattr(inception, "DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as e:
+        inception.load_inception()
+    assert inception.WEIGHTS_PTH in str(e.value) and "github.com/mseitzer/pytorch-fid" in str(e.value)
+
+
+def test_fid_of_a_checkpoint_against_dataset_stats(tmp_path, rng, monkeypatch):
+    """train (tiny U-Net, 2 steps) -> fid-stats of its imagefolder data -> fid --ckpt, end to end."""
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: cannot write a random Inception .pth")
+    import cli
+    from test_inception import random_fid_inception
+    from ttfm_np import fid as fid_mod, inception, recipes
+    monkeypatch.setattr(inception, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(fid_mod, "DATA_DIR", str(tmp_path))
+    torch.save(random_fid_inception(2).state_dict(), tmp_path / inception.WEIGHTS_PTH)   # converted on first use
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)).save(imgs / f"{i}.png")
+    data = f"imagefolder:{imgs}"
+    r = CliRunner()
+    res = r.invoke(cli.cli, ["train", "--data", data, "--model", "tiny", "--steps", "2", "--batch-size", "2",
+                             "--resolution", "16", "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(cli.cli, ["fid-stats", "--data", data, "--resolution", "16"])
+    assert res.exit_code == 0, res.output
+    assert os.path.exists(fid_mod.default_stats_path(data, "train"))
+    res = r.invoke(cli.cli, ["fid", "--ckpt", str(tmp_path / "t"), "--steps", "2", "--n", "3", "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    assert np.isfinite(_score(res.output))

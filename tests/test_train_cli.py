@@ -131,3 +131,21 @@ def test_distilled_student_beats_teacher_euler_at_one_step(tmp_path):
     assert res.exit_code == 0, res.output
     rows = {row["method"]: row for row in json.load(open(s / "eval" / "eval.json"))["rows"]}
     assert rows["student 1-step"]["mse"] < 0.5 * rows["teacher euler 1"]["mse"], rows
+
+
+def test_distill_without_teacher_trains_one_first(tmp_path, monkeypatch):
+    """`distill` with no --teacher looks at the default path and trains a teacher there when none exists."""
+    from ttfm_np import recipes
+    monkeypatch.setattr(recipes, "DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setitem(recipes.TEACHER_RECIPES, "toy", dict(model="mlp-tiny", steps=20, batch_size=64, lr=1e-3,
+                                                             warmup=2, ema_decay=0.9))
+    monkeypatch.setitem(recipes.DISTILL_RECIPES, "toy", dict(steps=10, batch_size=64, lr=1e-3, warmup=2, ema_decay=0.9))
+    r = CliRunner()
+    args = ["distill", "--data", "toy:spirals", "--out", str(tmp_path / "s"), "--eval-steps", "1", "--eval-n", "32"]
+    res = r.invoke(cli.cli, args)
+    assert res.exit_code == 0, res.output
+    assert "training one with the toy recipe" in res.output
+    teacher = tmp_path / "data" / "teachers" / "toy-spirals-mlp-tiny" / "checkpoint.h5"
+    assert ckpt.load_checkpoint(teacher)["step"] == 20
+    res = r.invoke(cli.cli, args[:-4] + ["--out", str(tmp_path / "s2"), "--eval-steps", "1", "--eval-n", "32"])
+    assert res.exit_code == 0 and "training one" not in res.output           # reused the second time

@@ -12,7 +12,7 @@ STUDIES = sorted(p for p in glob.glob(os.path.join(DEV, "*.py")) if os.path.base
 
 
 def test_there_are_studies():
-    assert {"conv2d.py", "groupnorm.py"} <= {os.path.basename(p) for p in STUDIES}
+    assert {"conv2d.py", "groupnorm.py", "attention.py", "adam.py"} <= {os.path.basename(p) for p in STUDIES}
 
 
 @pytest.mark.parametrize("study", STUDIES, ids=os.path.basename)

@@ -15,6 +15,7 @@ Ctrl-C or SIGTERM finishes the current step, saves, and exits cleanly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -152,10 +153,13 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
 
     t_start, n_done = time.perf_counter(), 0
     last = {"loss": float("nan")}
-    bar_ctx = click.progressbar(length=tcfg.steps - step, label="train", file=None if progress else open(os.devnull, "w"),
-                                item_show_func=lambda _: f"loss {last['loss']:.4g}  {last.get('it_s', 0):.2f} it/s",
-                                show_eta=True)
-    with _StopRequest() as stop, bar_ctx as bar, open(metrics_path, "a") as mlog:
+    with contextlib.ExitStack() as stack:
+        sink = None if progress else stack.enter_context(open(os.devnull, "w"))
+        bar = stack.enter_context(click.progressbar(
+            length=tcfg.steps - step, label="train", file=sink, show_eta=True,
+            item_show_func=lambda _: f"loss {last['loss']:.4g}  {last.get('it_s', 0):.2f} it/s"))
+        stop = stack.enter_context(_StopRequest())
+        mlog = stack.enter_context(open(metrics_path, "a"))
         while step < tcfg.steps:
             x1 = backend.to_device(data_iter.next(), xp).astype(dtype, copy=False)
             rng = backend.default_rng(step_seed(tcfg.seed, step, 0), xp)

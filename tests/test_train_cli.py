@@ -83,6 +83,15 @@ def test_sigterm_saves_and_stops(tmp_path):
     assert _run(tmp_path, 6, resume=True)[2] == 6
 
 
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    _run(tmp_path, 4)
+    with open(tmp_path / "metrics.jsonl", "a") as f:        # a crash after logging steps 5, 6 but before saving
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + json.dumps({"step": 6, "loss": 1.0}) + "\n")
+    _run(tmp_path, 6, resume=True)
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_cli_train_sample_distill_eval(tmp_path):
     r = CliRunner()
     t = tmp_path / "teacher"

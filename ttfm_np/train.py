@@ -98,6 +98,18 @@ def _all_finite(xp, grads) -> bool:
     return all(bool(xp.isfinite(g).all()) for g in grads.values())
 
 
+def _truncate_metrics(path: str, step: int):
+    """Drop metrics lines logged after the checkpoint we resume from (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
 def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_iter, tcfg: TrainConfig,
                run_config: dict, resume: bool = False, progress: bool = True, xp=None):
     """Run (or resume) training; returns (params, ema, step).
@@ -131,6 +143,7 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
         opt = optim.adam_state_to_device(state["opt_state"], xp, dtype)
         step = int(state["step"])
         data_iter.load_state_dict(state["rng_state"]["data"])
+        _truncate_metrics(metrics_path, step)
         click.echo(f"resumed {ckpt_path} at step {step}", err=True)
     else:
         if resume:

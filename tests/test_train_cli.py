@@ -158,3 +158,21 @@ def test_distill_without_teacher_trains_one_first(tmp_path, monkeypatch):
     assert ckpt.load_checkpoint(teacher)["step"] == 20
     res = r.invoke(cli.cli, args[:-4] + ["--out", str(tmp_path / "s2"), "--eval-steps", "1", "--eval-n", "32"])
     assert res.exit_code == 0 and "training one" not in res.output           # reused the second time
+
+
+def test_image_teacher_train_and_sample_grid(tmp_path, rng):
+    from PIL import Image
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3)).astype(np.uint8)).save(imgs / f"{i}.png")
+    r = CliRunner()
+    res = r.invoke(cli.cli, ["train", "--data", f"imagefolder:{imgs}", "--model", "tiny", "--resolution", "16",
+                             "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert len(os.listdir(tmp_path / "t" / "samples")) == 1             # end-of-run picture
+    png = tmp_path / "grid.png"
+    res = r.invoke(cli.cli, ["sample", "--ckpt", str(tmp_path / "t"), "--steps", "2", "--n", "4", "--out", str(png)])
+    assert res.exit_code == 0, res.output
+    with Image.open(png) as im:
+        assert im.size == (2 * (2 * 18 + 2), 2 * (2 * 18 + 2)) and im.mode == "RGB"   # 2x2 grid of 16px + 2px pads, upscaled 2x

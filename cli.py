@@ -232,10 +232,11 @@ def sample(ckpt, steps, solver, n, seed, weights, out, device):
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="run folder (default runs/distill-<data>-<loss>)")
 @click.option("--eval-steps", default="1,2,4,8", help="step counts for the final evaluation")
 @click.option("--eval-n", type=click.IntRange(2), default=None, help="noise samples in the final evaluation")
+@click.option("--eval-n-ref", type=click.IntRange(2), default=256, help="Heun steps of the evaluation's reference")
 @train_options
 def distill(data, teacher, model_name, loss, lambda_init, lambda_term, delta, delta_mode, kappa, target_solver,
-            ema_target, fd_step, lfmd_teacher_grad, frac_t1, max_gap, out, eval_steps, eval_n, resume, data_dir,
-            device, **kw):
+            ema_target, fd_step, lfmd_teacher_grad, frac_t1, max_gap, out, eval_steps, eval_n, eval_n_ref, resume,
+            data_dir, device, **kw):
     """Distill a teacher into a two-timed flow model, then evaluate it.
 
     With no arguments: toy:checkerboard, training the teacher first if there is none.
@@ -298,7 +299,7 @@ def distill(data, teacher, model_name, loss, lambda_init, lambda_term, delta, de
     except (train.TrainingDiverged, FileExistsError, ValueError) as exc:
         _fail(exc)
     _evaluate(teacher, os.path.join(out, "checkpoint.h5"), steps_list,
-              eval_n or (2000 if ds.kind == "toy" else 256), 256, os.path.join(out, "eval"), 0, data_dir,
+              eval_n or (2000 if ds.kind == "toy" else 256), eval_n_ref, os.path.join(out, "eval"), 0, data_dir,
               kw["dtype"])
 
 

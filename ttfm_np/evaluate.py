@@ -33,7 +33,7 @@ def flow_map_table(teacher, student, z, steps=(1, 2, 4, 8), n_ref: int = 256, he
     teacher, student: sampling.LoadedModel (student may be None: teacher baselines only).
     heldout: NumPy held-out data (2-D) for sliced-W2, or None.
     """
-    x_ref = flow.reference_solution(teacher.velocity, z, n_steps=n_ref)
+    x_ref = teacher.generate(z, n_ref, "heun")                 # flow.reference_solution, in chunks
     rows, samples = [], {}
     if heldout is not None:
         rows.append(_row(f"teacher heun {n_ref} (reference)", flow.nfe("heun", n_ref), x_ref, x_ref, heldout))

@@ -42,11 +42,20 @@ class LoadedModel:
             raise ValueError(f"{self.path} is a two-timed student, not a flow-matching teacher")
         return model_forward(self.params, self.cfg, x, t)[0]
 
-    def generate(self, z, steps: int, solver: str = "euler", grid=None):
-        """Noise z at t=0 -> samples at t=1 with `steps` steps (student) or an ODE solver (teacher)."""
-        if self.is_student:
-            return ttfm.sample(self.params, self.cfg, z, n_steps=steps, grid=grid)
-        return flow.solve_ode(self.velocity, z, grid=grid, n_steps=steps, method=solver)
+    def generate(self, z, steps: int, solver: str = "euler", grid=None, chunk: int = 128):
+        """Noise z at t=0 -> samples at t=1 with `steps` steps (student) or an ODE solver (teacher).
+
+        z is processed in chunks of `chunk` samples to bound the memory of the network passes.
+        """
+        xp = backend.array_module(z)
+        out = []
+        for i in range(0, z.shape[0], chunk):
+            zi = z[i:i + chunk]
+            if self.is_student:
+                out.append(ttfm.sample(self.params, self.cfg, zi, n_steps=steps, grid=grid))
+            else:
+                out.append(flow.solve_ode(self.velocity, zi, grid=grid, n_steps=steps, method=solver))
+        return xp.concatenate(out, axis=0)
 
     def noise(self, n: int, seed: int):
         xp = backend.get_xp()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The image experiment on a CPU: one fashion-mnist teacher (`small` U-Net),
 the same student budget for ITVM, LFMD and ECD, flow-map MSE/PSNR at
-N = 1, 2, 4, 8 against the teacher's 256-step Heun solution, wall time per update.
+N = 1, 2, 4, 8 against the teacher's Heun reference solution, wall time per update.
 
     python experiments/distill_fashion.py                    # writes runs/fashion/summary.json
     python experiments/distill_fashion.py --steps 100 --losses itvm --out runs/fashion-quick

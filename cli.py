@@ -441,5 +441,26 @@ def fid_cmd(ckpt, folder, steps, solver, n, batch_size, ref, seed, device):
     click.echo(f"FID {score:.3f}  ({total} images, {'folder ' + folder if folder else f'{steps} steps'}, ref {ref})")
 
 
+@cli.command("plot-metrics")
+@click.argument("metrics", type=click.Path(exists=True))
+@click.option("--key", default="loss", help="metric to plot")
+@click.option("--smooth", type=click.IntRange(1), default=10, help="moving-average window (logged points)")
+@click.option("--log-y/--linear-y", default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG to write")
+def plot_metrics(metrics, key, smooth, log_y, out):
+    """Plot a metric of a run's metrics.jsonl (or a run folder) against the step."""
+    import json as _json
+    from ttfm_np import images
+    path = os.path.join(metrics, "metrics.jsonl") if os.path.isdir(metrics) else metrics
+    rows = [_json.loads(l) for l in open(path) if l.strip()]
+    rows = [r for r in rows if key in r]
+    if len(rows) < 2:
+        _fail(ValueError(f"{path} has fewer than 2 lines with {key!r}"))
+    img = images.line_plot([r["step"] for r in rows], [r[key] for r in rows], f"{key} vs step ({path})",
+                           log_y=log_y, smooth=smooth)
+    images._save(img, out)
+    click.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     cli()

@@ -176,3 +176,16 @@ def test_image_teacher_train_and_sample_grid(tmp_path, rng):
     assert res.exit_code == 0, res.output
     with Image.open(png) as im:
         assert im.size == (2 * (2 * 18 + 2), 2 * (2 * 18 + 2)) and im.mode == "RGB"   # 2x2 grid of 16px + 2px pads, upscaled 2x
+
+
+def test_plot_metrics(tmp_path):
+    _run(tmp_path, 12)
+    r = CliRunner()
+    png = tmp_path / "loss.png"
+    res = r.invoke(cli.cli, ["plot-metrics", str(tmp_path), "--smooth", "3", "--out", str(png)])
+    assert res.exit_code == 0, res.output
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.size == (640, 360)
+    res = r.invoke(cli.cli, ["plot-metrics", str(tmp_path), "--key", "nope", "--out", str(png)])
+    assert res.exit_code != 0 and "nope" in res.output

@@ -66,6 +66,35 @@ def save_scatter(points, path: str, reference=None, title: str | None = None):
     _save(scatter_image(points, reference, title=title), path)
 
 
+def line_plot(xs, ys, title: str = "", size=(640, 360), log_y: bool = False, smooth: int = 1) -> Image.Image:
+    """A minimal line plot (raw values in light grey, a moving average of `smooth` points in blue)."""
+    xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+    if log_y:
+        ys = np.log10(np.maximum(ys, 1e-30))
+    avg = np.convolve(ys, np.ones(smooth) / smooth, mode="valid") if smooth > 1 and len(ys) >= smooth else ys
+    ax = xs[len(xs) - len(avg):]
+    W, H = size
+    L, R, T, B = 60, 15, 25, 35
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    x0, x1 = xs.min(), max(xs.max(), xs.min() + 1e-12)
+    lo, hi = np.percentile(ys, 1), np.percentile(ys, 99.5)
+    hi = max(hi, lo + 1e-12)
+    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
+    py = lambda y: T + (hi - np.clip(y, lo, hi)) / (hi - lo) * (H - T - B)
+    d.rectangle([L, T, W - R, H - B], outline=(120, 120, 120))
+    for frac in (0.0, 0.5, 1.0):
+        yv = lo + frac * (hi - lo)
+        label = f"{10 ** yv:.3g}" if log_y else f"{yv:.3g}"
+        d.text((4, py(yv) - 6), label, fill=(0, 0, 0))
+        xv = x0 + frac * (x1 - x0)
+        d.text((px(xv) - 10, H - B + 6), f"{xv:.0f}", fill=(0, 0, 0))
+    d.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=(200, 200, 200), width=1)
+    d.line([(px(x), py(y)) for x, y in zip(ax, avg)], fill=(20, 70, 200), width=2)
+    d.text((L, 5), title, fill=(0, 0, 0))
+    return img
+
+
 def save_panels(images, path: str):
     """Place several pillow images side by side (e.g. one per step count)."""
     w = sum(im.width for im in images) + 4 * (len(images) - 1)

@@ -9,7 +9,6 @@ of each kernel body fed with those arguments must give the NumPy result.
 """
 import dataclasses
 import math
-import os
 import re
 
 import numpy as np

@@ -19,10 +19,12 @@ EMA of the parameters, applied after every optimizer step:
 The optimizer state is plain data (AdamState: an int and two dicts of arrays
 keyed like the parameters), so a checkpoint saves and restores it exactly.
 
-NumPy path: every update is written with `out=` into one scratch buffer, and
-large tensors are processed in cache-sized chunks so the ~12 elementwise passes
-run out of L2 cache instead of main memory (measured: 2.7x faster than the
-plain array expressions on 8M float32 parameters).
+NumPy path: every update is written with `out=` into one scratch buffer (no
+temporaries), and tensors are processed in 256 KiB chunks so the ~12
+elementwise passes run out of L2 cache instead of main memory. Measured on
+this project's 2-core CPU against plain array expressions: 2.8x faster on one
+16.8M-element float32 tensor, ~15% on 590k-element conv weights (which fit in
+L3 either way); the EMA update 1.8x on the large tensor.
 CuPy path: one fused CUDA kernel per tensor (kernels/adam.cu `adam_update`,
 kernels/ema.cu `ema_update`): one read of p, g, m, v and one write of p, m, v.
 """
@@ -87,6 +89,8 @@ def _coefficients(step, lr, betas, eps, weight_decay, decoupled) -> _AdamCoeffic
 
 def _adam_update_arrays(xp, p, g, m, v, tmp, tmp2, c: _AdamCoefficients):
     """The reference update on same-shaped arrays, in place; tmp (and tmp2 for L2) are scratch.
+
+    p, g, m, v, tmp, tmp2: one shape (a whole tensor, or one flat chunk of it).
 
     Written with out= so it allocates nothing; the order of operations follows
     torch's single-tensor Adam so float32 results agree to the last bits.

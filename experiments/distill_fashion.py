@@ -13,19 +13,12 @@ trained first (fashion-mnist recipe) if data/teachers/fashion-mnist-small has no
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import click
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(cmd):
-    click.echo("$ " + " ".join(cmd))
-    subprocess.run(cmd, check=True, cwd=ROOT)
+from runner import ROOT, distill_and_collect, run, write_summary
 
 
 @click.command(context_settings={"show_default": True})
@@ -52,14 +45,8 @@ def main(losses, steps, batch_size, lr, ema_decay, seed, eval_n, eval_n_ref, ext
                "--seed", str(seed), "--eval-n", str(eval_n), "--eval-n-ref", str(eval_n_ref), "--ckpt-every", "50",
                "--out", run_dir,
                "--resume"] + extra.split()
-        run(cmd)
-        rows = json.load(open(os.path.join(ROOT, run_dir, "eval", "eval.json")))["rows"]
-        metrics = [json.loads(l) for l in open(os.path.join(ROOT, run_dir, "metrics.jsonl"))]
-        summary.append(dict(loss=loss, rows=rows, seconds_per_update=1.0 / metrics[-1]["it_per_s"],
-                            command=" ".join(["python"] + cmd[1:])))
-    os.makedirs(os.path.join(ROOT, out), exist_ok=True)
-    with open(os.path.join(ROOT, out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        summary.append(distill_and_collect(cmd, run_dir, loss=loss))
+    write_summary(out, summary)
     for s in summary:
         r = {row["method"]: row for row in s["rows"]}
         cells = "  ".join(f"N={n}: psnr {r[f'student {n}-step']['psnr']:.2f}" for n in (1, 2, 4, 8)

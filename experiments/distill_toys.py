@@ -10,19 +10,12 @@ Every number comes from `cli.py` commands that this script prints before it runs
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import click
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(cmd):
-    click.echo("$ " + " ".join(cmd))
-    subprocess.run(cmd, check=True, cwd=ROOT)
+from runner import ROOT, distill_and_collect, run, write_summary
 
 
 @click.command(context_settings={"show_default": True})
@@ -49,14 +42,8 @@ def main(toys, losses, steps, batch_size, lr, ema_decay, seed, eval_n, extra, ou
                    "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr),
                    "--ema-decay", str(ema_decay), "--seed", str(seed), "--eval-n", str(eval_n),
                    "--out", run_dir, "--resume"] + extra.split()
-            run(cmd)
-            rows = json.load(open(os.path.join(ROOT, run_dir, "eval", "eval.json")))["rows"]
-            metrics = [json.loads(l) for l in open(os.path.join(ROOT, run_dir, "metrics.jsonl"))]
-            summary.append(dict(toy=toy, loss=loss, rows=rows, seconds_per_update=1.0 / metrics[-1]["it_per_s"],
-                                command=" ".join(["python"] + cmd[1:])))
-    os.makedirs(os.path.join(ROOT, out), exist_ok=True)
-    with open(os.path.join(ROOT, out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+            summary.append(distill_and_collect(cmd, run_dir, toy=toy, loss=loss))
+    write_summary(out, summary)
     for s in summary:
         r = {row["method"]: row for row in s["rows"]}
         cells = "  ".join(f"N={n}: mse {r[f'student {n}-step']['mse']:.2e} sw2 {r[f'student {n}-step']['sw2']:.3f}"

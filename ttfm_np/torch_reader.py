@@ -61,6 +61,11 @@ class LazyTensor:
         base = self.storage.array
         if base is None:
             raise ValueError(f"storage {self.storage.key} has no data: the file is truncated")
+        # as_strided trusts its arguments, so check them: a tampered file must not read outside the storage
+        fields = (self.offset,) + self.size + self.stride
+        if len(self.size) != len(self.stride) or not all(isinstance(v, int) and v >= 0 for v in fields):
+            raise ValueError(f"tensor on storage {self.storage.key} has an invalid offset/size/stride "
+                             f"{self.offset}/{self.size}/{self.stride}: corrupt file")
         n_needed = self.offset + sum((s - 1) * st for s, st in zip(self.size, self.stride)) + 1 if all(self.size) else 0
         if n_needed > base.size:
             raise ValueError(f"tensor reads past the end of storage {self.storage.key}: corrupt file")
@@ -92,11 +97,21 @@ class RestrictedTorchUnpickler(pickle.Unpickler):
             return _rebuild_parameter
         if module == "torch" and name in STORAGE_DTYPES:
             return StorageType(name)
-        raise pickle.UnpicklingError(f"refused to unpickle global {module}.{name}: only tensors, storages and "
-                                     "OrderedDict are allowed in a weights file (it may be tampered with)")
+        raise pickle.UnpicklingError(f"refused to unpickle global {module}.{name}: only tensors (of the storage types "
+                                     f"{', '.join(STORAGE_DTYPES)}) and OrderedDict are allowed in a weights file; "
+                                     "the file holds something else, or was tampered with")
 
     def persistent_load(self, pid):
         return self._persistent_load_fn(pid)
+
+
+def _check_storage_pid(pid, length):
+    """A storage persistent id ('storage', StorageType, key, location, numel[, view_metadata]), validated."""
+    if not (isinstance(pid, tuple) and len(pid) == length and pid[0] == "storage"
+            and isinstance(pid[1], StorageType) and isinstance(pid[2], str)
+            and isinstance(pid[4], int) and pid[4] >= 0):
+        raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}: not a tensor storage")
+    return pid
 
 
 def _storage_bytes_to_array(raw: bytes, dtype) -> np.ndarray:
@@ -126,15 +141,19 @@ def _load_zip(path):
         if not pkl:
             raise ValueError(f"{path} is a zip file but has no data.pkl: not a PyTorch checkpoint")
         prefix = pkl[0][: -len("data.pkl")]
+        if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder") != b"little":
+            raise ValueError(f"{path} was written on a big-endian machine; only little-endian files are supported")
         storages = {}
 
         def persistent_load(pid):
-            if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-                raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-            _, stype, key, _location, numel = pid[:5]
+            _, stype, key, _location, numel = _check_storage_pid(pid, 5)
             if key not in storages:
                 st = LazyStorage(key, stype.dtype, numel)
-                st.array = _storage_bytes_to_array(zf.read(f"{prefix}data/{key}"), stype.dtype)
+                try:
+                    raw = zf.read(f"{prefix}data/{key}")
+                except KeyError:
+                    raise ValueError(f"{path} has no data file for storage {key}: corrupt file") from None
+                st.array = _storage_bytes_to_array(raw, stype.dtype)
                 storages[key] = st
             return storages[key]
 
@@ -152,13 +171,13 @@ def _load_legacy(path):
         protocol = plain()
         if protocol != LEGACY_PROTOCOL:
             raise ValueError(f"{path}: unsupported legacy protocol version {protocol}")
-        plain()                                          # sys info: byte order, type sizes
+        sys_info = plain()                               # byte order, type sizes
+        if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+            raise ValueError(f"{path} was written on a big-endian machine; only little-endian files are supported")
         storages, views = {}, {}
 
         def persistent_load(pid):
-            if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-                raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-            _, stype, key, _location, numel, view_metadata = pid
+            _, stype, key, _location, numel, view_metadata = _check_storage_pid(pid, 6)
             if key not in storages:
                 storages[key] = LazyStorage(key, stype.dtype, numel)
             if view_metadata is not None:                # an old-style view into a root storage
@@ -171,8 +190,15 @@ def _load_legacy(path):
         obj = RestrictedTorchUnpickler(f, persistent_load).load()
         keys = plain()
         for key in keys:
-            (numel,) = struct.unpack("<q", f.read(8))
+            if key not in storages:
+                raise ValueError(f"{path}: storage {key!r} is listed but no tensor uses it: corrupt file")
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError(f"{path} is truncated before storage {key}")
+            (numel,) = struct.unpack("<q", head)
             st = storages[key]
+            if numel != st.numel:
+                raise ValueError(f"{path}: storage {key} holds {numel} elements, the pickle says {st.numel}")
             nbytes = numel * (2 if st.dtype == "bfloat16" else np.dtype(st.dtype).itemsize)
             raw = f.read(nbytes)
             if len(raw) != nbytes:

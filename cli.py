@@ -380,14 +380,17 @@ def fid_stats(data, split, n, batch_size, out, resolution, data_dir, device):
     from ttfm_np import fid, inception
     use_device(device)
     try:
-        images = (fid.load_png_folder(data)[:n] if os.path.isdir(data)
-                  else _load_data(data, data_dir, split, resolution=resolution, n=n).data)
         model = inception.load_inception()
+        if os.path.isdir(data):                       # a folder of PNGs, read batch by batch
+            files = fid.png_files(data)[:n]
+            total, batches = len(files), fid.iter_png_batches(files, batch_size)
+        else:
+            images = _load_data(data, data_dir, split, resolution=resolution, n=n).data
+            total, batches = len(images), _feature_batches(images, batch_size)
+        fid.warn_if_few(total)
+        stats = fid.stats_of_images(model, batches, f"inception features ({total} images)", -(-total // batch_size))
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(exc)
-    fid.warn_if_few(len(images))
-    stats = fid.stats_of_images(model, _feature_batches(images, batch_size), "inception features",
-                                -(-len(images) // batch_size))
     out = out or fid.default_stats_path(data if not os.path.isdir(data) else "folder-" + os.path.basename(os.path.normpath(data)), split)
     fid.save_stats(out, stats.mu, stats.sigma, stats.n, f"{data}:{split}")
     click.echo(f"wrote {out} ({stats.n} images)")
@@ -419,25 +422,25 @@ def fid_cmd(ckpt, folder, steps, solver, n, batch_size, ref, seed, device):
             ref = fid.default_stats_path(data, "train")
             if not os.path.exists(ref):
                 raise FileNotFoundError(f"no reference statistics {ref}: run `python cli.py fid-stats --data {data}` first")
-        if os.path.isdir(ref):
-            imgs = fid.load_png_folder(ref)
-            rs = fid.stats_of_images(model, _feature_batches(imgs, batch_size), "reference features",
-                                     -(-len(imgs) // batch_size))
+        if os.path.isdir(ref):                        # a PNG folder as the reference side
+            files = fid.png_files(ref)
+            rs = fid.stats_of_images(model, fid.iter_png_batches(files, batch_size),
+                                     f"reference features ({len(files)} images)", -(-len(files) // batch_size))
             mu_r, sigma_r = rs.mu, rs.sigma
         else:
             mu_r, sigma_r, _ = fid.load_stats(ref)
         if folder:
-            imgs = fid.load_png_folder(folder)
-            batches, total = _feature_batches(imgs, batch_size), len(imgs)
+            files = fid.png_files(folder)
+            batches, total = fid.iter_png_batches(files, batch_size), len(files)
         else:
             sampler = sampling.load_sampler(ckpt, steps, solver, batch_size=batch_size)
             total = n
             batches = (sampler(min(batch_size, n - i), seed * 1000003 + i) for i in range(0, n, batch_size))
+        fid.warn_if_few(total)
+        stats = fid.stats_of_images(model, batches, f"FID features ({total} images)", -(-total // batch_size))
+        score = fid.frechet_distance(stats.mu, stats.sigma, mu_r, sigma_r)
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(exc)
-    fid.warn_if_few(total)
-    stats = fid.stats_of_images(model, batches, f"FID features ({total} images)", -(-total // batch_size))
-    score = fid.frechet_distance(stats.mu, stats.sigma, mu_r, sigma_r)
     click.echo(f"FID {score:.3f}  ({total} images, {'folder ' + folder if folder else f'{steps} steps'}, ref {ref})")
 
 

@@ -8,6 +8,13 @@ covariances and it is retried; an imaginary diagonal above 1e-3 raises; else
 the real part is kept. Fewer samples than the feature dimension (2048) make
 sigma singular: a warning is issued; FID is biased upward at small N
 (use >= 10k, report 50k as the standard).
+
+Images enter as they would be stored in PNG files: values in [-1, 1] are
+clipped and rounded to 8 bits (v = round((x + 1) 127.5), then v / 255 in
+[0, 1] for the network), so the FID of generated samples equals the FID of
+the same samples written to PNGs and scored as a folder (pytorch-fid reads
+PNGs). Dataset images are 8-bit already, so the rounding leaves them as
+they are.
 """
 from __future__ import annotations
 
@@ -15,55 +22,97 @@ import os
 import warnings
 
 import numpy as np
+import scipy
 from scipy import linalg
 
+from . import backend
 from .recipes import DATA_DIR
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# SciPy 1.16 rewrote sqrtm and deprecated its `disp` argument (removed in 1.18);
+# before that, disp=False (pytorch-fid's call) is what silences its console message.
+_SQRTM_TAKES_DISP = tuple(int(v) for v in scipy.__version__.split(".")[:2]) < (1, 16)
 
 
 class FeatureStats:
-    """Streaming mean and covariance in float64: feed batches, then .mu / .sigma."""
+    """Streaming mean and covariance in float64: feed batches, then .mu / .sigma.
 
-    def __init__(self, dim: int = 2048):
+    Sums are taken of f - shift, with shift the first batch's mean, so that
+    sum (f - mu)(f - mu)^T = sum d d^T - n m m^T  (d = f - shift, m = mean of d)
+    does not cancel catastrophically when the features' mean is large.
+    """
+
+    def __init__(self, dim: int | None = None):
+        self.dim = dim            # fixed by the first batch when None
         self.n = 0
-        self.sum = np.zeros(dim)
-        self.outer = np.zeros((dim, dim))
+        self.shift = self.sum = self.outer = None
 
     def update(self, feats):
-        f = np.asarray(feats, np.float64)
+        f = np.asarray(backend.to_numpy(feats), np.float64)           # (B, dim)
+        if f.ndim != 2:
+            raise ValueError(f"features must be (batch, dim), got shape {f.shape}")
+        if self.shift is None:
+            if self.dim is not None and f.shape[1] != self.dim:
+                raise ValueError(f"features have {f.shape[1]} dimensions, expected {self.dim}")
+            self.dim = f.shape[1]
+            self.shift = f.mean(axis=0)
+            self.sum = np.zeros(self.dim)
+            self.outer = np.zeros((self.dim, self.dim))
+        elif f.shape[1] != self.dim:
+            raise ValueError(f"features have {f.shape[1]} dimensions, expected {self.dim}")
+        d = f - self.shift
         self.n += f.shape[0]
-        self.sum += f.sum(axis=0)
-        self.outer += f.T @ f
+        self.sum += d.sum(axis=0)
+        self.outer += d.T @ d
 
     @property
     def mu(self):
-        return self.sum / self.n
+        if self.n < 1:
+            raise ValueError("no features were added")
+        return self.shift + self.sum / self.n
 
     @property
     def sigma(self):
         if self.n < 2:
             raise ValueError("covariance needs at least 2 samples")
-        mu = self.mu
-        # sum (f - mu)(f - mu)^T = sum f f^T - n mu mu^T, divided by n - 1
-        return (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        m = self.sum / self.n
+        # sum (f - mu)(f - mu)^T = sum d d^T - n m m^T, divided by n - 1
+        return (self.outer - self.n * np.outer(m, m)) / (self.n - 1)
+
+
+def _sqrtm(a):
+    """scipy.linalg.sqrtm(a), without its singular-matrix message (the caller checks the result)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        if _SQRTM_TAKES_DISP:
+            return linalg.sqrtm(a, disp=False)[0]
+        return linalg.sqrtm(a)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr s1 + tr s2 - 2 tr sqrtm(s1 s2), in float64 (pytorch-fid's recipe)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
         raise ValueError(f"statistics have different shapes: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {s1.shape} vs {s2.shape}")
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = _sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"FID: sqrtm(s1 s2) is singular; adding {eps} I to both covariances")
+        # product of (near-)singular covariances: shift both away from singularity
+        warnings.warn(f"FID: sqrtm(s1 s2) is not finite (singular product); adding {eps} I to both covariances")
         offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+        covmean = _sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
+        # s1 s2 is similar to the PSD s1^1/2 s2 s1^1/2, so its square root is real up to rounding
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: sqrtm has an imaginary component {np.max(np.abs(covmean.imag)):.3g}; "
-                             "the statistics are numerically broken (too few samples?)")
+            raise ValueError(f"FID: sqrtm(s1 s2) has an imaginary component of size "
+                             f"{np.max(np.abs(covmean.imag)):.3g}; the statistics are numerically broken "
+                             "(too few samples for the 2048 features? use >= 10,000)")
         covmean = covmean.real
+    if not np.isfinite(covmean).all():
+        raise ValueError("FID: sqrtm(s1 s2) is not finite even after the 1e-6 I offset; "
+                         "check the statistics for NaN/inf")
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
@@ -73,7 +122,10 @@ def warn_if_few(n: int, dim: int = 2048):
                       "is biased upward; use >= 10,000 samples (50,000 is the standard)")
 
 
+# ----------------------------------------------------------------------------- statistics files
+
 def save_stats(path: str, mu, sigma, n: int, source: str):
+    """mu (D,), sigma (D, D), sample count and a description, as .npz (written atomically)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, mu=mu, sigma=sigma, n=n, source=source)
@@ -81,6 +133,7 @@ def save_stats(path: str, mu, sigma, n: int, source: str):
 
 
 def load_stats(path: str):
+    """(mu, sigma, n) from a file of save_stats (or pytorch-fid's --save-stats .npz, which has no n)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"FID statistics {path} not found: create them with `python cli.py fid-stats --data ...`")
     with np.load(path) as f:
@@ -90,38 +143,82 @@ def load_stats(path: str):
 
 
 def default_stats_path(data: str, split: str) -> str:
+    """data/fid_stats/<dataset>-<split>.npz, where fid-stats writes and fid looks."""
     from .recipes import slug
     return os.path.join(DATA_DIR, "fid_stats", f"{slug(data)}-{split}.npz")
 
 
-def stats_of_images(model, batches, progress_label: str | None = None, n_batches: int | None = None):
-    """FeatureStats over an iterable of image batches in [-1, 1] (NCHW; 1 channel is repeated to RGB).
+# ----------------------------------------------------------------------------- features of images
 
-    Batches are consumed lazily (samples are generated as features are taken).
+def to_unit_range_8bit(x):
+    """Images in [-1, 1] (N, C, H, W) -> RGB in [0, 1] as an 8-bit PNG would hold them (numpy or cupy).
+
+    v = round(clip(x, -1, 1) * 127.5 + 127.5) in 0..255, returned as v / 255; one channel is repeated to RGB.
+    """
+    xp = backend.array_module(x)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"FID takes images (N, 1 or 3, H, W), got shape {tuple(x.shape)}")
+    v = xp.rint(xp.clip(x, -1.0, 1.0) * 127.5 + 127.5)
+    if x.shape[1] == 1:
+        v = xp.repeat(v, 3, axis=1)
+    return (v / 255.0).astype(np.float32)
+
+
+def stats_of_images(model, batches, progress_label: str | None = None, n_batches: int | None = None):
+    """FeatureStats over an iterable of image batches in [-1, 1] (NCHW, numpy or cupy; 1 channel -> RGB).
+
+    Batches are consumed lazily (samples are generated, or files read, as features are taken).
+    A progress bar is drawn when progress_label is given.
     """
     import click
     stats = FeatureStats()
-    with click.progressbar(batches, length=n_batches, label=progress_label or "features",
-                           file=None if progress_label else open(os.devnull, "w")) as bar:
+    if progress_label is None:
+        for x in batches:
+            stats.update(model.features(to_unit_range_8bit(x)))
+        return stats
+    with click.progressbar(batches, length=n_batches, label=progress_label) as bar:
         for x in bar:
-            x = np.asarray(x)
-            if x.shape[1] == 1:
-                x = np.repeat(x, 3, axis=1)
-            stats.update(model.features((x + 1.0) / 2.0))
+            stats.update(model.features(to_unit_range_8bit(x)))
     return stats
+
+
+def png_files(folder: str) -> list:
+    """The image files (PNG/JPG) of a folder, sorted by name."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a folder")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"no PNG/JPG images in {folder}")
+    return files
+
+
+def read_images(files) -> np.ndarray:
+    """Image files (all of one size) -> (N, 3, H, W) float32 in [-1, 1]."""
+    from PIL import Image
+    arrs = []
+    for path in files:
+        with Image.open(path) as im:
+            arrs.append(np.asarray(im.convert("RGB"), np.float32).transpose(2, 0, 1) / 127.5 - 1)
+    shapes = {a.shape for a in arrs}
+    if len(shapes) > 1:
+        raise ValueError(f"images have different sizes {sorted(shapes)} (e.g. {files[0]}); "
+                         "FID batches need one size: resize the folder first")
+    return np.stack(arrs)
+
+
+def iter_png_batches(files, batch_size: int):
+    """Batches (B, 3, H, W) in [-1, 1] read from the files as they are needed (bounded memory)."""
+    first_shape = None
+    for i in range(0, len(files), batch_size):
+        batch = read_images(files[i:i + batch_size])
+        if first_shape is None:
+            first_shape = batch.shape[1:]
+        elif batch.shape[1:] != first_shape:
+            raise ValueError(f"{files[i]} and the images before it have different sizes "
+                             f"({batch.shape[1:]} vs {first_shape}); resize the folder first")
+        yield batch
 
 
 def load_png_folder(folder: str) -> np.ndarray:
     """All PNG/JPG images in a folder as (N, 3, H, W) in [-1, 1] (same size required)."""
-    from PIL import Image
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg")))
-    if not files:
-        raise FileNotFoundError(f"no PNG/JPG images in {folder}")
-    arrs = []
-    for f in files:
-        with Image.open(os.path.join(folder, f)) as im:
-            arrs.append(np.asarray(im.convert("RGB"), np.float32).transpose(2, 0, 1) / 127.5 - 1)
-    shapes = {a.shape for a in arrs}
-    if len(shapes) > 1:
-        raise ValueError(f"images in {folder} have different sizes {sorted(shapes)}")
-    return np.stack(arrs)
+    return read_images(png_files(folder))

@@ -142,22 +142,50 @@ def _few_features(monkeypatch, dims=64):
     """The real network, but only its first `dims` pool3 features (keeps sqrtm cheap, see the docstring)."""
     from ttfm_np import inception
     full = inception.InceptionV3FID.features
-    monkeypatch.setattr(inception.InceptionV3FID, "features", lambda self, x: full(self, x)[:, :dims])
+    monkeypatch.setattr(inception.InceptionV3FID, "features", lambda self, x, chunk=32: full(self, x, chunk)[:, :dims])
 
 
-def test_fid_commands_on_png_folders(tmp_path, rng, monkeypatch):
+def _random_inception_in_data_dir(tmp_path, monkeypatch, seed):
+    """data/ -> tmp_path, holding inception_fid.h5 with random weights (no torch needed)."""
+    from ttfm_np import fid as fid_mod, inception
+    monkeypatch.setattr(inception, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(fid_mod, "DATA_DIR", str(tmp_path))
+    units = inception.fold_batchnorm(inception.random_weights(seed))
+    inception.save_units(units, str(tmp_path / inception.WEIGHTS_H5), source="random")
+    _few_features(monkeypatch)
+
+
+def test_convert_inception_command(tmp_path, monkeypatch):
+    """A .pth written by torch -> convert-inception -> HDF5 with the folded units; a .pth left in data/
+    is converted on first use."""
     torch = pytest.importorskip("torch", reason="PyTorch not installed: cannot write a random Inception .pth")
     import cli
     from test_inception import random_fid_inception
     from ttfm_np import inception
-    _few_features(monkeypatch)
-    pth = tmp_path / "inception.pth"
-    torch.save(random_fid_inception(1).state_dict(), pth)
     monkeypatch.setattr(inception, "DATA_DIR", str(tmp_path))
+    sd = random_fid_inception(1).state_dict()
+    torch.save(sd, tmp_path / "inception.pth", _use_new_zipfile_serialization=False)      # legacy, like the real file
     r = CliRunner()
-    res = r.invoke(cli.cli, ["convert-inception", str(pth)])
+    res = r.invoke(cli.cli, ["convert-inception", str(tmp_path / "inception.pth")])
     assert res.exit_code == 0, res.output
+    model = inception.load_inception(str(tmp_path / inception.WEIGHTS_H5), np)
+    expected = inception.fold_batchnorm({k: v.numpy() for k, v in sd.items()})
+    assert set(model.units) == set(expected)
+    for name, (W, b) in expected.items():
+        np.testing.assert_array_equal(model.units[name][0], W, err_msg=name)
+        np.testing.assert_array_equal(model.units[name][1], b, err_msg=name)
+    res = r.invoke(cli.cli, ["convert-inception", str(tmp_path / "nowhere.pth")])
+    assert res.exit_code != 0 and "github.com/mseitzer/pytorch-fid" in res.output
+    os.remove(tmp_path / inception.WEIGHTS_H5)
+    torch.save(sd, tmp_path / inception.WEIGHTS_PTH)
+    inception.load_inception(xp=np)
     assert os.path.exists(tmp_path / inception.WEIGHTS_H5)
+
+
+def test_fid_commands_on_png_folders(tmp_path, rng, monkeypatch):
+    import cli
+    _random_inception_in_data_dir(tmp_path, monkeypatch, 1)
+    r = CliRunner()
     for name, shift in (("a", 0), ("c", 120)):
         (tmp_path / name).mkdir()
         for i in range(2):
@@ -169,6 +197,10 @@ def test_fid_commands_on_png_folders(tmp_path, rng, monkeypatch):
     far = r.invoke(cli.cli, ["fid", "--folder", str(tmp_path / "a"), "--ref", str(tmp_path / "c")])
     assert far.exit_code == 0, far.output
     assert _score(far.output) > 0.1                          # brighter images: clearly apart (same: 0)
+    res = r.invoke(cli.cli, ["fid-stats", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "c.npz")])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(cli.cli, ["fid", "--folder", str(tmp_path / "a"), "--ref", str(tmp_path / "c.npz")])
+    assert res.exit_code == 0 and _score(res.output) == pytest.approx(_score(far.output), abs=2e-3), res.output
     res = r.invoke(cli.cli, ["fid", "--folder", str(tmp_path / "a")])
     assert res.exit_code != 0 and "--ref" in res.output
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "9.png")    # a different size
@@ -177,23 +209,23 @@ def test_fid_commands_on_png_folders(tmp_path, rng, monkeypatch):
 
 
 def test_missing_weights_error_names_file_and_address(tmp_path, monkeypatch):
+    import cli
     from ttfm_np import inception
     monkeypatch.setattr(inception, "DATA_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError) as e:
         inception.load_inception()
     assert inception.WEIGHTS_PTH in str(e.value) and "github.com/mseitzer/pytorch-fid" in str(e.value)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "0.png")
+    res = CliRunner().invoke(cli.cli, ["fid", "--folder", str(tmp_path / "a"), "--ref", str(tmp_path / "a")])
+    assert res.exit_code != 0 and inception.WEIGHTS_URL in res.output and "Traceback" not in res.output
 
 
 def test_fid_of_a_checkpoint_against_dataset_stats(tmp_path, rng, monkeypatch):
     """train (tiny U-Net, 2 steps) -> fid-stats of its imagefolder data -> fid --ckpt, end to end."""
-    torch = pytest.importorskip("torch", reason="PyTorch not installed: cannot write a random Inception .pth")
     import cli
-    from test_inception import random_fid_inception
-    from ttfm_np import fid as fid_mod, inception, recipes
-    _few_features(monkeypatch)
-    monkeypatch.setattr(inception, "DATA_DIR", str(tmp_path))
-    monkeypatch.setattr(fid_mod, "DATA_DIR", str(tmp_path))
-    torch.save(random_fid_inception(2).state_dict(), tmp_path / inception.WEIGHTS_PTH)   # converted on first use
+    from ttfm_np import fid as fid_mod
+    _random_inception_in_data_dir(tmp_path, monkeypatch, 2)
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i in range(4):

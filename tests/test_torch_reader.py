@@ -10,7 +10,12 @@ import pytest
 
 from ttfm_np import torch_reader
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed: cannot write reference .pth files")
+try:
+    import torch
+except ImportError:                    # the tampered-pickle test below needs no torch
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch not installed: cannot write reference .pth files")
 
 
 def _state_dict():
@@ -38,6 +43,7 @@ def _as_numpy(t):
     return t.numpy()
 
 
+@needs_torch
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_reads_files_written_by_torch(tmp_path, zip_format):
     sd = _state_dict()
@@ -72,3 +78,39 @@ def test_refuses_tampered_pickles(tmp_path):
     junk.write_bytes(pickle.dumps(123))
     with pytest.raises(ValueError, match="magic"):
         torch_reader.load_torch_file(str(junk))
+
+
+def _crafted_zip(path, offset, size, stride, numel=4):
+    """A zip checkpoint whose one tensor has the given (possibly hostile) offset/size/stride."""
+    import collections
+    import io
+
+    class Storage:
+        pass
+
+    storage = Storage()
+
+    class Tensor:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, (storage, offset, size, stride, False, collections.OrderedDict()))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is storage else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump(collections.OrderedDict(w=Tensor()))
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", buf.getvalue())
+        zf.writestr("archive/data/0", np.arange(numel, dtype="<f4").tobytes())
+
+
+@needs_torch
+def test_refuses_tensors_outside_their_storage(tmp_path):
+    path = tmp_path / "ok.pth"
+    _crafted_zip(path, 1, (2,), (2,))                        # the crafting itself is right: elements 1 and 3
+    np.testing.assert_array_equal(torch_reader.load_torch_file(str(path))["w"], [1.0, 3.0])
+    for offset, size, stride in ((-8, (2,), (1,)), (0, (2,), (-1,)), (0, (3,), (2,)), (0, (5,), (1,))):
+        _crafted_zip(path, offset, size, stride)
+        with pytest.raises(ValueError, match="invalid offset|past the end"):
+            torch_reader.load_torch_file(str(path))

@@ -39,8 +39,9 @@ WEIGHTS_H5 = "inception_fid.h5"
 BN_EPS = 1e-3
 FEATURE_DIM = 2048
 
-# (kernel (kh, kw), stride, padding (ph, pw)) of every conv unit, by name.
+
 def _spec(k, s=1, p=0):
+    """(kernel (kh, kw), stride, padding (ph, pw)) from int-or-pair kernel and padding."""
     kh, kw = (k, k) if isinstance(k, int) else k
     ph, pw = (p, p) if isinstance(p, int) else p
     return (kh, kw), s, (ph, pw)
@@ -53,43 +54,115 @@ BLOCKS = [("Mixed_5b", "A"), ("Mixed_5c", "A"), ("Mixed_5d", "A"), ("Mixed_6a", 
           ("Mixed_7a", "D"), ("Mixed_7b", "E1"), ("Mixed_7c", "E2")]
 
 
+def _block_units(kind, cin, width):
+    """{branch name: (out, in, kh, kw)} of one mixed block; width = pool features (A) or c7 (C)."""
+    if kind == "A":
+        return {"branch1x1": (64, cin, 1, 1), "branch5x5_1": (48, cin, 1, 1), "branch5x5_2": (64, 48, 5, 5),
+                "branch3x3dbl_1": (64, cin, 1, 1), "branch3x3dbl_2": (96, 64, 3, 3),
+                "branch3x3dbl_3": (96, 96, 3, 3), "branch_pool": (width, cin, 1, 1)}
+    if kind == "B":
+        return {"branch3x3": (384, cin, 3, 3), "branch3x3dbl_1": (64, cin, 1, 1),
+                "branch3x3dbl_2": (96, 64, 3, 3), "branch3x3dbl_3": (96, 96, 3, 3)}
+    if kind == "C":
+        c7 = width
+        return {"branch1x1": (192, cin, 1, 1), "branch7x7_1": (c7, cin, 1, 1), "branch7x7_2": (c7, c7, 1, 7),
+                "branch7x7_3": (192, c7, 7, 1), "branch7x7dbl_1": (c7, cin, 1, 1), "branch7x7dbl_2": (c7, c7, 7, 1),
+                "branch7x7dbl_3": (c7, c7, 1, 7), "branch7x7dbl_4": (c7, c7, 7, 1),
+                "branch7x7dbl_5": (192, c7, 1, 7), "branch_pool": (192, cin, 1, 1)}
+    if kind == "D":
+        return {"branch3x3_1": (192, cin, 1, 1), "branch3x3_2": (320, 192, 3, 3), "branch7x7x3_1": (192, cin, 1, 1),
+                "branch7x7x3_2": (192, 192, 1, 7), "branch7x7x3_3": (192, 192, 7, 1),
+                "branch7x7x3_4": (192, 192, 3, 3)}
+    return {"branch1x1": (320, cin, 1, 1), "branch3x3_1": (384, cin, 1, 1), "branch3x3_2a": (384, 384, 1, 3),
+            "branch3x3_2b": (384, 384, 3, 1), "branch3x3dbl_1": (448, cin, 1, 1), "branch3x3dbl_2": (384, 448, 3, 3),
+            "branch3x3dbl_3a": (384, 384, 1, 3), "branch3x3dbl_3b": (384, 384, 3, 1), "branch_pool": (192, cin, 1, 1)}
+
+
+# (in channels, pool features / c7) of each mixed block (DESIGN 8.1)
+BLOCK_WIDTHS = {"Mixed_5b": (192, 32), "Mixed_5c": (256, 64), "Mixed_5d": (288, 64), "Mixed_6a": (288, None),
+                "Mixed_6b": (768, 128), "Mixed_6c": (768, 160), "Mixed_6d": (768, 160), "Mixed_6e": (768, 192),
+                "Mixed_7a": (768, None), "Mixed_7b": (1280, None), "Mixed_7c": (2048, None)}
+
+
+def unit_shapes() -> dict:
+    """{unit name: conv weight shape (out, in, kh, kw)} of all 94 conv units, in forward order."""
+    shapes = {"Conv2d_1a_3x3": (32, 3, 3, 3), "Conv2d_2a_3x3": (32, 32, 3, 3), "Conv2d_2b_3x3": (64, 32, 3, 3),
+              "Conv2d_3b_1x1": (80, 64, 1, 1), "Conv2d_4a_3x3": (192, 80, 3, 3)}
+    for block, kind in BLOCKS:
+        cin, width = BLOCK_WIDTHS[block]
+        for branch, shape in _block_units(kind[0], cin, width).items():
+            shapes[f"{block}.{branch}"] = shape
+    return shapes
+
+
 def fold_batchnorm(state_dict) -> dict:
-    """{unit: (W', b')} from a pytorch-fid state dict (conv.weight + bn.*); fc is ignored."""
+    """{unit: (W', b')} float32 from a pytorch-fid state dict (conv.weight + bn.*), checked against the
+    architecture; other entries (fc, num_batches_tracked) are ignored.
+
+        W' = W * gamma / sqrt(var + eps),   b' = beta - mean * gamma / sqrt(var + eps)   (in float64)
+    """
     units = {}
-    for key in state_dict:
-        if key.endswith(".conv.weight"):
-            unit = key[: -len(".conv.weight")]
-            W = np.asarray(state_dict[key], np.float64)
-            try:
-                g, b = state_dict[f"{unit}.bn.weight"], state_dict[f"{unit}.bn.bias"]
-                m, v = state_dict[f"{unit}.bn.running_mean"], state_dict[f"{unit}.bn.running_var"]
-            except KeyError as exc:
-                raise ValueError(f"Inception weights: {unit} has a conv but no BatchNorm entry {exc}") from None
-            scale = np.asarray(g, np.float64) / np.sqrt(np.asarray(v, np.float64) + BN_EPS)
-            units[unit] = ((W * scale[:, None, None, None]).astype(np.float32),
-                           (np.asarray(b, np.float64) - np.asarray(m, np.float64) * scale).astype(np.float32))
-    have_blocks = {u.split(".")[0] for u in units}
-    missing = [b for b, _ in BLOCKS if b not in have_blocks] + [n for n, s in STEM if s and n not in units]
+    missing = [u for u in unit_shapes() if f"{u}.conv.weight" not in state_dict]
     if missing:
-        raise ValueError(f"Inception weights are missing units: {', '.join(missing)} "
-                         f"(is this {WEIGHTS_PTH}?)")
+        raise ValueError(f"Inception weights are missing {len(missing)} of 94 conv units, e.g. "
+                         f"{', '.join(missing[:4])} (is this pytorch-fid's {WEIGHTS_PTH}?)")
+    for unit, shape in unit_shapes().items():
+        W = np.asarray(state_dict[f"{unit}.conv.weight"], np.float64)
+        if W.shape != shape:
+            raise ValueError(f"Inception weights: {unit}.conv.weight has shape {W.shape}, the FID Inception-v3 "
+                             f"needs {shape} (is this pytorch-fid's {WEIGHTS_PTH}?)")
+        try:
+            g, b = state_dict[f"{unit}.bn.weight"], state_dict[f"{unit}.bn.bias"]
+            m, v = state_dict[f"{unit}.bn.running_mean"], state_dict[f"{unit}.bn.running_var"]
+        except KeyError as exc:
+            raise ValueError(f"Inception weights: {unit} has a conv but no BatchNorm entry {exc}") from None
+        scale = np.asarray(g, np.float64) / np.sqrt(np.asarray(v, np.float64) + BN_EPS)       # (out,)
+        units[unit] = ((W * scale[:, None, None, None]).astype(np.float32),
+                       (np.asarray(b, np.float64) - np.asarray(m, np.float64) * scale).astype(np.float32))
     return units
+
+
+def random_weights(seed: int = 0) -> dict:
+    """A state dict with pytorch-fid's key names and random values, for tests and benchmarks.
+
+    He-normal convolutions keep the signal alive through the ~50 layers; BatchNorm statistics
+    and affine parameters are random too, so BatchNorm folding is exercised.
+    """
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for unit, (o, i, kh, kw) in unit_shapes().items():
+        sd[f"{unit}.conv.weight"] = (rng.standard_normal((o, i, kh, kw)) * np.sqrt(2.0 / (i * kh * kw))).astype(np.float32)
+        sd[f"{unit}.bn.weight"] = rng.uniform(0.8, 1.2, o).astype(np.float32)
+        sd[f"{unit}.bn.bias"] = rng.uniform(-0.1, 0.1, o).astype(np.float32)
+        sd[f"{unit}.bn.running_mean"] = rng.uniform(-0.1, 0.1, o).astype(np.float32)
+        sd[f"{unit}.bn.running_var"] = rng.uniform(0.8, 1.2, o).astype(np.float32)
+        sd[f"{unit}.bn.num_batches_tracked"] = np.array(0, np.int64)
+    sd["fc.weight"] = (rng.standard_normal((1008, FEATURE_DIM)) * 0.01).astype(np.float32)
+    sd["fc.bias"] = np.zeros(1008, np.float32)
+    return sd
 
 
 class InceptionV3FID:
     """Feature extractor: `features(images_0_1)` -> (N, 2048) float64 NumPy."""
 
     def __init__(self, units: dict, xp=None, dtype=np.float32):
+        """units: {unit name: (W' (out, in, kh, kw), b' (out,))} with BatchNorm folded (fold_batchnorm)."""
         xp = xp or backend.get_xp()
         self.xp, self.dtype = xp, np.dtype(dtype)
-        self.units = {k: (xp.asarray(W.astype(dtype)), xp.asarray(b.astype(dtype))) for k, (W, b) in units.items()}
+        for name, shape in unit_shapes().items():
+            if name not in units:
+                raise ValueError(f"Inception weights have no unit {name}: convert the weights again "
+                                 f"(`python cli.py convert-inception {WEIGHTS_PTH}`)")
+            if tuple(units[name][0].shape) != shape or tuple(units[name][1].shape) != shape[:1]:
+                raise ValueError(f"Inception unit {name} has weight/bias shapes {units[name][0].shape}/"
+                                 f"{units[name][1].shape}, the architecture needs {shape}/{shape[:1]}")
+        self.units = {k: (xp.asarray(np.asarray(units[k][0]).astype(dtype)), xp.asarray(np.asarray(units[k][1]).astype(dtype)))
+                      for k in unit_shapes()}
 
     # -- building blocks ---------------------------------------------------
     def unit(self, name, x, k=1, s=1, p=0):
-        """conv (BN folded) -> ReLU."""
+        """conv (BN folded) -> ReLU: x (N, in, H, W) -> (N, out, Ho, Wo). k, p: int or (h, w)."""
         W, b = self.units[name]
-        if W.shape[2:] != _spec(k)[0]:
-            raise ValueError(f"{name}: weight kernel {W.shape[2:]} but the architecture expects {_spec(k)[0]}")
         y, _ = conv2d_forward(x, W, b, s, _spec(k, s, p)[2])
         return self.xp.maximum(y, 0, out=y)
 
@@ -142,13 +215,19 @@ class InceptionV3FID:
         return xp.concatenate([b1, b3, bd, bp], axis=1)
 
     # -- the network -------------------------------------------------------
-    def features(self, images):
-        """images (N, 3, H, W) in [0, 1] (numpy or device array) -> (N, 2048) float64 NumPy."""
+    def features(self, images, chunk: int = 32):
+        """images (N, 3, H, W) in [0, 1] (numpy or device array) -> (N, 2048) float64 NumPy.
+
+        Run `chunk` images at a time: the stem's im2col matrices take ~25 MB per image.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"Inception takes RGB images (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+        if images.shape[0] > chunk:
+            return np.concatenate([self.features(images[i:i + chunk], chunk)
+                                   for i in range(0, images.shape[0], chunk)])
         xp = self.xp
         x = backend.to_device(images, xp).astype(self.dtype, copy=False)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"Inception takes RGB images (N, 3, H, W), got {tuple(x.shape)}")
-        x = resize_bilinear(x, 299, 299) * 2 - 1
+        x = resize_bilinear(x, 299, 299) * 2 - 1                       # (N, 3, 299, 299) in [-1, 1]
         for name, spec in STEM:
             if spec is None:
                 x = max_pool2d(x, 3, 2)
@@ -174,15 +253,18 @@ class InceptionV3FID:
 
 def convert_weights(pth_path: str, h5_path: str | None = None) -> str:
     """Read the pytorch-fid .pth (no torch needed), fold BatchNorm, write HDF5 once."""
-    import h5py
-
     from .torch_reader import load_torch_file
     h5_path = h5_path or os.path.join(DATA_DIR, WEIGHTS_H5)
-    units = fold_batchnorm(load_torch_file(pth_path))
+    return save_units(fold_batchnorm(load_torch_file(pth_path)), h5_path, source=os.path.basename(pth_path))
+
+
+def save_units(units: dict, h5_path: str, source: str = "") -> str:
+    """Folded units {name: (W', b')} -> HDF5 groups name/weight, name/bias (written atomically)."""
+    import h5py
     os.makedirs(os.path.dirname(os.path.abspath(h5_path)), exist_ok=True)
     tmp = h5_path + ".tmp"
     with h5py.File(tmp, "w") as f:
-        f.attrs["source"] = os.path.basename(pth_path)
+        f.attrs["source"] = source
         for name, (W, b) in units.items():
             f[f"{name}/weight"] = W
             f[f"{name}/bias"] = b

@@ -3,8 +3,12 @@
 Reference: the direct definition in float64 (a sum over the 9 kernel offsets).
 v1: per-sample GEMMs, cols (N, C*9, H*W) from one 6-D strided-view copy
     (the project's first version).
-v2: one GEMM with the batch folded in, cols (C*9, N*H*W) filled by 9 slab copies
-    (the library's path, ttfm_np/conv.py).
+v2: one GEMM with the batch folded in, cols (C*9, N*H*W) filled by 9 slab copies;
+    backward dcols = W^T dY then col2im (9 accumulating passes).
+v3: as v2, but dx as the transposed convolution (im2col of dy + one GEMM with
+    the flipped kernel) instead of dcols + col2im, and im2col writing the
+    zero padding into cols instead of padding a copy (the library's path,
+    ttfm_np/conv.py).
 Measured on the small U-Net's 16x16 level (see docs/performance.md).
 """
 import numpy as np
@@ -61,8 +65,22 @@ def v1(inp):
     return y, dxp[:, :, 1:-1, 1:-1], dW, dy3.sum(axis=(0, 2))
 
 
-@registry.version(2, "one GEMM, batch folded in, slab-copy im2col (library)")
+@registry.version(2, "one GEMM, batch folded in, slab-copy im2col, col2im")
 def v2(inp):
+    x, W, b, dy = inp
+    N, C, H, Wd = x.shape
+    O = W.shape[0]
+    cols = conv.im2col_numpy(x, 3, 3, 1, 1)                          # (C*9, N*H*W)
+    Y = W.reshape(O, C * 9) @ cols + b[:, None]
+    y = np.ascontiguousarray(Y.reshape(O, N, H, Wd).transpose(1, 0, 2, 3))
+    dY = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * H * Wd)
+    dW = (dY @ cols.T).reshape(W.shape)
+    dx = conv.col2im_numpy(W.reshape(O, C * 9).T @ dY, x.shape, 3, 3, 1, 1)
+    return y, dx, dW, dY.sum(axis=1)
+
+
+@registry.version(3, "v2 with the transposed-conv backward for dx (library)")
+def v3(inp):
     x, W, b, dy = inp
     y, cache = conv.conv2d_forward(x, W, b, 1, 1)
     dx, dW, db = conv.conv2d_backward(dy, cache)

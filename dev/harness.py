@@ -19,6 +19,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ttfm_np import backend  # noqa: E402
+
+# The library runs with freed arrays kept in the heap (backend.tune_cpu_allocator,
+# called by select_device("cpu")); time the studies under the same allocator.
+backend.tune_cpu_allocator()
 
 
 class Registry:

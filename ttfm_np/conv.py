@@ -45,19 +45,43 @@ def as_pair(padding):
 # im2col / col2im, NumPy (reference) and CuPy (CUDA kernel) paths
 # ----------------------------------------------------------------------------
 
-def im2col_numpy(x, kh: int, kw: int, stride: int, pad):
-    """x (N, C, H, W) -> cols (C*kh*kw, N*Ho*Wo), filled by kh*kw slab copies."""
-    N, C, H, W = x.shape
+def _valid_range(out_size: int, in_size: int, offset: int, stride: int, pad: int):
+    """Output indices i in [lo, hi) whose input index i*stride + offset - pad lies inside [0, in_size)."""
+    lo = max(0, -(-(pad - offset) // stride))                    # ceil((pad - offset) / stride)
+    hi = min(out_size, (in_size - 1 + pad - offset) // stride + 1)
+    return lo, max(lo, hi)
+
+
+def im2col_cnhw_numpy(xt, kh: int, kw: int, stride: int, pad):
+    """xt (C, N, H, W), channel-major (a transposed view is fine) -> cols (C*kh*kw, N*Ho*Wo).
+
+    kh*kw slab copies straight from xt; the zero padding is written into the
+    border strips of cols instead of padding a copy of the input first.
+    """
+    C, N, H, W = xt.shape
     ph, pw = as_pair(pad)
     Ho, Wo = conv_output_size(H, kh, stride, ph), conv_output_size(W, kw, stride, pw)
-    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
-    xt = xpad.transpose(1, 0, 2, 3)                              # (C, N, Hp, Wp), a view
-    cols = np.empty((C, kh, kw, N, Ho, Wo), dtype=x.dtype)
+    cols = np.empty((C, kh, kw, N, Ho, Wo), dtype=xt.dtype)
     for p in range(kh):
+        i0, i1 = _valid_range(Ho, H, p, stride, ph)
         for q in range(kw):
-            # cols[c, p, q, n, i, j] = xpad[n, c, p + i*stride, q + j*stride]
-            cols[:, p, q] = xt[:, :, p:p + stride * (Ho - 1) + 1:stride, q:q + stride * (Wo - 1) + 1:stride]
+            j0, j1 = _valid_range(Wo, W, q, stride, pw)
+            dst = cols[:, p, q]                                  # (C, N, Ho, Wo)
+            dst[:, :, :i0] = 0
+            dst[:, :, i1:] = 0
+            dst[:, :, i0:i1, :j0] = 0
+            dst[:, :, i0:i1, j1:] = 0
+            if i1 > i0 and j1 > j0:
+                # cols[c, p, q, n, i, j] = x[n, c, i*stride + p - ph, j*stride + q - pw]
+                r0, c0 = i0 * stride + p - ph, j0 * stride + q - pw
+                dst[:, :, i0:i1, j0:j1] = xt[:, :, r0:r0 + stride * (i1 - i0 - 1) + 1:stride,
+                                             c0:c0 + stride * (j1 - j0 - 1) + 1:stride]
     return cols.reshape(C * kh * kw, N * Ho * Wo)
+
+
+def im2col_numpy(x, kh: int, kw: int, stride: int, pad):
+    """x (N, C, H, W) -> cols (C*kh*kw, N*Ho*Wo), filled by kh*kw slab copies."""
+    return im2col_cnhw_numpy(x.transpose(1, 0, 2, 3), kh, kw, stride, pad)
 
 
 def col2im_numpy(dcols, x_shape, kh: int, kw: int, stride: int, pad):
@@ -65,7 +89,9 @@ def col2im_numpy(dcols, x_shape, kh: int, kw: int, stride: int, pad):
 
     Every cols entry was a copy of one xpad entry, so the gradient of xpad is
     the sum of the dcols entries that copied it. Loop over the kh*kw kernel
-    offsets (9 for a 3x3 conv), never over pixels.
+    offsets (9 for a 3x3 conv), never over pixels. (conv2d_backward uses this
+    only for strided convolutions; stride 1 goes through the transposed
+    convolution, which is faster on the CPU.)
     """
     N, C, H, W = x_shape
     ph, pw = as_pair(pad)
@@ -154,21 +180,40 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
     return y, cache
 
 
+def _transposed_conv_applies(kh, kw, stride, padding):
+    """dx of a stride-1 conv is itself a stride-1 conv of dy (see conv2d_backward)."""
+    ph, pw = as_pair(padding)
+    return stride == 1 and ph <= kh - 1 and pw <= kw - 1
+
+
 def conv2d_backward(dy, cache):
     """dy (N, O, Ho, Wo) -> dx (N, C, H, W), dW (O, C, kh, kw), db (O,) or None."""
     cols, W, x_shape, stride, padding, has_bias = cache
     xp = backend.array_module(dy)
     N, O, Ho, Wo = dy.shape
     _, C, kh, kw = W.shape
+    H, Wd = x_shape[2:]
     dY = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * Ho * Wo)
     # Y = Wm @ cols   =>  dWm = dY @ cols^T   (one GEMM over all samples and pixels)
     dWm = dY @ cols.T
     # Y += b          =>  db = sum of dY over samples and pixels
     db = dY.sum(axis=1) if has_bias else None
-    # Y = Wm @ cols   =>  dcols = Wm^T @ dY
-    dcols = W.reshape(O, C * kh * kw).T @ dY          # (C*kh*kw, N*Ho*Wo)
     if _is_pointwise(kh, kw, stride, padding):
-        dx = xp.ascontiguousarray(dcols.reshape(C, N, Ho, Wo).transpose(1, 0, 2, 3))
+        # Y = Wm @ x  =>  dx = Wm^T @ dY
+        dX = W.reshape(O, C).T @ dY
+    elif _transposed_conv_applies(kh, kw, stride, padding) and not backend.is_cupy(xp):
+        # y[n,o,i,j] = sum_{c,p,q} W[o,c,p,q] x[n,c,i+p-ph,j+q-pw]  =>
+        # dx[n,c,a,b] = sum_{o,p',q'} Wf[c,o,p',q'] dy[n,o,a+p'-ph',b+q'-pw'],
+        # Wf[c,o,p',q'] = W[o,c,kh-1-p',kw-1-q'],  ph' = kh-1-ph, pw' = kw-1-pw:
+        # a stride-1 conv of dy with the flipped, transposed kernel. im2col of dy and
+        # one GEMM replace the GEMM into dcols plus col2im's kh*kw accumulating passes.
+        Wf = xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, O * kh * kw)
+        ph, pw = as_pair(padding)
+        dy_cols = im2col_cnhw_numpy(dY.reshape(O, N, Ho, Wo), kh, kw, 1, (kh - 1 - ph, kw - 1 - pw))
+        dX = Wf @ dy_cols                                # (C, N*H*W)
     else:
-        dx = col2im(dcols, x_shape, kh, kw, stride, padding)
+        # Y = Wm @ cols   =>  dcols = Wm^T @ dY, then gather back to pixels (col2im)
+        dcols = W.reshape(O, C * kh * kw).T @ dY         # (C*kh*kw, N*Ho*Wo)
+        return col2im(dcols, x_shape, kh, kw, stride, padding), dWm.reshape(W.shape), db
+    dx = xp.ascontiguousarray(dX.reshape(C, N, H, Wd).transpose(1, 0, 2, 3))
     return dx, dWm.reshape(W.shape), db

@@ -35,42 +35,74 @@ def _check(x, gamma, groups):
 # NumPy (reference) path
 # ----------------------------------------------------------------------------
 
+def _per_channel(a_ng, channels_per_group: int):
+    """(N, G) group statistic -> (N, C), repeated over each group's channels."""
+    return np.repeat(a_ng, channels_per_group, axis=1)
+
+
 def groupnorm_forward_numpy(x, gamma, beta, groups: int, eps: float = 1e-5, silu: bool = False):
+    """Per-(n, c) coefficients, so every pass over the activation is one fused
+    multiply-add in place (dev/groupnorm.py v3; v2 is the formulas as read)."""
     N, C = x.shape[:2]
-    xg = x.reshape(N, groups, -1)                        # (N, G, C/G * HW)
-    mean = xg.mean(axis=2)                               # (N, G)
-    var = xg.var(axis=2)                                 # centred, not E[x^2] - E[x]^2
-    rstd = 1.0 / np.sqrt(var + eps)                      # (N, G)
-    xhat = ((xg - mean[..., None]) * rstd[..., None]).reshape(x.shape)
-    bshape = (1, C) + (1,) * (x.ndim - 2)
-    z = xhat * gamma.reshape(bshape) + beta.reshape(bshape)
-    y = z * sigmoid(z) if silu else z
-    return y, (mean.astype(x.dtype), rstd.astype(x.dtype))
+    cg = C // groups
+    x3 = x.reshape(N, C, -1)                                       # (N, C, HW)
+    K = cg * x3.shape[2]                                           # entries per group
+    mean = x3.sum(axis=2).reshape(N, groups, cg).sum(axis=2) / K   # (N, G)
+    z = x3 - _per_channel(mean, cg)[:, :, None]                    # x - mu, (N, C, HW)
+    # var = mean((x - mu)^2): centred (not E[x^2] - mu^2), the square summed by einsum without a temporary
+    var = np.einsum("nck,nck->nc", z, z).reshape(N, groups, cg).sum(axis=2) / K
+    rstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)              # (N, G)
+    # z = gamma * (x - mu) * rstd + beta  =  (x - mu) * [rstd gamma] + beta
+    z *= (_per_channel(rstd, cg) * gamma)[:, :, None]
+    z += beta[:, None]
+    if silu:                                                       # y = z * sigmoid(z)
+        y = sigmoid(z)
+        y *= z
+    else:
+        y = z
+    return y.reshape(x.shape), (mean.astype(x.dtype), rstd)
 
 
 def groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups: int, silu: bool):
     N, C = x.shape[:2]
-    bshape = (1, C) + (1,) * (x.ndim - 2)
-    reduce_axes = (0,) + tuple(range(2, x.ndim))
-    xg = x.reshape(N, groups, -1)
-    xhat = ((xg - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    cg = C // groups
+    x3, dy3 = x.reshape(N, C, -1), dy.reshape(N, C, -1)            # (N, C, HW)
+    K = cg * x3.shape[2]
+    rstd_c = _per_channel(rstd, cg)                                # (N, C)
+    # xhat = (x - mu) * rstd = x * rstd - mu * rstd      (recomputed: one pass)
+    xhat = x3 * rstd_c[:, :, None]
+    xhat -= (_per_channel(mean, cg) * rstd_c)[:, :, None]
     if silu:
-        # y = z * s(z)  =>  dz = dy * s (1 + z (1 - s))
-        z = xhat * gamma.reshape(bshape) + beta.reshape(bshape)
+        # y = z * s(z), z = gamma xhat + beta  =>  dz = dy * s (1 + z (1 - s))
+        z = xhat * gamma[:, None]
+        z += beta[:, None]
         s = sigmoid(z)
-        dz = dy * (s * (1.0 + z * (1.0 - s)))
+        dz = np.subtract(1.0, s, dtype=s.dtype)                    # 1 - s
+        dz *= z
+        dz += 1.0
+        dz *= s
+        dz *= dy3
+        del z, s
     else:
-        dz = dy
-    # z = gamma * xhat + beta  =>  dgamma = sum dz * xhat, dbeta = sum dz
-    dgamma = (dz * xhat).sum(axis=reduce_axes)
-    dbeta = dz.sum(axis=reduce_axes)
-    # xhat = (x - mu) * rstd, with mu and rstd functions of the whole group:
-    #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-    dxhat = (dz * gamma.reshape(bshape)).reshape(N, groups, -1)
-    xhat_g = xhat.reshape(N, groups, -1)
-    m1 = dxhat.mean(axis=2, keepdims=True)
-    m2 = (dxhat * xhat_g).mean(axis=2, keepdims=True)
-    dx = rstd[..., None] * (dxhat - m1 - xhat_g * m2)
+        dz = dy3
+    # z = gamma * xhat + beta  =>  dgamma = sum dz * xhat, dbeta = sum dz   (per (n, c) first)
+    S1 = dz.sum(axis=2)                                            # (N, C)
+    S2 = np.einsum("nck,nck->nc", dz, xhat)                        # (N, C)
+    dgamma, dbeta = S2.sum(axis=0), S1.sum(axis=0)
+    # xhat = (x - mu) * rstd, mu and rstd functions of the whole group; with dxhat = gamma dz:
+    #   dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat))
+    #      = A dz + B xhat + D,   A = rstd gamma,  B = -rstd m2,  D = -rstd m1   (per (n, c))
+    m1 = (S1 * gamma).reshape(N, groups, cg).sum(axis=2) / K       # mean_g(dxhat), (N, G)
+    m2 = (S2 * gamma).reshape(N, groups, cg).sum(axis=2) / K       # mean_g(dxhat * xhat)
+    A = (rstd_c * gamma)[:, :, None]
+    if dz is dy3:
+        dx = dz * A                                                # never write into the caller's dy
+    else:
+        dx = dz
+        dx *= A
+    xhat *= (-rstd_c * _per_channel(m2, cg))[:, :, None]
+    dx += xhat
+    dx += (-rstd_c * _per_channel(m1, cg))[:, :, None]
     return dx.reshape(x.shape), dgamma, dbeta
 
 

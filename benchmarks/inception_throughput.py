@@ -18,11 +18,11 @@ import sys
 import time
 
 import click
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from ttfm_np import backend, inception  # noqa: E402
+import numpy as np  # noqa: E402  (after ttfm_np, which picks the OpenBLAS kernels first: ttfm_np/blas.py)
 
 
 def _median_time(fn, iters, sync=lambda: None):

@@ -5,11 +5,16 @@ against the identical PyTorch network measured in the same run.
     python benchmarks/unet_step.py --against torch       # + PyTorch eager, ratio ours/torch
     python benchmarks/unet_step.py --model mlp --batch 4096 --against torch
     python benchmarks/unet_step.py --json results.jsonl  # append one JSON line per run
+    python benchmarks/scaling.py                         # batch and resolution sweeps, peak memory
 
 Reported: median seconds per step over --iters timed steps (after --warmup),
 the analytic GEMM FLOPs of one step (2*M*N*K per matrix product; backward =
-2x forward), the achieved GFLOP/s, and the SGEMM GFLOP/s NumPy reaches on
-this machine (a 2048^3 product) as the practical peak.
+2x forward), the achieved GFLOP/s, the SGEMM GFLOP/s NumPy reaches on
+this machine (a 2048^3 product) as the practical peak, the OpenBLAS kernel
+set in use (ttfm_np/blas.py), and the memory of a step: on the CPU the growth
+of the process's peak resident set over the timed steps (so an implementation
+timed second in the same process shows none: scaling.py runs each in its own
+process), on the GPU the CuPy pool's bytes or torch.cuda.max_memory_allocated.
 """
 from __future__ import annotations
 
@@ -21,10 +26,10 @@ import sys
 import time
 
 import click
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ttfm_np import backend, flow, model, optim  # noqa: E402
+from ttfm_np import backend, blas, flow, model, optim  # noqa: E402
+import numpy as np  # noqa: E402  (after ttfm_np, which picks the OpenBLAS kernels first: ttfm_np/blas.py)
 from ttfm_np.unet import layout  # noqa: E402
 
 
@@ -70,6 +75,36 @@ def sgemm_peak(xp, n: int = 2048, reps: int = 3) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+def _status_kib(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now, after resetting the peak to it (Linux; 0 elsewhere).
+
+    Writing 5 to /proc/self/clear_refs resets VmHWM (the peak RSS) to the
+    current RSS, so peak_rss_bytes() afterwards sees only what follows.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size (VmHWM) since the last rss_bytes() call."""
+    return _status_kib("VmHWM") * 1024
+
+
 def time_ours(cfg, batch, warmup, iters, xp):
     p = {k: xp.asarray(v) for k, v in model.init_model(cfg, 0).items()}
     st = optim.adam_init(p)
@@ -80,6 +115,7 @@ def time_ours(cfg, batch, warmup, iters, xp):
     t = xp.asarray(rng.random(batch).astype(np.float32))
     xt = flow.interpolate(x0, x1, t)
     times = []
+    rss0 = rss_bytes()
     for i in range(warmup + iters):
         t0 = time.perf_counter()
         v, cache = model.model_forward(p, cfg, xt, t)
@@ -90,7 +126,12 @@ def time_ours(cfg, batch, warmup, iters, xp):
             xp.cuda.Device().synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        del v, cache, dv, g
+    if backend.is_cupy(xp):
+        mem = xp.get_default_memory_pool().total_bytes()   # the pool holds the step's peak
+    else:
+        mem = peak_rss_bytes() - rss0                       # growth of the peak RSS over the steps
+    return statistics.median(times), mem
 
 
 def time_torch(cfg, batch, warmup, iters, device):
@@ -105,6 +146,7 @@ def time_torch(cfg, batch, warmup, iters, device):
     t = torch.rand(batch, device=device)
     xt = (1 - t.view(-1, *[1] * (len(shape) - 1))) * x0 + t.view(-1, *[1] * (len(shape) - 1)) * x1
     times = []
+    rss0 = rss_bytes()
     for i in range(warmup + iters):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -115,7 +157,9 @@ def time_torch(cfg, batch, warmup, iters, device):
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        del loss
+    mem = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes() - rss0
+    return statistics.median(times), mem
 
 
 @click.command(context_settings={"show_default": True})
@@ -126,9 +170,12 @@ def time_torch(cfg, batch, warmup, iters, device):
 @click.option("--warmup", type=click.IntRange(0), default=2)
 @click.option("--iters", type=click.IntRange(1), default=5)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu")
-@click.option("--against", type=click.Choice(["none", "torch"]), default="none")
+@click.option("--against", type=click.Choice(["none", "torch"]), default="none",
+              help="also time the identical PyTorch network in this run")
+@click.option("--torch-only", is_flag=True, help="time only PyTorch (benchmarks/scaling.py measures each "
+              "implementation's memory in a process of its own)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="append a JSON line here")
-def main(model_name, batch, resolution, channels, warmup, iters, device, against, json_out):
+def main(model_name, batch, resolution, channels, warmup, iters, device, against, torch_only, json_out):
     xp = backend.select_device(device)
     if model_name == "mlp":
         batch = batch or 4096
@@ -138,23 +185,33 @@ def main(model_name, batch, resolution, channels, warmup, iters, device, against
         cfg = model.make_config(model_name, (channels, resolution, resolution))
     n_params = sum(v.size for v in model.init_model(cfg, 0).values())
     flops = 3 * forward_flops(cfg, batch)
-    peak = sgemm_peak(xp)
-    ours = time_ours(cfg, batch, warmup, iters, xp)
     rec = dict(model=model_name, batch=batch, resolution=resolution if model_name != "mlp" else None,
-               params=int(n_params), device=device, step_gflop=flops / 1e9, ours_s=ours,
-               ours_gflops=flops / ours / 1e9, sgemm_peak_gflops=peak, machine=platform.processor() or platform.machine(),
-               threads=os.cpu_count())
+               params=int(n_params), device=device, step_gflop=flops / 1e9,
+               machine=platform.processor() or platform.machine(), threads=os.cpu_count())
     click.echo(f"{model_name} ({n_params:,} params), batch {batch}, {device}: step = {flops / 1e9:.1f} GFLOP")
-    click.echo(f"  SGEMM peak on this machine: {peak:.0f} GFLOP/s")
-    click.echo(f"  ttfm_np: {ours:.3f} s/step  ({flops / ours / 1e9:.0f} GFLOP/s, {flops / ours / 1e9 / peak:.0%} of SGEMM peak)")
-    if against == "torch":
+    if not torch_only:
+        ours, ours_mem = time_ours(cfg, batch, warmup, iters, xp)   # first: freed buffers would hide memory
+        peak = sgemm_peak(xp)
+        rec.update(ours_s=ours, ours_gflops=flops / ours / 1e9, sgemm_peak_gflops=peak, ours_step_mem_bytes=ours_mem,
+                   openblas_kernels=None if backend.is_cupy(xp) else blas.kernel_set())
+        if not backend.is_cupy(xp):
+            click.echo(f"  OpenBLAS kernels: {rec['openblas_kernels']} (ttfm_np/blas.py)")
+        click.echo(f"  SGEMM peak on this machine: {peak:.0f} GFLOP/s")
+        click.echo(f"  ttfm_np: {ours:.3f} s/step  ({flops / ours / 1e9:.0f} GFLOP/s, {flops / ours / 1e9 / peak:.0%} "
+                   f"of SGEMM peak), step memory {ours_mem / 2**20:.0f} MiB")
+    if against == "torch" or torch_only:
         import torch
         tdev = "cuda" if device == "gpu" else "cpu"
-        theirs = time_torch(cfg, batch, warmup, iters, tdev)
+        theirs, torch_mem = time_torch(cfg, batch, warmup, iters, tdev)
+        if tdev == "cpu" and not torch_only:
+            torch_mem = None        # our steps already raised this process's peak RSS: not measurable here
         rec.update(torch_s=theirs, torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
-                   ratio_ours_over_torch=ours / theirs)
-        click.echo(f"  torch {torch.__version__} eager: {theirs:.3f} s/step  ({flops / theirs / 1e9:.0f} GFLOP/s)")
-        click.echo(f"  ratio ours/torch = {ours / theirs:.2f}x  (below 1 = ttfm_np faster)")
+                   torch_step_mem_bytes=torch_mem)
+        mem_text = "" if torch_mem is None else f", step memory {torch_mem / 2**20:.0f} MiB"
+        click.echo(f"  torch {torch.__version__} eager: {theirs:.3f} s/step  ({flops / theirs / 1e9:.0f} GFLOP/s){mem_text}")
+        if not torch_only:
+            rec["ratio_ours_over_torch"] = ours / theirs
+            click.echo(f"  ratio ours/torch = {ours / theirs:.2f}x  (below 1 = ttfm_np faster)")
     if json_out:
         with open(json_out, "a") as f:
             f.write(json.dumps(rec) + "\n")

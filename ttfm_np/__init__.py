@@ -15,3 +15,8 @@ resample, dropout, embedding, resblock, unet, mlp, model, optim, ckpt, data,
 flow, train, ttfm, losses, inception, fid.
 """
 __version__ = "0.1.0"
+
+# Must run before anything imports numpy: it picks NumPy's OpenBLAS kernels (see blas.py).
+from .blas import prefer_measured_kernels as _prefer_measured_kernels
+
+_prefer_measured_kernels()

@@ -194,8 +194,9 @@ def conv2d_backward(dy, cache):
     _, C, kh, kw = W.shape
     H, Wd = x_shape[2:]
     dY = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * Ho * Wo)
-    # Y = Wm @ cols   =>  dWm = dY @ cols^T   (one GEMM over all samples and pixels)
-    dWm = dY @ cols.T
+    # Y = Wm @ cols   =>  dWm = dY @ cols^T   (one GEMM over all samples and pixels), computed as
+    # (cols @ dY^T)^T: OpenBLAS runs that orientation 10-35% faster here (docs/performance.md)
+    dWm = (cols @ dY.T).T
     # Y += b          =>  db = sum of dY over samples and pixels
     db = dY.sum(axis=1) if has_bias else None
     if _is_pointwise(kh, kw, stride, padding):

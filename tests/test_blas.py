@@ -1,0 +1,38 @@
+"""blas.py: the OpenBLAS kernel choice is made only where it was measured, never over the user's."""
+import os
+import subprocess
+import sys
+
+from ttfm_np import blas
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_preferred_coretype_only_for_amd_with_avx512():
+    assert blas.preferred_coretype("AuthenticAMD", {"avx2", "avx512f"}) == "Haswell"
+    assert blas.preferred_coretype("AuthenticAMD", {"avx2"}) is None            # Zen 1-3: OpenBLAS's choice
+    assert blas.preferred_coretype("GenuineIntel", {"avx2", "avx512f"}) is None
+    assert blas.preferred_coretype("", set()) is None
+
+
+def _run(code, **env):
+    e = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    e.update(env)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_import_sets_the_choice_before_numpy_loads():
+    expected = blas.preferred_coretype(*blas._cpu_info()) or "unset"
+    out = _run("import os, ttfm_np, numpy; print(os.environ.get('OPENBLAS_CORETYPE', 'unset'))")
+    assert out == expected
+
+
+def test_user_setting_wins_and_numpy_first_changes_nothing():
+    assert _run("import os, ttfm_np; print(os.environ['OPENBLAS_CORETYPE'])", OPENBLAS_CORETYPE="Zen") == "Zen"
+    assert _run("import os, numpy, ttfm_np; print(os.environ.get('OPENBLAS_CORETYPE', 'unset'))") == "unset"
+
+
+def test_kernel_set_names_the_running_kernels():
+    out = _run("import ttfm_np.blas as b; print(b.kernel_set())", OPENBLAS_CORETYPE="Haswell")
+    assert out in ("Haswell", "unknown")      # 'unknown' only where NumPy bundles no OpenBLAS

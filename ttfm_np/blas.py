@@ -1,0 +1,86 @@
+"""Which OpenBLAS kernels NumPy's matrix products run on the CPU.
+
+Almost all of a U-Net step on the CPU is SGEMM (conv2d.py folds every
+convolution into one matrix product). NumPy's wheels bundle OpenBLAS built
+with DYNAMIC_ARCH: when NumPy loads it, OpenBLAS picks a kernel set from the
+CPU, and on any AVX-512 CPU that is `SkylakeX`. On the AMD EPYC (Zen 4) CPUs
+this project is developed and tested on, the SkylakeX SGEMM kernels are much
+slower than the AVX2 `Haswell` ones for the skinny products convolutions make
+(64 output channels x 576 x 32768 pixels: 120 vs 173 GFLOP/s), although a
+square 2048^3 product runs about as fast with either; the whole `small` U-Net
+step drops from 3.2 s to 2.65 s (docs/performance.md has the commands).
+
+OpenBLAS reads its choice from the environment variable OPENBLAS_CORETYPE
+once, when the library is loaded, i.e. when numpy is first imported. So
+`ttfm_np/__init__.py` calls `prefer_measured_kernels()` before anything
+imports numpy. Rules, in order:
+
+* OPENBLAS_CORETYPE already set (by you): left alone. Set it to SkylakeX to
+  get OpenBLAS's own choice back.
+* numpy already imported: too late, nothing is changed (`kernel_set()` tells
+  which kernels are in use; import ttfm_np first to get the tuned choice).
+* an AMD CPU with AVX-512: OPENBLAS_CORETYPE=Haswell. Every other CPU keeps
+  OpenBLAS's own choice (not measured here, so not changed).
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+CORETYPE_ENV = "OPENBLAS_CORETYPE"
+
+
+def _cpu_info() -> tuple[str, set]:
+    """(vendor id, set of flags) from /proc/cpuinfo; ('', set()) where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read(1 << 16)
+    except OSError:
+        return "", set()
+    vendor, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "vendor_id" and not vendor:
+            vendor = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+        if vendor and flags:
+            break
+    return vendor, flags
+
+
+def preferred_coretype(vendor: str, flags: set) -> str | None:
+    """The OpenBLAS kernel set to ask for on this CPU, or None for OpenBLAS's own choice."""
+    if vendor == "AuthenticAMD" and "avx512f" in flags and "avx2" in flags:
+        return "Haswell"
+    return None
+
+
+def prefer_measured_kernels() -> str | None:
+    """Set OPENBLAS_CORETYPE before numpy loads OpenBLAS (see the module doc). Returns what was set."""
+    if CORETYPE_ENV in os.environ or "numpy" in sys.modules:
+        return None
+    choice = preferred_coretype(*_cpu_info())
+    if choice is not None:
+        os.environ[CORETYPE_ENV] = choice
+    return choice
+
+
+def kernel_set() -> str:
+    """The kernel set NumPy's bundled OpenBLAS is running (e.g. 'Haswell'), or 'unknown'."""
+    import numpy as np
+    libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return "unknown"

@@ -7,8 +7,10 @@ v2: one GEMM with the batch folded in, cols (C*9, N*H*W) filled by 9 slab copies
     backward dcols = W^T dY then col2im (9 accumulating passes).
 v3: as v2, but dx as the transposed convolution (im2col of dy + one GEMM with
     the flipped kernel) instead of dcols + col2im, and im2col writing the
-    zero padding into cols instead of padding a copy (the library's path,
-    ttfm_np/conv.py).
+    zero padding into cols instead of padding a copy.
+v4: as v3, and dW from the same im2col of dy against the channel-major input,
+    so the forward keeps x (1x) instead of cols (9x the activation) for the
+    backward: less memory and memory traffic (the library's path, ttfm_np/conv.py).
 Measured on the small U-Net's 16x16 level (see docs/performance.md).
 """
 import numpy as np
@@ -79,8 +81,24 @@ def v2(inp):
     return y, dx, dW, dY.sum(axis=1)
 
 
-@registry.version(3, "v2 with the transposed-conv backward for dx (library)")
+@registry.version(3, "v2 with the transposed-conv backward for dx")
 def v3(inp):
+    x, W, b, dy = inp
+    N, C, H, Wd = x.shape
+    O = W.shape[0]
+    cols = conv.im2col_numpy(x, 3, 3, 1, 1)
+    Y = W.reshape(O, C * 9) @ cols + b[:, None]
+    y = np.ascontiguousarray(Y.reshape(O, N, H, Wd).transpose(1, 0, 2, 3))
+    dY = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * H * Wd)
+    dW = (cols @ dY.T).T.reshape(W.shape)
+    dy_cols = conv.im2col_cnhw_numpy(dY.reshape(O, N, H, Wd), 3, 3, 1, 1)     # pad 3 - 1 - 1 = 1
+    Wf = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, O * 9)
+    dx = np.ascontiguousarray((Wf @ dy_cols).reshape(C, N, H, Wd).transpose(1, 0, 2, 3))
+    return y, dx, dW, dY.sum(axis=1)
+
+
+@registry.version(4, "v3, dW from the im2col of dy: x cached, not cols (library)")
+def v4(inp):
     x, W, b, dy = inp
     y, cache = conv.conv2d_forward(x, W, b, 1, 1)
     dx, dW, db = conv.conv2d_backward(dy, cache)

@@ -159,8 +159,20 @@ def _is_pointwise(kh, kw, stride, padding):
     return kh == 1 and kw == 1 and stride == 1 and as_pair(padding) == (0, 0)
 
 
+def _uses_transposed_backward(xp, kh, kw, stride, padding):
+    """NumPy, stride 1, padding < kernel: backward through the transposed convolution (conv2d_backward)."""
+    ph, pw = as_pair(padding)
+    return (not backend.is_cupy(xp) and not _is_pointwise(kh, kw, stride, padding)
+            and stride == 1 and ph <= kh - 1 and pw <= kw - 1)
+
+
 def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
-    """x (N, C, H, W), W (O, C, kh, kw), b (O,) -> y (N, O, Ho, Wo), cache. padding: p or (ph, pw)."""
+    """x (N, C, H, W), W (O, C, kh, kw), b (O,) -> y (N, O, Ho, Wo), cache. padding: p or (ph, pw).
+
+    The cache holds what the backward needs: cols (C*kh*kw, N*Ho*Wo) for the
+    im2col/col2im backward, or, for the transposed-convolution backward, only
+    the channel-major input xc (C, N*H*W): 1x the activation instead of kh*kw x.
+    """
     xp = backend.array_module(x)
     N, C, H, Wd = x.shape
     O, Cw, kh, kw = W.shape
@@ -168,53 +180,57 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
         raise ValueError(f"conv2d: input has {C} channels but the weight expects {Cw} (weight shape {W.shape})")
     ph, pw = as_pair(padding)
     Ho, Wo = conv_output_size(H, kh, stride, ph), conv_output_size(Wd, kw, stride, pw)
-    if _is_pointwise(kh, kw, stride, padding):
-        cols = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(C, N * H * Wd)   # 1x1: no im2col
+    transposed = _uses_transposed_backward(xp, kh, kw, stride, padding)
+    if _is_pointwise(kh, kw, stride, padding) or transposed:
+        xc = xp.ascontiguousarray(x.transpose(1, 0, 2, 3))          # (C, N, H, W)
+        cols = xc.reshape(C, N * H * Wd) if kh == kw == 1 else im2col_cnhw_numpy(xc, kh, kw, stride, padding)
     else:
-        cols = im2col(x, kh, kw, stride, padding)     # (C*kh*kw, N*Ho*Wo)
+        xc, cols = None, im2col(x, kh, kw, stride, padding)          # (C*kh*kw, N*Ho*Wo)
     Y = W.reshape(O, C * kh * kw) @ cols              # (O, N*Ho*Wo): one GEMM
     if b is not None:
         Y += b[:, None]
     y = xp.ascontiguousarray(Y.reshape(O, N, Ho, Wo).transpose(1, 0, 2, 3))
-    cache = (cols, W, x.shape, stride, padding, b is not None)
+    saved = xc.reshape(C, N * H * Wd) if transposed else cols
+    cache = (saved, W, x.shape, stride, padding, b is not None)
     return y, cache
-
-
-def _transposed_conv_applies(kh, kw, stride, padding):
-    """dx of a stride-1 conv is itself a stride-1 conv of dy (see conv2d_backward)."""
-    ph, pw = as_pair(padding)
-    return stride == 1 and ph <= kh - 1 and pw <= kw - 1
 
 
 def conv2d_backward(dy, cache):
     """dy (N, O, Ho, Wo) -> dx (N, C, H, W), dW (O, C, kh, kw), db (O,) or None."""
-    cols, W, x_shape, stride, padding, has_bias = cache
+    saved, W, x_shape, stride, padding, has_bias = cache
     xp = backend.array_module(dy)
     N, O, Ho, Wo = dy.shape
     _, C, kh, kw = W.shape
     H, Wd = x_shape[2:]
     dY = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * Ho * Wo)
-    # Y = Wm @ cols   =>  dWm = dY @ cols^T   (one GEMM over all samples and pixels), computed as
-    # (cols @ dY^T)^T: OpenBLAS runs that orientation 10-35% faster here (docs/performance.md)
-    dWm = (cols @ dY.T).T
     # Y += b          =>  db = sum of dY over samples and pixels
     db = dY.sum(axis=1) if has_bias else None
-    if _is_pointwise(kh, kw, stride, padding):
-        # Y = Wm @ x  =>  dx = Wm^T @ dY
-        dX = W.reshape(O, C).T @ dY
-    elif _transposed_conv_applies(kh, kw, stride, padding) and not backend.is_cupy(xp):
+    if _uses_transposed_backward(xp, kh, kw, stride, padding):
         # y[n,o,i,j] = sum_{c,p,q} W[o,c,p,q] x[n,c,i+p-ph,j+q-pw]  =>
         # dx[n,c,a,b] = sum_{o,p',q'} Wf[c,o,p',q'] dy[n,o,a+p'-ph',b+q'-pw'],
         # Wf[c,o,p',q'] = W[o,c,kh-1-p',kw-1-q'],  ph' = kh-1-ph, pw' = kw-1-pw:
-        # a stride-1 conv of dy with the flipped, transposed kernel. im2col of dy and
-        # one GEMM replace the GEMM into dcols plus col2im's kh*kw accumulating passes.
-        Wf = xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, O * kh * kw)
+        # a stride-1 conv of dy with the flipped, transposed kernel. Its im2col,
+        #   dy_cols[(o,p',q'), (n,a,b)] = dy[n,o,a+p'-ph',b+q'-pw']      (O*kh*kw, N*H*W),
+        # serves dx AND dW, so the forward kept only x (xc), not its kh*kw-times larger cols.
+        xc = saved                                       # (C, N*H*W)
         ph, pw = as_pair(padding)
         dy_cols = im2col_cnhw_numpy(dY.reshape(O, N, Ho, Wo), kh, kw, 1, (kh - 1 - ph, kw - 1 - pw))
+        Wf = xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, O * kh * kw)
         dX = Wf @ dy_cols                                # (C, N*H*W)
+        # dW[o,c,p,q] = sum_{n,i,j} dy[n,o,i,j] x[n,c,i+p-ph,j+q-pw] = sum_{n,a,b} dy_cols[(o,kh-1-p,kw-1-q),(n,a,b)] x[n,c,a,b]
+        dWf = dy_cols @ xc.T                             # (O*kh*kw, C), rows (o, p', q')
+        dW = dWf.reshape(O, kh, kw, C)[:, ::-1, ::-1, :].transpose(0, 3, 1, 2)
     else:
-        # Y = Wm @ cols   =>  dcols = Wm^T @ dY, then gather back to pixels (col2im)
-        dcols = W.reshape(O, C * kh * kw).T @ dY         # (C*kh*kw, N*Ho*Wo)
-        return col2im(dcols, x_shape, kh, kw, stride, padding), dWm.reshape(W.shape), db
+        cols = saved
+        # Y = Wm @ cols   =>  dWm = dY @ cols^T   (one GEMM over all samples and pixels), computed as
+        # (cols @ dY^T)^T: OpenBLAS runs that orientation 10-35% faster here (docs/performance.md)
+        dW = (cols @ dY.T).T.reshape(W.shape)
+        if _is_pointwise(kh, kw, stride, padding):
+            # Y = Wm @ x  =>  dx = Wm^T @ dY
+            dX = W.reshape(O, C).T @ dY
+        else:
+            # Y = Wm @ cols   =>  dcols = Wm^T @ dY, then gather back to pixels (col2im)
+            dcols = W.reshape(O, C * kh * kw).T @ dY     # (C*kh*kw, N*Ho*Wo)
+            return col2im(dcols, x_shape, kh, kw, stride, padding), dW, db
     dx = xp.ascontiguousarray(dX.reshape(C, N, H, Wd).transpose(1, 0, 2, 3))
-    return dx, dWm.reshape(W.shape), db
+    return dx, xp.ascontiguousarray(dW), db

@@ -318,7 +318,8 @@ def _evaluate(teacher_path, student_path, steps, n, n_ref, out, seed, data_dir, 
     if data.startswith("toy:"):
         heldout = _load_data(data, data_dir, split="test", n=n).data
     z = tm.noise(n, seed)
-    rows, samples = evaluate.flow_map_table(tm, sm, z, steps, n_ref=n_ref, heldout=heldout)
+    rows, samples = evaluate.flow_map_table(tm, sm, z, steps, n_ref=n_ref, heldout=heldout,
+                                            cache_dir=os.path.join(os.path.dirname(tm.path), "reference_cache"))
     click.echo(evaluate.format_table(rows))
     paths = evaluate.write_outputs(out, rows, samples, image_data=heldout is None, heldout=heldout,
                                    extra=dict(teacher=teacher_path, student=student_path, n=n, n_ref=n_ref, seed=seed))

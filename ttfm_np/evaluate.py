@@ -10,8 +10,10 @@ For a fixed noise batch z:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 
 import numpy as np
 
@@ -26,14 +28,49 @@ def _row(method, nfe, x, x_ref, heldout):
     return r
 
 
+def reference_solution(teacher, z, n_ref: int, cache_dir: str | None = None):
+    """x_ref = the teacher's Heun solution with n_ref steps from noise z.
+
+    It is the costly part of an evaluation (2 n_ref teacher passes per sample)
+    and the same for every student of a teacher, so with cache_dir it is kept
+    on disk. The key covers everything x_ref depends on: the checkpoint file
+    (size and modification time), n_ref, the dtype and the bytes of z; any
+    change recomputes. A cache that cannot be written costs a warning, never
+    the evaluation.
+    """
+    if cache_dir is None:
+        return teacher.generate(z, n_ref, "heun")
+    xp = backend.array_module(z)
+    z_host = np.ascontiguousarray(backend.to_numpy(z))
+    st = os.stat(teacher.path)
+    key = hashlib.sha1(json.dumps([os.path.abspath(teacher.path), st.st_size, st.st_mtime_ns, n_ref,
+                                   str(z_host.dtype), z_host.shape]).encode())
+    key.update(z_host.tobytes())
+    path = os.path.join(cache_dir, f"heun{n_ref}-{key.hexdigest()[:20]}.npy")
+    if os.path.exists(path):
+        x_ref = np.load(path)
+        if x_ref.shape == z_host.shape:
+            return xp.asarray(x_ref)
+    x_ref = teacher.generate(z, n_ref, "heun")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.npy"
+        np.save(tmp, backend.to_numpy(x_ref))
+        os.replace(tmp, path)                                   # atomic: never a half-written cache
+    except OSError as exc:
+        warnings.warn(f"could not cache the reference solution in {cache_dir} ({exc}); it will be recomputed")
+    return x_ref
+
+
 def flow_map_table(teacher, student, z, steps=(1, 2, 4, 8), n_ref: int = 256, heldout=None,
-                   progress: bool = False):
+                   progress: bool = False, cache_dir: str | None = None):
     """Rows of the evaluation table and the samples behind them.
 
     teacher, student: sampling.LoadedModel (student may be None: teacher baselines only).
     heldout: NumPy held-out data (2-D) for sliced-W2, or None.
+    cache_dir: where the reference solution is cached (see reference_solution), or None.
     """
-    x_ref = teacher.generate(z, n_ref, "heun")                 # flow.reference_solution, in chunks
+    x_ref = reference_solution(teacher, z, n_ref, cache_dir)   # flow.reference_solution, in chunks
     rows, samples = [], {}
     if heldout is not None:
         rows.append(_row(f"teacher heun {n_ref} (reference)", flow.nfe("heun", n_ref), x_ref, x_ref, heldout))

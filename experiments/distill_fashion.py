@@ -26,14 +26,17 @@ from runner import ROOT, distill_and_collect, run, write_summary
 @click.option("--steps", type=click.IntRange(1), default=400, help="student updates (same for every loss)")
 @click.option("--batch-size", type=click.IntRange(1), default=32)
 @click.option("--lr", type=float, default=2e-4)
+@click.option("--warmup", type=click.IntRange(0), default=20, help="learning-rate warmup steps")
 @click.option("--ema-decay", type=float, default=0.99)
 @click.option("--seed", type=int, default=0)
 @click.option("--eval-n", type=int, default=64, help="noise samples in the flow-map evaluation")
 @click.option("--eval-n-ref", type=int, default=64, help="Heun steps of the reference (256 is the default elsewhere; "
               "64 keeps the CPU cost of 128 U-Net passes per image manageable)")
-@click.option("--extra", default="--delta-mode relative --kappa 0.25", help="extra distill options")
+@click.option("--extra", default="--delta-mode relative --kappa 0.25 --target-solver heun",
+              help="extra distill options, the same for every loss (these three act on ITVM only: the best "
+                   "setting of the 2-D study, docs/results.md)")
 @click.option("--out", default="runs/fashion")
-def main(losses, steps, batch_size, lr, ema_decay, seed, eval_n, eval_n_ref, extra, out):
+def main(losses, steps, batch_size, lr, warmup, ema_decay, seed, eval_n, eval_n_ref, extra, out):
     teacher = os.path.join(ROOT, "data", "teachers", "fashion-mnist-small", "checkpoint.h5")
     if not os.path.exists(teacher):
         run([sys.executable, "cli.py", "train", "--data", "fashion-mnist", "--ckpt-every", "100"])
@@ -41,7 +44,8 @@ def main(losses, steps, batch_size, lr, ema_decay, seed, eval_n, eval_n_ref, ext
     for loss in losses.split(","):
         run_dir = os.path.join(out, loss)
         cmd = [sys.executable, "cli.py", "distill", "--data", "fashion-mnist", "--teacher", teacher, "--loss", loss,
-               "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--ema-decay", str(ema_decay),
+               "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--warmup", str(warmup),
+               "--ema-decay", str(ema_decay),
                "--seed", str(seed), "--eval-n", str(eval_n), "--eval-n-ref", str(eval_n_ref), "--ckpt-every", "50",
                "--out", run_dir,
                "--resume"] + extra.split()

@@ -21,8 +21,17 @@ def distill_and_collect(cmd, run_dir, **fields):
     run(cmd)
     rows = json.load(open(os.path.join(ROOT, run_dir, "eval", "eval.json")))["rows"]
     metrics = [json.loads(l) for l in open(os.path.join(ROOT, run_dir, "metrics.jsonl"))]
-    return dict(fields, rows=rows, seconds_per_update=1.0 / metrics[-1]["it_per_s"],
+    return dict(fields, rows=rows, seconds_per_update=seconds_per_update(metrics),
                 command=" ".join(["python"] + cmd[1:]))
+
+
+def seconds_per_update(metrics):
+    """Wall time per update between the first and the last metrics line, so the
+    start-up (data loading, first allocations) before the first line is not counted."""
+    first, last = metrics[0], metrics[-1]
+    if last["step"] > first["step"]:
+        return (last["time_s"] - first["time_s"]) / (last["step"] - first["step"])
+    return 1.0 / last["it_per_s"]
 
 
 def write_summary(out, summary):

@@ -86,8 +86,8 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process now, after resetting the peak to it (Linux; 0 elsewhere).
+def reset_peak_rss() -> int:
+    """Reset the peak resident set size to the current one and return it (Linux; 0 elsewhere).
 
     Writing 5 to /proc/self/clear_refs resets VmHWM (the peak RSS) to the
     current RSS, so peak_rss_bytes() afterwards sees only what follows.
@@ -101,7 +101,7 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size (VmHWM) since the last rss_bytes() call."""
+    """Peak resident set size (VmHWM) since the last reset_peak_rss() call."""
     return _status_kib("VmHWM") * 1024
 
 
@@ -115,7 +115,7 @@ def time_ours(cfg, batch, warmup, iters, xp):
     t = xp.asarray(rng.random(batch).astype(np.float32))
     xt = flow.interpolate(x0, x1, t)
     times = []
-    rss0 = rss_bytes()
+    rss0 = reset_peak_rss()
     for i in range(warmup + iters):
         t0 = time.perf_counter()
         v, cache = model.model_forward(p, cfg, xt, t)
@@ -146,7 +146,7 @@ def time_torch(cfg, batch, warmup, iters, device):
     t = torch.rand(batch, device=device)
     xt = (1 - t.view(-1, *[1] * (len(shape) - 1))) * x0 + t.view(-1, *[1] * (len(shape) - 1)) * x1
     times = []
-    rss0 = rss_bytes()
+    rss0 = reset_peak_rss()
     for i in range(warmup + iters):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)

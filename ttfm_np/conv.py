@@ -180,17 +180,18 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
         raise ValueError(f"conv2d: input has {C} channels but the weight expects {Cw} (weight shape {W.shape})")
     ph, pw = as_pair(padding)
     Ho, Wo = conv_output_size(H, kh, stride, ph), conv_output_size(Wd, kw, stride, pw)
+    pointwise = _is_pointwise(kh, kw, stride, padding)
     transposed = _uses_transposed_backward(xp, kh, kw, stride, padding)
-    if _is_pointwise(kh, kw, stride, padding) or transposed:
-        xc = xp.ascontiguousarray(x.transpose(1, 0, 2, 3))          # (C, N, H, W)
-        cols = xc.reshape(C, N * H * Wd) if kh == kw == 1 else im2col_cnhw_numpy(xc, kh, kw, stride, padding)
+    if pointwise or transposed:
+        xc = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(C, N * H * Wd)   # channel-major x
+        cols = xc if pointwise else im2col_cnhw_numpy(xc.reshape(C, N, H, Wd), kh, kw, stride, padding)
     else:
         xc, cols = None, im2col(x, kh, kw, stride, padding)          # (C*kh*kw, N*Ho*Wo)
     Y = W.reshape(O, C * kh * kw) @ cols              # (O, N*Ho*Wo): one GEMM
     if b is not None:
         Y += b[:, None]
     y = xp.ascontiguousarray(Y.reshape(O, N, Ho, Wo).transpose(1, 0, 2, 3))
-    saved = xc.reshape(C, N * H * Wd) if transposed else cols
+    saved = xc if transposed else cols
     cache = (saved, W, x.shape, stride, padding, b is not None)
     return y, cache
 

@@ -94,12 +94,16 @@ def test_lfmd_semi_gradient_treats_teacher_output_as_constant(rng):
     x_s, s, t = _batch(rng, (2,), 6)
     opts = losses.DistillLossConfig(loss="lfmd", lfmd_teacher_grad=False).validate()
     _, grads, _ = losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts)
-    h = opts.fd_step
-    t_plus = np.minimum(t + h, 1.0)
+    h = losses.lfmd_fd_step(opts, scfg)
+    assert h == 0.1 / scfg.time_scale                       # fd_step=None: the auto step
     c = model.model_forward(tp, tcfg, ttfm.phi_forward(sp, scfg, x_s, s, t)[0], t)[0]   # frozen target
+    phi = lambda tt: ttfm.phi_forward(sp, scfg, x_s, s, tt)[0]
+    inside = (t + h <= 1.0)[:, None]
 
     def f():
-        d = (ttfm.phi_forward(sp, scfg, x_s, s, t_plus)[0] - ttfm.phi_forward(sp, scfg, x_s, s, t_plus - 2 * h)[0]) / (2 * h)
+        central = (phi(t + h) - phi(t - h)) / (2 * h)
+        one_sided = (3 * phi(t) - 4 * phi(t - h) + phi(t - 2 * h)) / (2 * h)      # t = 1: stay inside [0, 1]
+        d = np.where(inside, central, one_sided)
         return float(((d - c) ** 2).mean())
     check_gradients(f, sp, grads, n_max=4, tol=1e-6)
 
@@ -158,3 +162,63 @@ def test_bad_loss_options():
                     (dict(lambda_init=0.0, lambda_term=0.0), "not both 0")]:
         with pytest.raises(ValueError, match=msg):
             losses.DistillLossConfig(**kw).validate()
+
+
+# ----------------------------------------------------------------------------- LFMD's finite-difference step
+
+def _warm_perturbed(kind, seed=0, perturb=0.05):
+    """A student warm-started from a random teacher of realistic scale, then every weight
+    (W_d included) moved a little, so phi depends on t non-linearly (at the exact warm
+    start phi is linear in t and any step h would be exact)."""
+    tp, tcfg = _teacher(kind, seed)
+    sp, scfg = ttfm.student_from_teacher(tp, tcfg)
+    rnd = P.randomize(sp, seed=seed + 20, std=1.0)
+    sp = {k: v + perturb * rnd[k] * (np.abs(v).mean() + 0.05) for k, v in sp.items()}
+    return (sp, scfg), (tp, tcfg)
+
+
+def _lfmd_f(student, teacher, x_s, s, t, dtype, fd_step=None):
+    st = (P.astype(student[0], dtype), student[1])
+    te = (P.astype(teacher[0], dtype), teacher[1])
+    opts = losses.DistillLossConfig(loss="lfmd", fd_step=fd_step).validate()
+    loss, grads, m = losses.lfmd_loss(st, st, te, x_s.astype(dtype), s.astype(dtype), t.astype(dtype), opts)
+    return loss, np.concatenate([np.asarray(grads[k], np.float64).ravel() for k in sorted(grads)]), m
+
+
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_lfmd_default_step_float32_matches_tiny_step_float64(rng, kind):
+    """The default h (0.1 / time_scale) in float32: loss within 1 %, gradient within 3 %, of a
+    float64 reference with h = 1e-6 (whose own error, measured against h = 2e-6, is ~1e-6)."""
+    student, teacher = _warm_perturbed(kind)
+    x_s, s, t = _batch(rng, (2,) if kind == "mlp" else (1, 8, 8), 8)
+    ref_l, ref_g, _ = _lfmd_f(student, teacher, x_s, s, t, np.float64, fd_step=1e-6)
+    l, g, m = _lfmd_f(student, teacher, x_s, s, t, np.float32)
+    assert m["fd_step"] == pytest.approx(1e-4)
+    assert abs(l - ref_l) <= 0.01 * abs(ref_l)
+    assert np.linalg.norm(g - ref_g) <= 0.03 * np.linalg.norm(ref_g)
+    # the old step h = 1e-3 (time_scale * h = 1) is measurably worse: truncation, not rounding
+    old_l, _, _ = _lfmd_f(student, teacher, x_s, s, t, np.float64, fd_step=1e-3)
+    assert abs(old_l - ref_l) > 3 * abs(l - ref_l)
+
+
+def test_lfmd_stencil_is_second_order_also_at_t1(rng):
+    """float64 error falls ~h^2 (x ~100 for h / 10), including pairs at t = 1 (one-sided stencil)."""
+    student, teacher = _warm_perturbed("mlp")
+    x_s, s, _ = _batch(rng, (2,), 8)
+    t = np.ones(8)                                          # every pair on the one-sided stencil
+    ref = _lfmd_f(student, teacher, x_s, s, t, np.float64, fd_step=1e-6)[0]
+    e1 = abs(_lfmd_f(student, teacher, x_s, s, t, np.float64, fd_step=3e-4)[0] - ref)
+    e2 = abs(_lfmd_f(student, teacher, x_s, s, t, np.float64, fd_step=3e-5)[0] - ref)
+    assert e1 / e2 > 30
+
+
+def test_lfmd_step_option():
+    mlp_cfg = model.make_config("mlp-tiny", (2,), two_time=True)
+    auto = losses.DistillLossConfig(loss="lfmd").validate()
+    assert losses.lfmd_fd_step(auto, mlp_cfg) == pytest.approx(1e-4)
+    import dataclasses
+    assert losses.lfmd_fd_step(auto, dataclasses.replace(mlp_cfg, time_scale=100.0)) == pytest.approx(1e-3)
+    assert losses.lfmd_fd_step(losses.DistillLossConfig(loss="lfmd", fd_step=3e-4), mlp_cfg) == 3e-4   # explicit wins
+    for bad in (0.0, -1e-4, 0.5):
+        with pytest.raises(ValueError, match="fd_step"):
+            losses.DistillLossConfig(loss="lfmd", fd_step=bad).validate()

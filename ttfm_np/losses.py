@@ -38,8 +38,10 @@ class DistillLossConfig:
     kappa: float = 0.25             # relative Delta as a fraction of t - s
     target_solver: str = "euler"    # ITVM: euler (O(Delta) bias) or heun (O(Delta^2)) for y_hat
     ema_target: bool = True         # ITVM/ECD: target from the EMA student (False: the live weights under sg)
-    fd_step: float = 1e-3           # LFMD: finite-difference step h in t
+    fd_step: float | None = None    # LFMD: finite-difference step h in t; None = 0.1 / time_scale (lfmd_fd_step)
     lfmd_teacher_grad: bool = True  # LFMD: back-propagate through the teacher's input phi (see lfmd_loss)
+    frac_t1: float = 0.0            # time pairs: fraction of pairs with t = 1 (all losses)
+    max_gap: float | None = None    # time pairs: restrict t - s <= max_gap (None: no restriction)
 
     def validate(self):
         if self.loss not in LOSSES:
@@ -52,8 +54,13 @@ class DistillLossConfig:
             raise ValueError(f"delta must be in (0, 1], got {self.delta}")
         if not 0.0 < self.kappa <= 1.0:
             raise ValueError(f"kappa must be in (0, 1], got {self.kappa}")
-        if not 0.0 < self.fd_step < 0.5:
-            raise ValueError(f"fd_step must be in (0, 0.5), got {self.fd_step}")
+        if self.fd_step is not None and not 0.0 < self.fd_step < 0.5:
+            raise ValueError(f"fd_step must be in (0, 0.5) or None (auto: 0.1 / the student's time_scale), "
+                             f"got {self.fd_step}")
+        if not 0.0 <= self.frac_t1 <= 1.0:
+            raise ValueError(f"frac_t1 must be in [0, 1], got {self.frac_t1}")
+        if self.max_gap is not None and not 0.0 < self.max_gap <= 1.0:
+            raise ValueError(f"max_gap must be in (0, 1], got {self.max_gap}")
         if self.lambda_init < 0 or self.lambda_term < 0 or self.lambda_init + self.lambda_term == 0:
             raise ValueError("lambda_init and lambda_term must be >= 0 and not both 0")
         return self
@@ -154,12 +161,36 @@ def itvm_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=Non
 
 # ----------------------------------------------------------------------------- LFMD
 
+LFMD_SCALE_H = 0.1      # auto h: time_scale * h = 0.1 (experiments/lfmd_fd_study.py, docs/results.md)
+
+
+def lfmd_fd_step(opts: DistillLossConfig, cfg) -> float:
+    """LFMD's finite-difference step h: opts.fd_step, or (None) 0.1 / cfg.time_scale.
+
+    The student sees t through sin/cos(time_scale * t * w_i) with w_0 = 1, so its
+    fastest time feature has angular frequency time_scale (1000 by default). A
+    difference with step h damps that feature by ~ 1 - (time_scale h)^2 / 6;
+    time_scale * h = 0.1 keeps this below 0.2 % while float32 cancellation
+    (~ eps |phi| / h) stays ~ 1e-3. h = 1e-3 (scale * h = 1) was off by 10-40 %.
+    """
+    if opts.fd_step is not None:
+        return float(opts.fd_step)
+    return LFMD_SCALE_H / float(cfg.time_scale)
+
+
 def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=None):
     """Lagrangian map distillation: || d/dt phi(x_s, s, t) - v(phi(x_s, s, t), t) ||^2.
 
-    d/dt phi by a central difference with step h on the stencil
-    [t_plus - 2h, t_plus], t_plus = min(t + h, 1): centred at t inside (0, 1),
-    one-sided (backward, step 2h) at t = 1.
+    d/dt phi by a second-order finite difference with step h (lfmd_fd_step):
+        central      (phi(t + h) - phi(t - h)) / 2h                        where t + h <= 1
+        one-sided    (3 phi(t) - 4 phi(t - h) + phi(t - 2h)) / 2h           where t + h > 1
+    so the student is never evaluated past t = 1 and both stencils have O(h^2)
+    error (a plain backward difference at t = 1 would be O(h), and with
+    frac_t1 > 0 many pairs sit there). Written as one per-sample stencil
+        dphi/dt ~ w_a phi(t_a) + w_b phi(t_b) + w_t phi(t),
+    three student evaluations with gradient either way. All evaluations get the
+    same dropout argument, so they see the same dropout masks: a difference of two
+    evaluations with different masks would add mask noise / h.
 
     Gradient through the teacher's input (opts.lfmd_teacher_grad, default True):
     the loss depends on theta also through phi inside v(phi, t); keeping that
@@ -170,24 +201,29 @@ def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=Non
     """
     params, cfg = student
     xp = backend.array_module(x_s)
-    h = opts.fd_step
-    t_plus = xp.minimum(t + h, 1.0)
-    t_minus = t_plus - 2 * h
-    phi_p, c_p = phi_forward(params, cfg, x_s, s, t_plus, rng)
-    phi_m, c_m = phi_forward(params, cfg, x_s, s, t_minus, rng)
-    dphi_dt = (phi_p - phi_m) / (2 * h)
+    h = lfmd_fd_step(opts, cfg)
+    inside = t + h <= 1.0                                         # (N,) central stencil fits in [0, 1]
+    t_a = xp.where(inside, t + h, t - h)
+    t_b = xp.where(inside, t - h, t - 2 * h)
+    w_a = bcast(xp.where(inside, 1.0, -4.0).astype(x_s.dtype) / (2 * h), x_s)
+    w_b = bcast(xp.where(inside, -1.0, 1.0).astype(x_s.dtype) / (2 * h), x_s)
+    w_t = bcast(xp.where(inside, 0.0, 3.0).astype(x_s.dtype) / (2 * h), x_s)
+    phi_a, c_a = phi_forward(params, cfg, x_s, s, t_a, rng)
+    phi_b, c_b = phi_forward(params, cfg, x_s, s, t_b, rng)
     phi_t, c_t = phi_forward(params, cfg, x_s, s, t, rng)
+    dphi_dt = w_a * phi_a + w_b * phi_b + w_t * phi_t
     v_out, c_v = model_forward(teacher[0], teacher[1], phi_t, t)
     loss, dres = mse_and_grad(dphi_dt, v_out)                  # residual r = dphi_dt - v(phi_t)
     grads = {}
-    # dphi_dt = (phi_p - phi_m) / 2h
-    _add_grads(grads, phi_backward(dres / (2 * h), c_p, params, cfg)[1])
-    _add_grads(grads, phi_backward(-dres / (2 * h), c_m, params, cfg)[1])
+    _add_grads(grads, phi_backward(w_a * dres, c_a, params, cfg)[1])
+    _add_grads(grads, phi_backward(w_b * dres, c_b, params, cfg)[1])
+    dphi_t = w_t * dres                                        # phi_t's share of the stencil (0 inside)
     if opts.lfmd_teacher_grad:
         # r = ... - v(phi_t, t): the teacher's input gradient, parameters frozen
-        dphi_t, _ = model_backward(-dres, c_v, teacher[0], teacher[1])
+        dphi_t = dphi_t + model_backward(-dres, c_v, teacher[0], teacher[1])[0]
+    if opts.lfmd_teacher_grad or not bool(inside.all()):
         _add_grads(grads, phi_backward(dphi_t, c_t, params, cfg)[1])
-    return loss, grads, {"loss": loss}
+    return loss, grads, {"loss": loss, "fd_step": h}
 
 
 # ----------------------------------------------------------------------------- ECD

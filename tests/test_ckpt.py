@@ -1,5 +1,6 @@
 """HDF5 checkpoints (ttfm_np/ckpt.py): exact round trips, atomic saves that
 survive a crash, and errors that name the problem."""
+import hashlib
 import os
 import re
 import subprocess
@@ -105,8 +106,19 @@ def test_layout_on_disk(tmp_path, rng):
     with h5py.File(path, "r") as f:
         assert set(f.keys()) == {"params", "ema", "adam_m", "adam_v"}
         assert list(f["params"].keys()) == list(p)                               # dotted names, in order
-        assert int(f.attrs["format_version"]) == 1 and int(f.attrs["step"]) == 3
+        assert int(f.attrs["format_version"]) == 2 and int(f.attrs["step"]) == 3
         assert f.attrs["config_json"] == '{"a": 1}'
+        offsets = {f"{g}/{k}": ds.id.get_offset() for g in f for k, ds in f[g].items()}
+    data = path.read_bytes()
+    assert data.endswith(ckpt.TRAILER_MAGIC)                                     # the checksum trailer
+    n = int.from_bytes(data[-48:-40], "little")
+    manifest = __import__("json").loads(data[-48 - n:-48])
+    assert manifest["hdf5_bytes"] == len(data) - 48 - n
+    assert manifest["hdf5_sha256"] == hashlib.sha256(data[:manifest["hdf5_bytes"]]).hexdigest()
+    w = p["enc.32x32_block0.conv0.weight"]                                       # independent: hash the array
+    assert manifest["arrays"]["params/enc.32x32_block0.conv0.weight"] == [
+        offsets["params/enc.32x32_block0.conv0.weight"], w.nbytes, hashlib.sha256(w.tobytes()).hexdigest()]
+    assert set(manifest["arrays"]) == set(offsets)
 
 
 def test_resume_continues_training_exactly(tmp_path, rng):
@@ -215,7 +227,7 @@ def test_missing_file_is_named(tmp_path):
 def test_corrupt_and_foreign_files(tmp_path, rng):
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"this is not hdf5" * 10)
-    with pytest.raises(ckpt.CheckpointError, match="junk.h5.*corrupt.*or not a ttfm_np checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="junk.h5 is not a readable ttfm_np checkpoint.*not an HDF5"):
         ckpt.load_checkpoint(junk)
     assert issubclass(ckpt.CheckpointError, ValueError)
 
@@ -223,7 +235,7 @@ def test_corrupt_and_foreign_files(tmp_path, rng):
     ckpt.save_checkpoint(good, _params(rng, np.float64), step=5)
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])          # an interrupted copy
-    with pytest.raises(ValueError, match="truncated.h5.*(corrupt|damaged)"):
+    with pytest.raises(ValueError, match="truncated.h5.*(not a readable|damaged).*truncated file"):
         ckpt.load_checkpoint(truncated)
 
     foreign = tmp_path / "foreign.h5"
@@ -240,11 +252,15 @@ def test_damaged_layout_is_named(tmp_path, rng):
     with h5py.File(path, "a") as f:
         del f.attrs["config_json"]
         del f["ema/dec.out.gamma"]
+    with pytest.raises(ckpt.CheckpointError, match="checksum trailer is missing.*edited with h5py"):
+        ckpt.load_checkpoint(path)                         # an edit by hand breaks the checksums ...
+    ckpt.seal_file(path)                                   # ... unless resealed: then the layout checks speak
     with pytest.raises(ckpt.CheckpointError, match="config_json"):
         ckpt.load_checkpoint(path)
     ckpt.save_checkpoint(path, p, ema=p)
     with h5py.File(path, "a") as f:
         del f["ema/dec.out.gamma"]
+    ckpt.seal_file(path)
     with pytest.raises(ckpt.CheckpointError, match="EMA copy does not fit.*missing: dec.out.gamma"):
         ckpt.load_checkpoint(path)
 
@@ -254,6 +270,7 @@ def test_newer_format_version_is_refused(tmp_path, rng):
     ckpt.save_checkpoint(path, _params(rng, np.float32))
     with h5py.File(path, "a") as f:
         f.attrs["format_version"] = ckpt.FORMAT_VERSION + 1
+    ckpt.seal_file(path)
     with pytest.raises(ckpt.CheckpointError, match=f"format {ckpt.FORMAT_VERSION + 1}, newer.*upgrade"):
         ckpt.load_checkpoint(path)
 

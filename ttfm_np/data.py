@@ -280,6 +280,17 @@ class BatchIterator:
         self.data, self.batch_size, self.seed, self.flip = data, batch_size, seed, flip
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation(0)
+        self.shard = (0, batch_size)        # rows of every global batch this process keeps (distributed.py)
+
+    def set_shard(self, lo: int, hi: int):
+        """Keep only rows [lo, hi) of every batch: a data-parallel rank's part of the global batch.
+
+        The global batch, its flips and the state dict do not change, so the ranks together
+        see exactly the batches of one process, and a run resumes with any number of ranks.
+        """
+        if not 0 <= lo < hi <= self.batch_size:
+            raise ValueError(f"shard [{lo}, {hi}) is not inside a batch of {self.batch_size}")
+        self.shard = (lo, hi)
 
     def _permutation(self, epoch):
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
@@ -289,9 +300,10 @@ class BatchIterator:
             self.epoch, self.pos = self.epoch + 1, 0
             self._perm = self._permutation(self.epoch)
         idx = self._perm[self.pos:self.pos + self.batch_size]
-        batch = self.data[idx]
+        lo, hi = self.shard
+        batch = self.data[idx[lo:hi]]                           # a rank reads only its rows
         if self.flip and batch.ndim == 4:
-            mask = np.random.default_rng([self.seed, self.epoch, self.pos, 7]).random(len(idx)) < 0.5
+            mask = np.random.default_rng([self.seed, self.epoch, self.pos, 7]).random(len(idx))[lo:hi] < 0.5
             batch[mask] = batch[mask][..., ::-1]
         self.pos += self.batch_size
         return batch

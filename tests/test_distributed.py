@@ -1,0 +1,369 @@
+"""Data-parallel pieces (ttfm_np/distributed.py).
+
+Two layers of tests:
+* in-process: a fake communicator whose K "ranks" are threads exchanging
+  arrays through shared lists, so the sharding / bucketing / reduction logic
+  is checked without MPI, against independent float64 references;
+* real MPI: `mpiexec -n 2 python tests/dist_scripts.py ...` in subprocesses
+  (skipped with the reason when mpi4py or mpiexec is missing).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from ttfm_np import distributed as D
+from ttfm_np.data import BatchIterator
+from ttfm_np.fid import FeatureStats
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# ----------------------------------------------------------------------------- a fake communicator
+
+class _Exchange:
+    """What the thread "ranks" share: a barrier and one slot per rank."""
+
+    def __init__(self, size):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=10)
+        self.calls = {}                       # collective number -> one slot per rank
+        self.lock = threading.Lock()
+
+
+class ThreadComm(D.SingleProcess):
+    """K ranks as K threads of one process; every collective is an allgather through shared slots."""
+
+    kind = "threads"
+
+    def __init__(self, rank, exchange):
+        self.rank, self.size, self.x = rank, exchange.size, exchange
+        self.local_rank, self.local_size = rank, exchange.size
+        self.aborted, self.n_calls = None, 0
+
+    def allgather_object(self, obj):
+        # every collective has its own slots, so one barrier suffices and a rank that
+        # raises right after a collective leaves no other rank waiting
+        with self.x.lock:
+            slots = self.x.calls.setdefault(self.n_calls, [None] * self.size)
+        self.n_calls += 1
+        slots[self.rank] = obj
+        self.x.barrier.wait()                 # all written
+        return list(slots)
+
+    def allreduce_sum(self, buf):
+        parts = self.allgather_object(buf.copy())
+        total = parts[0].copy()
+        for p in parts[1:]:                   # the same order on every rank: identical results
+            total += p
+        buf[...] = total
+        return buf
+
+    def allreduce_mean(self, buf):
+        self.allreduce_sum(buf)
+        buf /= self.size
+        return buf
+
+    def bcast(self, buf, root=0):
+        buf[...] = self.allgather_object(buf.copy())[root]
+        return buf
+
+    def bcast_object(self, obj, root=0):
+        return self.allgather_object(obj)[root]
+
+    def barrier(self):
+        self.allgather_object(None)
+
+    def any_flag(self, flag):
+        return any(self.allgather_object(bool(flag)))
+
+    def abort_on_exit(self, status=1):
+        self.aborted = status
+
+
+def run_ranks(size, fn):
+    """fn(comm) on `size` thread ranks; returns the list of results (exceptions re-raised per rank)."""
+    ex = _Exchange(size)
+    results, errors = [None] * size, [None] * size
+
+    def body(r):
+        try:
+            results[r] = fn(ThreadComm(r, ex))
+        except BaseException as exc:        # noqa: BLE001 - handed back to the test
+            errors[r] = exc           # a rank still waiting for this one fails by the barrier's timeout
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a thread rank hung"
+    return results, errors
+
+
+def _ok(size, fn):
+    results, errors = run_ranks(size, fn)
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+# ----------------------------------------------------------------------------- sharding
+
+@pytest.mark.parametrize("n,k", [(8, 2), (7, 3), (5, 5), (128, 8)])
+def test_shard_range_partitions_the_batch(n, k):
+    ranges = [D.shard_range(n, r, k) for r in range(k)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))          # contiguous, disjoint
+    sizes = [hi - lo for lo, hi in ranges]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_shard_range_rejects_too_small_batches():
+    with pytest.raises(ValueError, match="global batch >= the number of ranks"):
+        D.shard_range(3, 0, 4)
+    with pytest.raises(ValueError, match="outside"):
+        D.shard_range(8, 2, 2)
+
+
+def test_sharded_generator_slices_the_global_draws():
+    """Ranks' draws concatenated = one process's draws, and the stream ends at the same place."""
+    seed, n, k = 1234, 7, 3
+    ref = np.random.default_rng(seed)
+    ref_noise = ref.standard_normal((n, 2, 3), dtype=np.float32)
+    ref_t = ref.random(n)
+    ref_next = ref.random(4)
+    got_noise, got_t = [], []
+    for r in range(k):
+        lo, hi = D.shard_range(n, r, k)
+        g = D.ShardedGenerator(np.random.default_rng(seed), n, lo, hi)
+        got_noise.append(g.standard_normal((hi - lo, 2, 3), dtype=np.float32))
+        got_t.append(g.random(hi - lo))
+        np.testing.assert_array_equal(g.rng.random(4), ref_next)
+    np.testing.assert_array_equal(np.concatenate(got_noise), ref_noise)
+    np.testing.assert_array_equal(np.concatenate(got_t), ref_t)
+
+
+def test_sharded_generator_refuses_non_batch_draws():
+    g = D.ShardedGenerator(np.random.default_rng(0), 8, 0, 4)
+    with pytest.raises(ValueError, match="local batch"):
+        g.random(3)
+    with pytest.raises(ValueError, match="local batch"):
+        g.standard_normal()
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_batch_iterator_shards_join_to_the_global_batches(k):
+    """K sharded iterators see together exactly the batches (and flips) of one iterator, across epochs."""
+    rng = np.random.default_rng(5)
+    data = rng.standard_normal((23, 1, 2, 3)).astype(np.float32)
+    B = 6
+    full = BatchIterator(data.copy(), B, seed=3, flip=True)
+    shards = []
+    for r in range(k):
+        it = BatchIterator(data.copy(), B, seed=3, flip=True)
+        it.set_shard(*D.shard_range(B, r, k))
+        shards.append(it)
+    for _ in range(9):                                   # > 2 epochs of 3 batches
+        ref = full.next()
+        np.testing.assert_array_equal(np.concatenate([it.next() for it in shards]), ref)
+        assert all(it.state_dict() == full.state_dict() for it in shards)
+
+
+def test_batch_iterator_rejects_a_bad_shard():
+    it = BatchIterator(np.zeros((10, 2), np.float32), 4)
+    with pytest.raises(ValueError, match="not inside a batch"):
+        it.set_shard(2, 5)
+
+
+# ----------------------------------------------------------------------------- bucket and reduction
+
+def test_grad_bucket_round_trip_and_scale():
+    rng = np.random.default_rng(1)
+    grads = {"b.weight": rng.standard_normal((3, 4)), "a.bias": rng.standard_normal(5), "c": rng.standard_normal(())}
+    bucket = D.GradBucket(grads, n_scalars=2)
+    buf = bucket.pack(grads, [1.5, -2.0], scale=0.25)
+    assert buf.shape == (12 + 5 + 1 + 2,) and buf.flags.c_contiguous
+    out, scalars = bucket.unpack()
+    for k in grads:
+        np.testing.assert_array_equal(out[k], 0.25 * grads[k])
+        assert out[k].shape == grads[k].shape
+    assert scalars == [0.375, -0.5]
+    with pytest.raises(ValueError, match="missing"):
+        bucket.pack({"a.bias": grads["a.bias"]}, [0, 0])
+    with pytest.raises(ValueError, match="shape"):
+        bucket.pack(dict(grads, c=np.zeros(2)), [0, 0])
+
+
+def _lsq(w, x, y):
+    """L = mean_n (x_n . w - y_n)^2 and dL/dw: a model whose per-shard mean mirrors the losses'."""
+    r = x @ w - y
+    return float(np.mean(r * r)), {"w": 2.0 * x.T @ r / len(y)}
+
+
+@pytest.mark.parametrize("B,k", [(8, 2), (7, 3)])
+def test_reduce_gives_the_global_batch_gradient(B, k):
+    """sum_r (n_r / B) grad(mean over shard r) = grad(mean over the global batch), unequal shards too."""
+    rng = np.random.default_rng(B * 10 + k)
+    x, y, w = rng.standard_normal((B, 4)), rng.standard_normal(B), rng.standard_normal(4)
+    ref_loss, ref_g = _lsq(w, x, y)
+
+    def rank(comm):
+        dp = D.DataParallel(comm, B)
+        loss, g = _lsq(w, x[dp.lo:dp.hi], y[dp.lo:dp.hi])
+        return dp.reduce(loss, g, {"loss": loss, "extra": float(dp.hi - dp.lo)}, stop=False)
+
+    for loss, g, metrics, stop in _ok(k, rank):
+        np.testing.assert_allclose(g["w"], ref_g["w"], rtol=1e-13)
+        assert abs(loss - ref_loss) <= 1e-13 * abs(ref_loss)
+        # metrics get the same weights: sum_r (n_r / B) n_r
+        assert metrics["extra"] == pytest.approx(sum((hi - lo) ** 2 for lo, hi in
+                                                     (D.shard_range(B, r, k) for r in range(k))) / B)
+        assert stop is False
+
+
+def test_reduce_agrees_on_stop_and_on_nan():
+    def rank(comm):
+        dp = D.DataParallel(comm, 4)
+        g = {"w": np.full(3, 1.0 + comm.rank)}
+        if comm.rank == 1:
+            g["w"][0] = np.nan
+        _, g1, _, stop1 = dp.reduce(1.0, g, {}, stop=(comm.rank == 1))
+        finite1 = bool(np.isfinite(g1["w"]).all())
+        _, _, _, stop2 = dp.reduce(1.0, {"w": np.ones(3)}, {}, stop=False)
+        return stop1, finite1, stop2
+
+    assert _ok(2, rank) == [(True, False, False)] * 2
+
+
+def test_single_process_reduce_returns_its_inputs():
+    dp = D.DataParallel(D.SingleProcess(), 5)
+    g = {"w": np.ones(2)}
+    loss, g2, m, stop = dp.reduce(0.5, g, {"a": 1.0}, stop=True)
+    assert g2 is g and loss == 0.5 and m == {"a": 1.0} and stop is True
+    it = BatchIterator(np.zeros((10, 2), np.float32), 5)
+    assert dp.shard_iterator(it).shard == (0, 5)
+    rng = np.random.default_rng(0)
+    assert dp.step_rng(rng) is rng
+
+
+# ----------------------------------------------------------------------------- replica check
+
+def test_check_replicas_passes_for_identical_state_and_names_the_difference():
+    rng = np.random.default_rng(2)
+    params = {"a": rng.standard_normal(4), "b": rng.standard_normal((2, 2))}
+
+    def same(comm):
+        D.check_replicas(comm, {"params": {k: v.copy() for k, v in params.items()}, "step": 3})
+        return True
+
+    assert _ok(3, same) == [True] * 3
+
+    def differ(comm):
+        p = {k: v.copy() for k, v in params.items()}
+        if comm.rank == 2:
+            p["b"][1, 1] = np.nextafter(p["b"][1, 1], np.inf)      # one ulp is a difference
+        D.check_replicas(comm, {"params": p, "step": 3})
+
+    _, errors = run_ranks(3, differ)
+    assert all(isinstance(e, D.DistributedError) for e in errors)     # every rank raises, none hangs
+    assert "rank 2" in str(errors[0]) and "'b'" in str(errors[0])
+
+
+# ----------------------------------------------------------------------------- FID statistics
+
+def test_merge_feature_stats_equals_one_process():
+    """3 ranks with 0, 9 and 14 features (offset mean, as Inception features are) = all 23 on one."""
+    rng = np.random.default_rng(3)
+    feats = 5.0 + rng.standard_normal((23, 6)) @ rng.standard_normal((6, 6))
+    parts = [feats[:0], feats[:9], feats[9:]]
+
+    def rank(comm):
+        st = FeatureStats()
+        for i in range(0, len(parts[comm.rank]), 4):           # several batches per rank
+            st.update(parts[comm.rank][i:i + 4])
+        return D.merge_feature_stats(comm, st)
+
+    for st in _ok(3, rank):
+        assert st.n == 23
+        np.testing.assert_allclose(st.mu, feats.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(st.sigma, np.cov(feats, rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- choosing a communicator
+
+def test_get_communicator_without_a_launcher_is_single_process(monkeypatch):
+    for var in D._SIZE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert isinstance(D.get_communicator("auto"), D.SingleProcess)
+    assert isinstance(D.get_communicator("none"), D.SingleProcess)
+    with pytest.raises(ValueError, match="choose one of"):
+        D.get_communicator("gloo")
+
+
+def test_get_communicator_mpi_without_mpi4py_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)          # import mpi4py -> ImportError
+    with pytest.raises(D.DistributedError, match=r"pip install -e \.\[mpi\]"):
+        D.get_communicator("mpi")
+    monkeypatch.setenv("PMI_SIZE", "2")                        # launched with 2 ranks: auto needs MPI too
+    with pytest.raises(D.DistributedError, match="mpi4py is not importable"):
+        D.get_communicator("auto", device="cpu")
+
+
+def test_fail_together_aborts_on_errors_only():
+    comm = ThreadComm(0, _Exchange(1))
+    with D.fail_together(comm):
+        pass
+    assert comm.aborted is None
+    with pytest.raises(SystemExit):
+        with D.fail_together(comm):
+            raise SystemExit(0)
+    assert comm.aborted is None
+    with pytest.raises(KeyError):
+        with D.fail_together(comm):
+            raise KeyError("x")
+    assert comm.aborted == 1
+
+
+# ----------------------------------------------------------------------------- real MPI
+
+def _mpi_problem():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed (pip install -e .[mpi])"
+    if shutil.which("mpiexec") is None:
+        return "mpiexec is not on PATH (pip install -e .[mpi] installs mpich)"
+    return None
+
+
+needs_mpi = pytest.mark.skipif(_mpi_problem() is not None, reason=str(_mpi_problem()))
+SCRIPT = os.path.join(HERE, "dist_scripts.py")
+
+
+def mpirun(k, *args, timeout=60, env=None):
+    """`mpiexec -n k python tests/dist_scripts.py args` (k = 0: plain python, no launcher)."""
+    cmd = ([sys.executable] if k == 0 else ["mpiexec", "-n", str(k), sys.executable]) + [SCRIPT, *map(str, args)]
+    e = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", TTFM_DEVICE="cpu", **(env or {}))
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
+    assert out.returncode == 0, f"{cmd} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+@needs_mpi
+def test_mpi_fid_statistics_of_two_ranks_equal_one(tmp_path):
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    mpirun(0, "fid", one)
+    mpirun(2, "fid", two)
+    a, b = np.load(one), np.load(two)
+    assert int(a["n"]) == int(b["n"]) == 300
+    np.testing.assert_allclose(b["mu"], a["mu"], rtol=1e-12)
+    np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-10, atol=1e-13)

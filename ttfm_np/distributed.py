@@ -460,6 +460,7 @@ class DataParallel:
         dp = DataParallel(comm, batch_size)
         dp.shard_iterator(data_iter)                     # the iterator yields this rank's rows only
         rng = dp.step_rng(host_generator)                # noise/times of the global batch, this rank's rows
+        seed = dp.dropout_seed(step_dropout_seed)        # independent masks on every rank
         loss, grads, metrics, stop = dp.reduce(loss, grads, metrics, stop_requested)
 
     With K = 1 every call returns its input unchanged (no copies).
@@ -486,6 +487,20 @@ class DataParallel:
 
     def step_rng(self, rng):
         return ShardedGenerator(rng, self.global_batch, self.lo, self.hi) if self.active else rng
+
+    def dropout_seed(self, seed):
+        """This rank's dropout seed: rank 0 keeps the step's seed, rank r > 0 gets an independent one.
+
+        Dropout masks are a hash of (seed, site, element index within the local batch), so
+        one seed on every rank would give sample j of every shard the same mask. With distinct
+        seeds the K-rank masks are independent draws like the 1-process ones (equal in
+        distribution, not bit for bit: exact equality would need the hash to count elements
+        from the shard's offset in the global batch).
+        """
+        if not self.active or self.comm.rank == 0 or seed is None:
+            return seed
+        mixed = np.random.SeedSequence([int(seed), 0x52414E4B, self.comm.rank]).generate_state(2, np.uint64)[0]
+        return int(mixed >> np.uint64(1))                   # 63 bits, like the step seeds
 
     def reduce(self, loss: float, grads: dict, metrics: dict, stop: bool = False):
         """Weighted all-reduce: g = sum_r (n_r / B) g_r, the same for loss and metrics.

@@ -367,3 +367,174 @@ def test_mpi_fid_statistics_of_two_ranks_equal_one(tmp_path):
     assert int(a["n"]) == int(b["n"]) == 300
     np.testing.assert_allclose(b["mu"], a["mu"], rtol=1e-12)
     np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-10, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------- MPIComm / NCCLComm on fakes
+# MPIComm and NCCLComm run here on thread ranks: a fake mpi4py communicator and a fake CuPy/NCCL whose
+# "device arrays" wrap NumPy arrays, so their code paths (device = local rank, the NCCL unique id sent
+# from rank 0, pointer/count/dtype of every NCCL call, the mean) are checked without MPI or a GPU.
+
+class _FakeMPI:
+    IN_PLACE, SUM, MAX, COMM_TYPE_SHARED = object(), "sum", "max", 1
+
+
+class _FakeMPIComm:
+    """The mpi4py calls distributed.py makes, over ThreadComm."""
+
+    def __init__(self, tc):
+        self.tc = tc
+
+    def Get_rank(self):
+        return self.tc.rank
+
+    def Get_size(self):
+        return self.tc.size
+
+    def Split_type(self, kind, key=0):
+        assert kind == _FakeMPI.COMM_TYPE_SHARED
+        return self                                          # one node: the node communicator is the world
+
+    def Free(self):
+        pass
+
+    def Allreduce(self, inplace, buf, op):
+        assert inplace is _FakeMPI.IN_PLACE and op == _FakeMPI.SUM and isinstance(buf, np.ndarray)
+        self.tc.allreduce_sum(buf)
+
+    def Bcast(self, buf, root=0):
+        self.tc.bcast(buf, root)
+
+    def bcast(self, obj, root=0):
+        return self.tc.bcast_object(obj, root)
+
+    def allgather(self, obj):
+        return self.tc.allgather_object(obj)
+
+    def allreduce(self, value, op):
+        assert op == _FakeMPI.MAX
+        return max(self.tc.allgather_object(value))
+
+    def Barrier(self):
+        self.tc.barrier()
+
+
+_DEVICE_MEMORY = {}                                          # fake device pointer -> numpy array
+
+
+class _FakeDeviceArray:
+    """Just enough of a cupy.ndarray: .data.ptr, size, dtype, ndim, flags, in-place divide."""
+
+    def __init__(self, a):
+        self.a = np.ascontiguousarray(a)
+        self.data = type("MemoryPointer", (), {"ptr": id(self.a)})()
+        _DEVICE_MEMORY[id(self.a)] = self.a
+        self.size, self.dtype, self.ndim, self.flags = self.a.size, self.a.dtype, self.a.ndim, self.a.flags
+
+    def __itruediv__(self, v):
+        self.a /= v
+        return self
+
+
+def _fake_cupy(n_devices, log):
+    import types
+    nccl = types.ModuleType("cupy.cuda.nccl")
+    nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64, nccl.NCCL_INT32, nccl.NCCL_INT64, nccl.NCCL_UINT8 = 7, 8, 2, 4, 1
+    nccl.NCCL_SUM = 0
+    nccl.get_unique_id = lambda: ("uid", threading.get_ident())        # differs per caller
+
+    class NcclCommunicator:
+        def __init__(self, size, uid, rank):
+            self.size, self.uid, self.rank = size, uid, rank
+            self.tc = _THREAD_COMMS[threading.get_ident()]
+            log.append(("init", rank, uid))
+
+        def allReduce(self, send, recv, count, dtype, op, stream):
+            assert send == recv and op == nccl.NCCL_SUM and stream == 1234
+            buf = _DEVICE_MEMORY[recv]
+            assert buf.size == count and dtype == {np.float32: 7, np.float64: 8}[buf.dtype.type]
+            self.tc.allreduce_sum(buf)
+
+        def bcast(self, ptr, count, dtype, root, stream):
+            self.tc.bcast(_DEVICE_MEMORY[ptr], root)
+
+    nccl.NcclCommunicator = NcclCommunicator
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.nccl = nccl
+    cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: n_devices)
+
+    class Device:
+        def __init__(self, i):
+            self.i = i
+
+        def use(self):
+            log.append(("device", _THREAD_COMMS[threading.get_ident()].rank, self.i))
+
+    cuda.Device = Device
+    cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=1234)
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = cuda
+    return {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.nccl": nccl}
+
+
+_THREAD_COMMS = {}
+
+
+def _with_fake_mpi(fn):
+    def rank(tc):
+        _THREAD_COMMS[threading.get_ident()] = tc
+        return fn(tc, _FakeMPIComm(tc))
+    return rank
+
+
+def test_mpicomm_collectives_over_a_fake_mpi(monkeypatch):
+    monkeypatch.setattr(D, "_import_mpi", lambda: _FakeMPI)
+
+    def rank(tc, fake):
+        comm = D.MPIComm(fake)
+        buf = np.arange(4.0) * (comm.rank + 1)
+        comm.allreduce_mean(buf)                              # (1 + 2) / 2 * arange
+        b = np.full(3, float(comm.rank))
+        comm.bcast(b, root=1)
+        with pytest.raises(ValueError, match="flat contiguous"):
+            comm.allreduce_sum(np.zeros((2, 2)))
+        return (comm.rank, comm.size, comm.local_rank, buf, b, comm.any_flag(comm.rank == 1),
+                comm.any_flag(False), comm.bcast_object({"r": comm.rank}, root=1))
+
+    for r, (rank_, size, local, buf, b, flag1, flag0, obj) in enumerate(_ok(2, _with_fake_mpi(rank))):
+        assert (rank_, size, local) == (r, 2, r)
+        np.testing.assert_array_equal(buf, 1.5 * np.arange(4.0))
+        np.testing.assert_array_equal(b, np.ones(3))
+        assert flag1 is True and flag0 is False and obj == {"r": 1}
+
+
+def test_ncclcomm_uses_the_local_gpu_and_rank0s_unique_id(monkeypatch):
+    log = []
+    for name, mod in _fake_cupy(2, log).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(D, "_import_mpi", lambda: _FakeMPI)
+
+    def rank(tc, fake):
+        comm = D.NCCLComm(fake)
+        g = _FakeDeviceArray(np.arange(5, dtype=np.float32) + 10 * comm.rank)
+        comm.allreduce_mean(g)
+        b = _FakeDeviceArray(np.full(2, comm.rank, np.float64))
+        comm.bcast(b, root=0)
+        with pytest.raises(TypeError, match="CuPy"):
+            comm.allreduce_sum(np.zeros(3))
+        return g.a, b.a
+
+    for g, b in _ok(2, _with_fake_mpi(rank)):
+        np.testing.assert_array_equal(g, np.arange(5, dtype=np.float32) + 5)
+        np.testing.assert_array_equal(b, np.zeros(2))
+    assert sorted(e for e in log if e[0] == "device") == [("device", 0, 0), ("device", 1, 1)]
+    uids = {e[2] for e in log if e[0] == "init"}
+    assert len(uids) == 1                                     # both ranks joined rank 0's NCCL id
+
+
+def test_ncclcomm_refuses_more_ranks_than_gpus(monkeypatch):
+    for name, mod in _fake_cupy(1, []).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(D, "_import_mpi", lambda: _FakeMPI)
+    _, errors = run_ranks(2, _with_fake_mpi(lambda tc, fake: D.NCCLComm(fake)))
+    assert all(isinstance(e, D.DistributedError) for e in errors)     # both ranks stop, none waits
+    assert "rank 1: local rank 1 on its node but the node has only 1 GPU" in str(errors[0])

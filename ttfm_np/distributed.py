@@ -197,17 +197,22 @@ class NCCLComm(MPIComm):
 
     def __init__(self, comm=None):
         super().__init__(comm)
+        problem = None
         try:
             import cupy
             from cupy.cuda import nccl
-        except Exception as exc:   # ImportError, or CuPy built without NCCL
-            raise DistributedError(f"--dist nccl needs CuPy with NCCL ({exc.__class__.__name__}: {exc}); "
-                                   "install `pip install -e .[gpu,mpi]` or use --dist mpi")
-        n_dev = cupy.cuda.runtime.getDeviceCount()
-        if self.local_rank >= n_dev:
-            raise DistributedError(f"rank {self.rank} is local rank {self.local_rank} on its node but the node has "
-                                   f"only {n_dev} GPU(s): start at most {n_dev} ranks per node "
-                                   "(mpiexec -ppn N) or use --dist mpi")
+            n_dev = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:   # ImportError, CuPy built without NCCL, or no CUDA driver
+            problem = (f"--dist nccl needs CuPy with NCCL and a GPU ({exc.__class__.__name__}: {exc}); "
+                       "install `pip install -e .[gpu,mpi]` or use --dist mpi")
+        else:
+            if self.local_rank >= n_dev:
+                problem = (f"local rank {self.local_rank} on its node but the node has only {n_dev} GPU(s): "
+                           f"start at most {n_dev} ranks per node (mpiexec -ppn {max(n_dev, 1)}) or use --dist mpi")
+        # decided together: a rank that raised alone would leave the others waiting for the NCCL id
+        problems = [(r, p) for r, p in enumerate(self.comm.allgather(problem)) if p]
+        if problems:
+            raise DistributedError("cannot start NCCL: " + "; ".join(f"rank {r}: {p}" for r, p in problems))
         cupy.cuda.Device(self.local_rank).use()      # before any array is created on this rank
         self.cupy, self.nccl_mod = cupy, nccl
         uid = nccl.get_unique_id() if self.rank == 0 else None

@@ -538,3 +538,26 @@ def test_ncclcomm_refuses_more_ranks_than_gpus(monkeypatch):
     _, errors = run_ranks(2, _with_fake_mpi(lambda tc, fake: D.NCCLComm(fake)))
     assert all(isinstance(e, D.DistributedError) for e in errors)     # both ranks stop, none waits
     assert "rank 1: local rank 1 on its node but the node has only 1 GPU" in str(errors[0])
+
+
+def test_setup_current_and_on_root(monkeypatch):
+    monkeypatch.setattr(D, "_CURRENT", None)
+    assert isinstance(D.current(), D.SingleProcess)
+    for var in D._SIZE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    comm = D.setup("none")
+    assert D.current() is comm
+    entered = []
+
+    class Ctx:
+        def __enter__(self):
+            entered.append(True)
+
+        def __exit__(self, *a):
+            pass
+
+    with D.on_root(Ctx):
+        pass
+    with D.on_root(Ctx, comm=ThreadComm(1, _Exchange(2))):       # rank 1: not entered
+        pass
+    assert entered == [True]

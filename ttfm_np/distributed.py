@@ -267,6 +267,35 @@ def get_communicator(kind: str = "auto", device: str | None = None):
     return NCCLComm()
 
 
+_CURRENT = None          # the process's communicator once setup() ran (one per process, like MPI itself)
+
+
+def setup(kind: str = "auto", device: str | None = None):
+    """get_communicator(kind, device), remembered as this process's communicator (see current()).
+
+    The CLI calls it once, before choosing the device; library code then finds it with
+    current() instead of threading a comm argument through every function.
+    """
+    global _CURRENT
+    _CURRENT = get_communicator(kind, device)
+    return _CURRENT
+
+
+def current():
+    """The communicator setup() chose, or SingleProcess when it was not called."""
+    return _CURRENT if _CURRENT is not None else SingleProcess()
+
+
+def on_root(make_context, *args, comm=None, **kwargs):
+    """make_context(*args, **kwargs) on rank 0 and a do-nothing context elsewhere.
+
+    For what exactly one process may hold, e.g. the run folder's lock:
+        with distributed.on_root(RunLock, out): ...
+    """
+    comm = comm or current()
+    return make_context(*args, **kwargs) if comm.is_root else contextlib.nullcontext()
+
+
 def _wants_gpu(device) -> bool:
     device = (device or os.environ.get("TTFM_DEVICE", "auto")).strip().lower()
     if device == "cpu":

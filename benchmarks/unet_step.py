@@ -120,7 +120,7 @@ def time_ours(cfg, batch, warmup, iters, xp):
         t0 = time.perf_counter()
         v, cache = model.model_forward(p, cfg, xt, t)
         loss, dv = flow.flow_matching_loss_and_grad(v, x0, x1)
-        _, g = model.model_backward(dv, cache, p, cfg)
+        _, g = model.model_backward(dv, cache)
         optim.adam_step(p, g, st, 1e-4)
         if backend.is_cupy(xp):
             xp.cuda.Device().synchronize()

@@ -76,8 +76,8 @@ def v1(inp):
 def v2(inp):
     x, Wqkv, bqkv, Wo, bo, heads, dy = inp
     y, cache = attention.attention_forward(x, Wqkv, bqkv, Wo, bo, heads)
-    dx, dWqkv, dbqkv, dWo, dbo = attention.attention_backward(dy, cache)
-    return y, dx, dWqkv, dbqkv, dWo, dbo
+    dx, g = attention.attention_backward(dy, cache)
+    return y, dx, g["qkv.weight"], g["qkv.bias"], g["proj.weight"], g["proj.bias"]
 
 
 if __name__ == "__main__":

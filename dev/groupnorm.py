@@ -48,8 +48,8 @@ def v1(inp):
     x, g, b, dy = inp
     z, cz = groupnorm.groupnorm_forward(x, g, b, G)
     y, cs = activations.silu_forward(z)
-    dx, dg, db = groupnorm.groupnorm_backward(activations.silu_backward(dy, cs), cz)
-    return y, dx, dg, db
+    dx, grads = groupnorm.groupnorm_backward(activations.silu_backward(dy, cs)[0], cz)
+    return y, dx, grads["gamma"], grads["beta"]
 
 
 @registry.version(2, "fused GroupNorm+SiLU, the formulas as read")
@@ -81,8 +81,8 @@ def v2(inp):
 def v3(inp):
     x, g, b, dy = inp
     y, c = groupnorm.groupnorm_forward(x, g, b, G, silu=True)
-    dx, dg, db = groupnorm.groupnorm_backward(dy, c)
-    return y, dx, dg, db
+    dx, grads = groupnorm.groupnorm_backward(dy, c)
+    return y, dx, grads["gamma"], grads["beta"]
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ttfm_np import losses, model, params as P, ttfm, unet  # noqa: E402
+from ttfm_np import flow, losses, model, params as P, ttfm, unet  # noqa: E402
 
 STEPS = (1e-2, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 H_REF = 1e-6
@@ -63,7 +63,7 @@ def batch(kind, n, seed=0):
     a, b = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
     s, t = np.minimum(a, b), np.maximum(a, b)
     t[0] = 1.0                                             # one pair ending at t = 1 (one-sided stencil)
-    x_s = ttfm.bcast(1 - s, x0) * x0 + ttfm.bcast(s, x1) * x1
+    x_s = flow.bcast(1 - s, x0) * x0 + flow.bcast(s, x1) * x1
     return x_s, s, t
 
 

@@ -38,8 +38,10 @@ def test_conv_cupy_matches_numpy(rng, k, stride, pad):
     yg, cg = conv.conv2d_forward(cp.asarray(x), cp.asarray(W), cp.asarray(b), stride, pad)
     assert _rel(yg, y) < 1e-5
     dy = rng.standard_normal(y.shape).astype(np.float32)
-    for a, g in zip(conv.conv2d_backward(dy, c), conv.conv2d_backward(cp.asarray(dy), cg)):
-        assert _rel(g, a) < 1e-5
+    (dx, grads), (dx_gpu, grads_gpu) = conv.conv2d_backward(dy, c), conv.conv2d_backward(cp.asarray(dy), cg)
+    assert _rel(dx_gpu, dx) < 1e-5 and set(grads_gpu) == set(grads) == {"weight", "bias"}
+    for k in grads:
+        assert _rel(grads_gpu[k], grads[k]) < 1e-5, k
     assert _rel(conv.im2col_cupy(cp.asarray(x), kh, kw, stride, pad), conv.im2col_numpy(x, kh, kw, stride, pad)) < 1e-6
 
 
@@ -55,5 +57,7 @@ def test_groupnorm_cupy_matches_numpy(rng, silu):
     yg, cg = groupnorm.groupnorm_forward(cp.asarray(x), cp.asarray(g), cp.asarray(b), 4, silu=silu)
     assert _rel(yg, y) < 1e-5
     dy = rng.standard_normal(y.shape).astype(np.float32)
-    for a, gg in zip(groupnorm.groupnorm_backward(dy, c), groupnorm.groupnorm_backward(cp.asarray(dy), cg)):
-        assert _rel(gg, a) < 1e-5
+    (dx, grads), (dx_gpu, grads_gpu) = groupnorm.groupnorm_backward(dy, c), groupnorm.groupnorm_backward(cp.asarray(dy), cg)
+    assert _rel(dx_gpu, dx) < 1e-5 and set(grads_gpu) == set(grads) == {"gamma", "beta"}
+    for k in grads:
+        assert _rel(grads_gpu[k], grads[k]) < 1e-5, k

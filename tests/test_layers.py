@@ -23,9 +23,10 @@ def test_linear_forward_and_grad(rng):
     y, cache = linear.linear_forward(x, W, b)
     np.testing.assert_allclose(y, np.einsum("abi,oi->abo", x, W) + b, rtol=1e-12)
     R = rng.standard_normal(y.shape)
-    dx, dW, db = linear.linear_backward(R, cache)
+    dx, grads = linear.linear_backward(R, cache)
+    assert set(grads) == {"weight", "bias"}
     loss = weighted_sum_loss(lambda: linear.linear_forward(x, W, b)[0], R)
-    check_gradients(loss, {"x": x, "W": W, "b": b}, {"x": dx, "W": dW, "b": db}, tol=TOL)
+    check_gradients(loss, {"x": x, "weight": W, "bias": b}, dict(grads, x=dx), tol=TOL)
 
 
 # ---------------------------------------------------------------------------- conv2d
@@ -56,9 +57,10 @@ def test_conv2d_forward_and_grad(rng, k, stride, pad, H, W):
     y, cache = conv.conv2d_forward(x, Wt, b, stride, pad)
     np.testing.assert_allclose(y, conv2d_reference(x, Wt, b, stride, pad), rtol=1e-10, atol=1e-12)
     R = rng.standard_normal(y.shape)
-    dx, dW, db = conv.conv2d_backward(R, cache)
+    dx, grads = conv.conv2d_backward(R, cache)
+    assert set(grads) == {"weight", "bias"}
     loss = weighted_sum_loss(lambda: conv.conv2d_forward(x, Wt, b, stride, pad)[0], R)
-    check_gradients(loss, {"x": x, "W": Wt, "b": b}, {"x": dx, "W": dW, "b": db}, tol=TOL)
+    check_gradients(loss, {"x": x, "weight": Wt, "bias": b}, dict(grads, x=dx), tol=TOL)
 
 
 def test_conv2d_float32_stays_float32(rng):
@@ -66,8 +68,8 @@ def test_conv2d_float32_stays_float32(rng):
     Wt = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     y, cache = conv.conv2d_forward(x, Wt, None, 1, 1)
     assert y.dtype == np.float32
-    dx, dW, db = conv.conv2d_backward(np.ones_like(y), cache)
-    assert dx.dtype == dW.dtype == np.float32 and db is None
+    dx, grads = conv.conv2d_backward(np.ones_like(y), cache)
+    assert dx.dtype == grads["weight"].dtype == np.float32 and set(grads) == {"weight"}   # no bias, no "bias"
 
 
 def test_conv2d_channel_mismatch_names_the_problem(rng):
@@ -100,9 +102,10 @@ def test_groupnorm_forward_and_grad(rng, silu):
         ref = ref / (1 + np.exp(-ref))
     np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-12)
     R = rng.standard_normal(y.shape)
-    dx, dg, db = groupnorm.groupnorm_backward(R, cache)
+    dx, grads = groupnorm.groupnorm_backward(R, cache)
+    assert set(grads) == {"gamma", "beta"}
     loss = weighted_sum_loss(lambda: groupnorm.groupnorm_forward(x, gamma, beta, 3, 1e-5, silu)[0], R)
-    check_gradients(loss, {"x": x, "gamma": gamma, "beta": beta}, {"x": dx, "gamma": dg, "beta": db}, tol=TOL)
+    check_gradients(loss, {"x": x, "gamma": gamma, "beta": beta}, dict(grads, x=dx), tol=TOL)
 
 
 def test_groupnorm_rejects_bad_groups(rng):
@@ -115,7 +118,8 @@ def test_silu_forward_and_grad(rng):
     y, cache = activations.silu_forward(x)
     np.testing.assert_allclose(y, x / (1 + np.exp(-x)), rtol=1e-12)
     R = rng.standard_normal(y.shape)
-    dx = activations.silu_backward(R, cache)
+    dx, grads = activations.silu_backward(R, cache)
+    assert grads == {}
     check_gradients(weighted_sum_loss(lambda: activations.silu_forward(x)[0], R), {"x": x}, {"x": dx}, tol=TOL)
 
 
@@ -156,10 +160,11 @@ def test_attention_forward_and_grad(rng, heads):
     y, cache = attention.attention_forward(x, Wqkv, bqkv, Wo, bo, heads)
     np.testing.assert_allclose(y, attention_reference(x, Wqkv, bqkv, Wo, bo, heads), rtol=1e-10, atol=1e-12)
     R = rng.standard_normal(y.shape)
-    dx, dWqkv, dbqkv, dWo, dbo = attention.attention_backward(R, cache)
+    dx, grads = attention.attention_backward(R, cache)
+    assert set(grads) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
     loss = weighted_sum_loss(lambda: attention.attention_forward(x, Wqkv, bqkv, Wo, bo, heads)[0], R)
-    check_gradients(loss, {"x": x, "Wqkv": Wqkv, "bqkv": bqkv, "Wo": Wo, "bo": bo},
-                    {"x": dx, "Wqkv": dWqkv, "bqkv": dbqkv, "Wo": dWo, "bo": dbo}, n_max=20, tol=TOL)
+    check_gradients(loss, {"x": x, "qkv.weight": Wqkv, "qkv.bias": bqkv, "proj.weight": Wo, "proj.bias": bo},
+                    dict(grads, x=dx), n_max=20, tol=TOL)
 
 
 # ---------------------------------------------------------------------------- resampling, dropout
@@ -169,7 +174,8 @@ def test_upsample_nearest(rng):
     y, cache = resample.upsample_nearest2x_forward(x)
     np.testing.assert_array_equal(y, x.repeat(2, axis=2).repeat(2, axis=3))
     R = rng.standard_normal(y.shape)
-    dx = resample.upsample_nearest2x_backward(R, cache)
+    dx, grads = resample.upsample_nearest2x_backward(R, cache)
+    assert grads == {}
     check_gradients(weighted_sum_loss(lambda: resample.upsample_nearest2x_forward(x)[0], R),
                     {"x": x}, {"x": dx}, tol=TOL)
 
@@ -179,24 +185,74 @@ def test_avgpool2x2(rng):
     y, cache = resample.avgpool2x2_forward(x)
     np.testing.assert_allclose(y[0, 1, 1, 2], x[0, 1, 2:4, 4:6].mean())
     R = rng.standard_normal(y.shape)
-    dx = resample.avgpool2x2_backward(R, cache)
+    dx, grads = resample.avgpool2x2_backward(R, cache)
+    assert grads == {}
     check_gradients(weighted_sum_loss(lambda: resample.avgpool2x2_forward(x)[0], R), {"x": x}, {"x": dx}, tol=TOL)
 
 
-def test_dropout_seeded_and_grad(rng):
+def test_dropout_mask_is_a_function_of_seed_site_and_index(rng):
     x = rng.standard_normal((50, 40))
-    y1, c1 = dropout.dropout_forward(x, 0.3, np.random.default_rng(7))
-    y2, _ = dropout.dropout_forward(x, 0.3, np.random.default_rng(7))
-    np.testing.assert_array_equal(y1, y2)                         # same seed, same mask
+    site = dropout.site_id("enc.8x8_block0")
+    y1, c1 = dropout.dropout_forward(x, 0.3, 7, site)
+    y2, _ = dropout.dropout_forward(x, 0.3, 7, site)
+    np.testing.assert_array_equal(y1, y2)                         # same (seed, site): same mask
+    assert (dropout.dropout_forward(x, 0.3, 8, site)[0] != y1).any()                            # other seed
+    assert (dropout.dropout_forward(x, 0.3, 7, dropout.site_id("enc.8x8_block1"))[0] != y1).any()   # other site
     kept = y1 != 0
-    assert 0.6 < kept.mean() < 0.8
     np.testing.assert_allclose(y1[kept], x[kept] / 0.7)
+    # the mask of element i is SplitMix64 output i of the (seed, site) stream: recompute a few
+    # entries with Python integers (independent of the vectorised uint64 code)
+    key = dropout.stream_key(7, site)
+    for i in rng.choice(x.size, 25, replace=False):
+        z = dropout.splitmix64_int(key + (int(i) + 1) * dropout.GOLDEN)
+        assert kept.flat[i] == ((z >> 11) * 2.0 ** -53 >= 0.3), i
+    # evaluation mode (seed None) and p = 0 are the identity
+    assert dropout.dropout_forward(x, 0.3, None, site)[0] is x
+    assert dropout.dropout_forward(x, 0.0, 7, site)[0] is x
     R = rng.standard_normal(x.shape)
-    dx = dropout.dropout_backward(R, c1)
-    loss = weighted_sum_loss(lambda: dropout.dropout_forward(x, 0.3, np.random.default_rng(7))[0], R)
+    dx, grads = dropout.dropout_backward(R, c1)
+    assert grads == {}
+    loss = weighted_sum_loss(lambda: dropout.dropout_forward(x, 0.3, 7, site)[0], R)
     check_gradients(loss, {"x": x}, {"x": dx}, n_max=30, tol=TOL)
     with pytest.raises(ValueError, match="dropout probability"):
-        dropout.dropout_forward(x, 1.0, rng)
+        dropout.dropout_forward(x, 1.0, 7, site)
+    for bad in (-1, 0.5, "3", True):
+        with pytest.raises(ValueError, match="dropout_seed"):
+            dropout.dropout_forward(x, 0.3, bad, site)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate(p):
+    """keep rate = 1 - p within 5 standard errors over 2^20 elements (binomial: sd = sqrt(p (1 - p) / n))."""
+    n = 1 << 20
+    for seed, site in [(0, 0), (123456789, dropout.site_id("dec.4x4_in0")), (2 ** 64 - 1, 1)]:
+        rate = dropout.keep_mask_numpy(n, p, dropout.stream_key(seed, site)).mean()
+        assert abs(rate - (1 - p)) < 5 * np.sqrt(p * (1 - p) / n), (seed, site, rate)
+
+
+def test_dropout_float32_scale_rounded_like_the_kernel(rng):
+    x = rng.standard_normal((6, 7)).astype(np.float32)
+    y, _ = dropout.dropout_forward(x, 0.3, 11, 5)
+    keep = dropout.keep_mask_numpy(x.size, 0.3, dropout.stream_key(11, 5)).reshape(x.shape)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, np.where(keep, x * np.float32(1 / 0.7), np.float32(0)))
+
+
+@pytest.mark.gpu
+def test_dropout_cupy_mask_equals_numpy(rng):
+    from ttfm_np import backend
+    if not backend.gpu_available():
+        pytest.skip(f"no usable GPU: {backend.gpu_problem()}")
+    import cupy as cp
+    site = dropout.site_id("enc.16x16_block1")
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((3, 5, 17, 19)).astype(dtype)
+        y, c = dropout.dropout_forward(x, 0.25, 2 ** 40 + 3, site)
+        yg, cg = dropout.dropout_forward(cp.asarray(x), 0.25, 2 ** 40 + 3, site)
+        np.testing.assert_array_equal(cp.asnumpy(yg), y)            # the same mask and the same rounding
+        R = rng.standard_normal(x.shape).astype(dtype)
+        np.testing.assert_array_equal(cp.asnumpy(dropout.dropout_backward(cp.asarray(R), cg)[0]),
+                                      dropout.dropout_backward(R, c)[0])
 
 
 # ---------------------------------------------------------------------------- time embedding
@@ -216,8 +272,8 @@ def test_time_embedding_grad(rng, two_time):
     t = np.minimum(s + rng.uniform(0, 0.5, 3), 1.0) if two_time else None
     e, cache = embedding.time_embedding_forward(p, "emb", s, t, 8)
     R = rng.standard_normal(e.shape)
-    grads = {}
-    embedding.time_embedding_backward(R, cache, "emb", grads)
+    d_times, grads = embedding.time_embedding_backward(R, cache)
+    assert d_times is None and set(grads) == set(p)                 # full names; no gradient w.r.t. times
     loss = weighted_sum_loss(lambda: embedding.time_embedding_forward(p, "emb", s, t, 8)[0], R)
     check_gradients(loss, p, grads, tol=TOL)
 

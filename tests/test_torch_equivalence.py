@@ -32,7 +32,7 @@ def test_network_matches_torch(rng, kind, two_time):
     t = np.clip(s + rng.uniform(0, 0.5, x.shape[0]), 0, 1) if two_time else None
     u, cache = model.model_forward(p, cfg, x, s, t)
     dout = rng.standard_normal(u.shape)
-    dx, grads = model.model_backward(dout, cache, p, cfg)
+    dx, grads = model.model_backward(dout, cache)
 
     net = tr.load_params(tr.build_torch_model(cfg).double(), p)
     xt = torch.tensor(x, requires_grad=True)

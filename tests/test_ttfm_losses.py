@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gradcheck import check_gradients
-from ttfm_np import losses, model, params as P, ttfm, unet
+from ttfm_np import flow, losses, model, params as P, ttfm, unet
 
 
 def _teacher(kind="mlp", seed=0):
@@ -24,7 +24,7 @@ def _batch(rng, shape, n):
     s, t = np.minimum(a, b), np.maximum(a, b)
     s[0] = t[0] = 0.4                                       # one pair with t = s
     t[1] = 1.0                                              # one pair ending at t = 1
-    x_s = ttfm.bcast(1 - s, x0) * x0 + ttfm.bcast(s, x1) * x1
+    x_s = flow.bcast(1 - s, x0) * x0 + flow.bcast(s, x1) * x1
     return x_s, s, t
 
 
@@ -108,6 +108,7 @@ def test_lfmd_semi_gradient_treats_teacher_output_as_constant(rng):
     check_gradients(f, sp, grads, n_max=4, tol=1e-6)
 
 
+@pytest.mark.slow
 def test_itvm_gradients_unet(rng):
     tp, tcfg = _teacher("unet")
     sp, scfg = ttfm.student_from_teacher(tp, tcfg)
@@ -222,3 +223,21 @@ def test_lfmd_step_option():
     for bad in (0.0, -1e-4, 0.5):
         with pytest.raises(ValueError, match="fd_step"):
             losses.DistillLossConfig(loss="lfmd", fd_step=bad).validate()
+
+
+def test_lfmd_with_dropout_sees_one_mask_per_seed(rng):
+    """LFMD's finite difference compares student evaluations at t +- h: with one dropout_seed
+    they share their masks, so the loss stays of the dropout-free size (different masks would
+    add (mask noise / h)^2, orders of magnitude larger), and a call is reproducible."""
+    tp, tcfg = _teacher("unet")
+    sp, scfg = ttfm.student_from_teacher(tp, tcfg)
+    scfg = type(scfg)(**dict(scfg.to_dict(), dropout=0.3, channel_mult=tuple(scfg.channel_mult),
+                             attn_resolutions=tuple(scfg.attn_resolutions)))
+    sp = P.randomize(sp, seed=5, std=0.3)
+    x_s, s, t = _batch(rng, (1, 8, 8), 3)
+    opts = losses.DistillLossConfig(loss="lfmd").validate()
+    run = lambda seed: losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts, seed)[0]
+    no_dropout, with_dropout = run(None), run(7)
+    assert with_dropout == run(7) and with_dropout != no_dropout
+    assert with_dropout < 10 * no_dropout, (with_dropout, no_dropout)
+

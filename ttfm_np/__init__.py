@@ -7,11 +7,14 @@ custom CUDA kernels (GPU). Start with:
     xp = backend.select_device("cpu")
     cfg = model.make_config("tiny", (3, 16, 16))
     p = model.init_model(cfg, seed=0)
-    u, cache = model.model_forward(p, cfg, x, t)
-    dx, grads = model.model_backward(du, cache, p, cfg)
+    u, cache = model.model_forward(p, cfg, x, t)                   # need_grad=False: (u, None)
+    dx, grads = model.model_backward(du, cache)
+
+Every backward has one shape: `dx, grads = thing_backward(dy, cache)`, grads
+a new dict (layers: local names like "weight"; blocks/networks: full names).
 
 One file per concept: linear, conv, groupnorm, activations, attention,
-resample, dropout, embedding, resblock, unet, mlp, model, optim, ckpt, data,
+resample, dropout, embedding, resblock, tape, unet, mlp, model, optim, ckpt, data,
 flow, train, ttfm, losses, inception, fid.
 """
 __version__ = "0.1.0"

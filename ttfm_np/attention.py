@@ -47,7 +47,9 @@ def attention_forward(x, W_qkv, b_qkv, W_out, b_out, heads: int):
 
 
 def attention_backward(dy, cache):
-    """-> dx, dW_qkv, db_qkv, dW_out, db_out."""
+    """dy (N, C, H, W) -> dx (N, C, H, W), grads with local names
+    {"qkv.weight": (3C, C), "qkv.bias": (3C,), "proj.weight": (C, C), "proj.bias": (C,)}
+    (the projections' names under the attention's prefix in a ResBlock)."""
     x3, q, k, v, P, o, W_qkv, W_out, heads, x_shape = cache
     xp = backend.array_module(dy)
     N, C, H, W = x_shape
@@ -72,4 +74,4 @@ def attention_backward(dy, cache):
     dW_qkv = xp.tensordot(dqkv, x3, axes=((0, 2), (0, 2)))          # (3C, C)
     db_qkv = dqkv.sum(axis=(0, 2))
     dx = xp.matmul(W_qkv.T, dqkv).reshape(x_shape)
-    return dx, dW_qkv, db_qkv, dW_out, db_out
+    return dx, {"qkv.weight": dW_qkv, "qkv.bias": db_qkv, "proj.weight": dW_out, "proj.bias": db_out}

@@ -197,15 +197,17 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
 
 
 def conv2d_backward(dy, cache):
-    """dy (N, O, Ho, Wo) -> dx (N, C, H, W), dW (O, C, kh, kw), db (O,) or None."""
+    """dy (N, O, Ho, Wo) -> dx (N, C, H, W), {"weight": dW (O, C, kh, kw)[, "bias": db (O,)]}."""
     saved, W, x_shape, stride, padding, has_bias = cache
     xp = backend.array_module(dy)
     N, O, Ho, Wo = dy.shape
     _, C, kh, kw = W.shape
     H, Wd = x_shape[2:]
     dY = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * Ho * Wo)
-    # Y += b          =>  db = sum of dY over samples and pixels
-    db = dY.sum(axis=1) if has_bias else None
+    grads = {}
+    if has_bias:
+        # Y += b          =>  db = sum of dY over samples and pixels
+        grads["bias"] = dY.sum(axis=1)
     if _uses_transposed_backward(xp, kh, kw, stride, padding):
         # y[n,o,i,j] = sum_{c,p,q} W[o,c,p,q] x[n,c,i+p-ph,j+q-pw]  =>
         # dx[n,c,a,b] = sum_{o,p',q'} Wf[c,o,p',q'] dy[n,o,a+p'-ph',b+q'-pw'],
@@ -232,6 +234,8 @@ def conv2d_backward(dy, cache):
         else:
             # Y = Wm @ cols   =>  dcols = Wm^T @ dY, then gather back to pixels (col2im)
             dcols = W.reshape(O, C * kh * kw).T @ dY     # (C*kh*kw, N*Ho*Wo)
-            return col2im(dcols, x_shape, kh, kw, stride, padding), dW, db
+            grads["weight"] = dW
+            return col2im(dcols, x_shape, kh, kw, stride, padding), grads
     dx = xp.ascontiguousarray(dX.reshape(C, N, H, Wd).transpose(1, 0, 2, 3))
-    return dx, xp.ascontiguousarray(dW), db
+    grads["weight"] = xp.ascontiguousarray(dW)
+    return dx, grads

@@ -22,7 +22,7 @@ import numpy as np
 from . import backend
 from .activations import silu_backward, silu_forward
 from .linear import linear_backward, linear_forward
-from .params import accumulate, linear_weight
+from .params import accumulate_all, linear_weight
 
 
 def sinusoidal_features(t, dim: int, scale: float = 1000.0, max_period: float = 10000.0):
@@ -56,39 +56,44 @@ def _mlp_forward(params, prefix, t, feat_dim, scale):
 
 
 def _mlp_backward(de, cache, prefix, grads):
+    """Adds E's parameter gradients into grads (E is evaluated twice in a two-time embedding)."""
     c0, cs, c1 = cache
     # e = fc1(a)
-    da, dW, db = linear_backward(de, c1)
-    accumulate(grads, f"{prefix}.fc1.weight", dW)
-    accumulate(grads, f"{prefix}.fc1.bias", db)
+    da, g = linear_backward(de, c1)
+    accumulate_all(grads, g, f"{prefix}.fc1")
     # a = silu(h)
-    dh = silu_backward(da, cs)
+    dh, _ = silu_backward(da, cs)
     # h = fc0(f)      (f depends on t only: no gradient needed)
-    _, dW, db = linear_backward(dh, c0)
-    accumulate(grads, f"{prefix}.fc0.weight", dW)
-    accumulate(grads, f"{prefix}.fc0.bias", db)
+    _, g = linear_backward(dh, c0)
+    accumulate_all(grads, g, f"{prefix}.fc0")
 
 
 def time_embedding_forward(params, prefix: str, s, t=None, feat_dim: int = 128, scale: float = 1000.0):
     """e = E(s) (one time) or E(s) + W_d E(t - s) (two times). s, t: (N,)."""
     e, cache_s = _mlp_forward(params, prefix, s, feat_dim, scale)
     if t is None:
-        return e, (cache_s, None, None)
+        return e, (prefix, cache_s, None, None)
     Wd = params.get(f"{prefix}.delta.weight")
     if Wd is None:
         raise ValueError("two times were given but the model has no delta projection "
                          "(it was built as a one-time teacher; use ttfm.student_from_teacher)")
     e_delta, cache_d = _mlp_forward(params, prefix, t - s, feat_dim, scale)
     proj, cache_p = linear_forward(e_delta, Wd)            # W_d E(t - s)
-    return e + proj, (cache_s, cache_d, cache_p)
+    return e + proj, (prefix, cache_s, cache_d, cache_p)
 
 
-def time_embedding_backward(de, cache, prefix: str, grads: dict):
-    """Accumulates the embedding's parameter gradients into grads (E is used twice)."""
-    cache_s, cache_d, cache_p = cache
+def time_embedding_backward(de, cache):
+    """de (N, emb_dim) -> (None, grads), grads with full names ({prefix}.fc0.weight, ...).
+
+    The input gradient is None: the times s, t are not trained and nothing
+    upstream needs d e / d s, so it is never computed.
+    """
+    prefix, cache_s, cache_d, cache_p = cache
+    grads = {}
     _mlp_backward(de, cache_s, prefix, grads)               # e = E(s) + ...
     if cache_d is not None:
         # e = ... + W_d E(t - s)
-        de_delta, dWd, _ = linear_backward(de, cache_p)
-        accumulate(grads, f"{prefix}.delta.weight", dWd)
-        _mlp_backward(de_delta, cache_d, prefix, grads)
+        de_delta, g = linear_backward(de, cache_p)
+        accumulate_all(grads, g, f"{prefix}.delta")
+        _mlp_backward(de_delta, cache_d, prefix, grads)    # E's second use: gradients add up
+    return None, grads

@@ -19,13 +19,14 @@ from . import backend
 SOLVERS = ("euler", "heun", "rk4")
 
 
-def _bcast(t, x):
+def bcast(t, x):
+    """Per-sample times (N,) -> (N, 1, ..., 1) to broadcast against x (N, ...)."""
     return t.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
 def interpolate(x0, x1, t):
     """x_t = (1 - t) x0 + t x1, with t (N,) broadcast over each sample."""
-    tb = _bcast(t, x0)
+    tb = bcast(t, x0)
     return (1 - tb) * x0 + tb * x1
 
 
@@ -109,7 +110,3 @@ def nfe(method: str, n_steps: int) -> int:
     """Network evaluations of n_steps steps (Heun evaluates twice every step, the last too)."""
     return {"euler": 1, "heun": 2, "rk4": 4}[method] * int(n_steps)
 
-
-def reference_solution(velocity_fn, x0, n_steps: int = 256):
-    """The evaluation's reference: Heun with many steps from t = 0 to 1."""
-    return solve_ode(velocity_fn, x0, n_steps=n_steps, method="heun")

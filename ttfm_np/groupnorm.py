@@ -160,8 +160,10 @@ def groupnorm_forward(x, gamma, beta, groups: int, eps: float = 1e-5, silu: bool
 
 
 def groupnorm_backward(dy, cache):
-    """-> dx (like x), dgamma (C,), dbeta (C,)."""
+    """-> dx (like x), {"gamma": dgamma (C,), "beta": dbeta (C,)}."""
     x, gamma, beta, mean, rstd, groups, silu = cache
     if backend.is_cupy(backend.array_module(x)):
-        return groupnorm_backward_cupy(dy, x, gamma, beta, mean, rstd, groups, silu)
-    return groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups, silu)
+        dx, dgamma, dbeta = groupnorm_backward_cupy(dy, x, gamma, beta, mean, rstd, groups, silu)
+    else:
+        dx, dgamma, dbeta = groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups, silu)
+    return dx, {"gamma": dgamma, "beta": dbeta}

@@ -15,13 +15,15 @@ def linear_forward(x, W, b=None):
 
 
 def linear_backward(dy, cache):
-    """dy: (..., out) -> dx (..., in), dW (out, in), db (out,) or None."""
+    """dy: (..., out) -> dx (..., in), {"weight": dW (out, in)[, "bias": db (out,)]}."""
     x, W, has_bias = cache
     n_out, n_in = W.shape
     # y = x @ W.T      =>  dx = dy @ W,  dW = dy^T x (summed over all leading dims)
     dx = dy @ W
     dy2 = dy.reshape(-1, n_out)        # (M, out), M = prod(leading dims)
     dW = dy2.T @ x.reshape(-1, n_in)   # (out, in)
-    # y += b           =>  db = sum of dy over every leading dim
-    db = dy2.sum(axis=0) if has_bias else None
-    return dx, dW, db
+    grads = {"weight": dW}
+    if has_bias:
+        # y += b           =>  db = sum of dy over every leading dim
+        grads["bias"] = dy2.sum(axis=0)
+    return dx, grads

@@ -22,8 +22,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from . import backend
+from .flow import bcast
 from .model import model_backward, model_forward
-from .ttfm import bcast, phi_backward, phi_forward
+from .ttfm import phi_backward, phi_forward
 
 LOSSES = ("itvm", "lfmd", "ecd")
 
@@ -90,9 +91,9 @@ def _add_grads(total, grads, scale=1.0):
 
 
 def teacher_velocity(teacher, x, t):
-    """v(x, t) of the frozen teacher, evaluation mode. teacher = (params, cfg)."""
+    """v(x, t) of the frozen teacher, evaluation mode, forward only. teacher = (params, cfg)."""
     params, cfg = teacher
-    return model_forward(params, cfg, x, t)[0]
+    return model_forward(params, cfg, x, t, need_grad=False)[0]
 
 
 # ----------------------------------------------------------------------------- ITVM
@@ -115,7 +116,7 @@ def itvm_terminal_target(ema, teacher, x_s, s, t, opts: DistillLossConfig):
     t_prime = itvm_target_times(s, t, opts)
     d = bcast(t - t_prime, x_s)
     # y = phi_{theta^-}(x_s, s, t')   (= x_s exactly where t' = s)
-    y, _ = phi_forward(ema[0], ema[1], x_s, s, t_prime)
+    y, _ = phi_forward(ema[0], ema[1], x_s, s, t_prime, need_grad=False)
     v1 = teacher_velocity(teacher, y, t_prime)
     if opts.target_solver == "euler":
         y_hat = y + d * v1                                     # y_hat = y + d v(y, t')
@@ -127,11 +128,13 @@ def itvm_terminal_target(ema, teacher, x_s, s, t, opts: DistillLossConfig):
     return (y_hat - x_s) / bcast(safe_gap, x_s)
 
 
-def itvm_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=None):
+def itvm_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout_seed=None):
     """ITVM loss and its gradient w.r.t. the student's parameters.
 
     student, ema, teacher: (params, cfg) pairs. Cost: 2 student forward+backward,
-    1 EMA forward, 2 teacher forwards (3 with Heun).
+    1 EMA forward, 2 teacher forwards (3 with Heun); the EMA and teacher
+    evaluations keep no cache, and the initial term's backward runs before the
+    terminal term's forwards, so at most one student cache is alive at a time.
     """
     params, cfg = student
     xp = backend.array_module(x_s)
@@ -139,20 +142,21 @@ def itvm_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=Non
     if opts.lambda_init > 0:
         # L_init = || u(x_s, s, s) - v(x_s, s) ||^2
         v_s = teacher_velocity(teacher, x_s, s)
-        u_init, c_init = model_forward(params, cfg, x_s, s, s, rng)
+        u_init, c_init = model_forward(params, cfg, x_s, s, s, dropout_seed)
         l_init, du = mse_and_grad(u_init, v_s)
-        _, g = model_backward(opts.lambda_init * du, c_init, params, cfg)
-        _add_grads(grads, g)
+        del v_s, u_init
+        _add_grads(grads, model_backward(opts.lambda_init * du, c_init)[1])
+        del c_init, du                                         # no init-term cache during the terminal term
         loss += opts.lambda_init * l_init
         metrics["loss_init"] = l_init
     if opts.lambda_term > 0:
         valid = (t - s > 0).astype(x_s.dtype)                  # the terminal term needs t > s
         u_tgt = itvm_terminal_target(ema, teacher, x_s, s, t, opts)
         # L_term = || u(x_s, s, t) - sg(u_tgt) ||^2
-        u_term, c_term = model_forward(params, cfg, x_s, s, t, rng)
+        u_term, c_term = model_forward(params, cfg, x_s, s, t, dropout_seed)
         l_term, du = mse_and_grad(u_term, u_tgt, weight=valid)
-        _, g = model_backward(opts.lambda_term * du, c_term, params, cfg)
-        _add_grads(grads, g)
+        del u_tgt, u_term
+        _add_grads(grads, model_backward(opts.lambda_term * du, c_term)[1])
         loss += opts.lambda_term * l_term
         metrics["loss_term"] = l_term
     metrics["loss"] = loss
@@ -178,7 +182,7 @@ def lfmd_fd_step(opts: DistillLossConfig, cfg) -> float:
     return LFMD_SCALE_H / float(cfg.time_scale)
 
 
-def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=None):
+def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout_seed=None):
     """Lagrangian map distillation: || d/dt phi(x_s, s, t) - v(phi(x_s, s, t), t) ||^2.
 
     d/dt phi by a second-order finite difference with step h (lfmd_fd_step):
@@ -189,8 +193,9 @@ def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=Non
     frac_t1 > 0 many pairs sit there). Written as one per-sample stencil
         dphi/dt ~ w_a phi(t_a) + w_b phi(t_b) + w_t phi(t),
     three student evaluations with gradient either way. All evaluations get the
-    same dropout argument, so they see the same dropout masks: a difference of two
-    evaluations with different masks would add mask noise / h.
+    same dropout_seed, so they see the same dropout masks (dropout.py: the mask is a
+    function of the seed): a difference of two evaluations with different masks
+    would add mask noise / h.
 
     Gradient through the teacher's input (opts.lfmd_teacher_grad, default True):
     the loss depends on theta also through phi inside v(phi, t); keeping that
@@ -208,27 +213,32 @@ def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=Non
     w_a = bcast(xp.where(inside, 1.0, -4.0).astype(x_s.dtype) / (2 * h), x_s)
     w_b = bcast(xp.where(inside, -1.0, 1.0).astype(x_s.dtype) / (2 * h), x_s)
     w_t = bcast(xp.where(inside, 0.0, 3.0).astype(x_s.dtype) / (2 * h), x_s)
-    phi_a, c_a = phi_forward(params, cfg, x_s, s, t_a, rng)
-    phi_b, c_b = phi_forward(params, cfg, x_s, s, t_b, rng)
-    phi_t, c_t = phi_forward(params, cfg, x_s, s, t, rng)
+    # phi(t) needs a backward only through the teacher's input or the one-sided stencil
+    phi_t_grad = opts.lfmd_teacher_grad or not bool(inside.all())
+    phi_a, c_a = phi_forward(params, cfg, x_s, s, t_a, dropout_seed)
+    phi_b, c_b = phi_forward(params, cfg, x_s, s, t_b, dropout_seed)
+    phi_t, c_t = phi_forward(params, cfg, x_s, s, t, dropout_seed, need_grad=phi_t_grad)
     dphi_dt = w_a * phi_a + w_b * phi_b + w_t * phi_t
-    v_out, c_v = model_forward(teacher[0], teacher[1], phi_t, t)
+    # the teacher's cache is kept only when its input gradient is needed
+    v_out, c_v = model_forward(teacher[0], teacher[1], phi_t, t, need_grad=opts.lfmd_teacher_grad)
     loss, dres = mse_and_grad(dphi_dt, v_out)                  # residual r = dphi_dt - v(phi_t)
     grads = {}
-    _add_grads(grads, phi_backward(w_a * dres, c_a, params, cfg)[1])
-    _add_grads(grads, phi_backward(w_b * dres, c_b, params, cfg)[1])
+    _add_grads(grads, phi_backward(w_a * dres, c_a)[1])
+    del c_a
+    _add_grads(grads, phi_backward(w_b * dres, c_b)[1])
+    del c_b
     dphi_t = w_t * dres                                        # phi_t's share of the stencil (0 inside)
     if opts.lfmd_teacher_grad:
         # r = ... - v(phi_t, t): the teacher's input gradient, parameters frozen
-        dphi_t = dphi_t + model_backward(-dres, c_v, teacher[0], teacher[1])[0]
-    if opts.lfmd_teacher_grad or not bool(inside.all()):
-        _add_grads(grads, phi_backward(dphi_t, c_t, params, cfg)[1])
+        dphi_t = dphi_t + model_backward(-dres, c_v)[0]
+    if phi_t_grad:
+        _add_grads(grads, phi_backward(dphi_t, c_t)[1])
     return loss, grads, {"loss": loss, "fd_step": h}
 
 
 # ----------------------------------------------------------------------------- ECD
 
-def ecd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=None):
+def ecd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout_seed=None):
     """Consistency-style initial-end distillation:
 
         s' = min(s + Delta, t),  x' = x_s + (s' - s) v(x_s, s)        (one teacher Euler step)
@@ -238,18 +248,21 @@ def ecd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=None
     xp = backend.array_module(x_s)
     s_next = xp.minimum(s + opts.delta, t)
     x_next = x_s + bcast(s_next - s, x_s) * teacher_velocity(teacher, x_s, s)
-    target, _ = phi_forward(ema[0], ema[1], x_next, s_next, t)
-    pred, c = phi_forward(params, cfg, x_s, s, t, rng)
+    target, _ = phi_forward(ema[0], ema[1], x_next, s_next, t, need_grad=False)
+    pred, c = phi_forward(params, cfg, x_s, s, t, dropout_seed)
     loss, dpred = mse_and_grad(pred, target)
-    _, grads = phi_backward(dpred, c, params, cfg)
+    _, grads = phi_backward(dpred, c)
     return loss, grads, {"loss": loss}
 
 
 LOSS_FUNCTIONS = {"itvm": itvm_loss, "lfmd": lfmd_loss, "ecd": ecd_loss}
 
 
-def distill_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, rng=None):
-    """Dispatch on opts.loss. ema=None (or opts.ema_target False) uses the live weights under sg."""
+def distill_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout_seed=None):
+    """Dispatch on opts.loss. ema=None (or opts.ema_target False) uses the live weights under sg.
+
+    dropout_seed: int or None; every student evaluation of one call uses it (same masks);
+    the teacher and the EMA target are evaluated without dropout and without caches."""
     if ema is None or not opts.ema_target:
         ema = student
-    return LOSS_FUNCTIONS[opts.loss](student, ema, teacher, x_s, s, t, opts, rng)
+    return LOSS_FUNCTIONS[opts.loss](student, ema, teacher, x_s, s, t, opts, dropout_seed)

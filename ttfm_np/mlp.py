@@ -17,7 +17,8 @@ import numpy as np
 from .activations import silu_backward, silu_forward
 from .embedding import init_time_embedding, time_embedding_backward, time_embedding_forward
 from .linear import linear_backward, linear_forward
-from .params import accumulate, linear_weight
+from .params import linear_weight
+from .tape import backprop, recorder
 
 
 @dataclass
@@ -33,6 +34,11 @@ class MLPConfig:
     @property
     def emb_dim(self) -> int:
         return 2 * self.emb_features
+
+    @property
+    def sample_shape(self) -> tuple:
+        """Shape of one data sample: (D,)."""
+        return (self.dim,)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -63,50 +69,46 @@ def init_mlp(cfg: MLPConfig, seed: int = 0):
     return p
 
 
-def mlp_forward(params, cfg: MLPConfig, x, s, t=None, rng=None):
-    """u(x, s[, t]); rng is accepted for interface parity with the U-Net (no dropout here)."""
+def mlp_forward(params, cfg: MLPConfig, x, s, t=None, dropout_seed=None, need_grad: bool = True):
+    """u(x, s[, t]) -> (u (N, D), cache). The MLP has no dropout: dropout_seed is accepted
+    for interface parity with the U-Net. need_grad=False returns (u, None) and keeps no cache."""
     if x.ndim != 2 or x.shape[1] != cfg.dim:
         raise ValueError(f"MLP built for inputs (N, {cfg.dim}), got {tuple(x.shape)}")
     if (t is not None) != cfg.two_time:
         raise ValueError("a two-time model needs both s and t; a one-time model takes only t"
                          if cfg.two_time else "this is a one-time (teacher) MLP: call it with one time")
-    e, c_emb = time_embedding_forward(params, "emb", s, t, cfg.emb_features, cfg.time_scale)
-    e_act, c_eact = silu_forward(e)
-    a, c_in = linear_forward(x, params["in.weight"], params["in.bias"])
-    b, c_in_emb = linear_forward(e_act, params["in_emb.weight"])
-    h, c_act = silu_forward(a + b)
-    layer_caches = [(c_in, c_in_emb, c_act)]
+    caches = {}                                  # layer name -> cache (stays empty when need_grad is False)
+    run = recorder(caches, need_grad)
+
+    e = run("emb", time_embedding_forward(params, "emb", s, t, cfg.emb_features, cfg.time_scale))
+    e_act = run("emb_act", silu_forward(e))
+    a = run("in", linear_forward(x, params["in.weight"], params["in.bias"]))
+    b = run("in_emb", linear_forward(e_act, params["in_emb.weight"]))
+    h = run("act0", silu_forward(a + b))
     for k in range(1, cfg.depth):
-        z, c_lin = linear_forward(h, params[f"hidden{k}.weight"], params[f"hidden{k}.bias"])
-        h, c_act = silu_forward(z)
-        layer_caches.append((c_lin, c_act))
-    u, c_out = linear_forward(h, params["out.weight"], params["out.bias"])
-    return u, (c_emb, c_eact, layer_caches, c_out)
+        z = run(f"hidden{k}", linear_forward(h, params[f"hidden{k}.weight"], params[f"hidden{k}.bias"]))
+        h = run(f"act{k}", silu_forward(z))
+    u = run("out", linear_forward(h, params["out.weight"], params["out.bias"]))
+    if not need_grad:
+        return u, None
+    return u, dict(layers=caches, depth=cfg.depth)
 
 
-def mlp_backward(du, cache, params, cfg: MLPConfig):
-    """du (N, D) -> dx (N, D), grads."""
-    c_emb, c_eact, layer_caches, c_out = cache
+def mlp_backward(du, cache):
+    """du (N, D) -> dx (N, D), grads (dict like params, full names)."""
+    caches = cache["layers"]
     grads = {}
+    back = backprop(caches, grads)               # grads[layer name.key] += the layer's local grads
+
     # u = W_out h + b_out
-    dh, dW, db = linear_backward(du, c_out)
-    accumulate(grads, "out.weight", dW)
-    accumulate(grads, "out.bias", db)
-    for k in reversed(range(1, cfg.depth)):
-        c_lin, c_act = layer_caches[k]
+    dh = back("out", du, linear_backward)
+    for k in reversed(range(1, cache["depth"])):
         # h_k = silu(W_k h_{k-1} + b_k)
-        dz = silu_backward(dh, c_act)
-        dh, dW, db = linear_backward(dz, c_lin)
-        accumulate(grads, f"hidden{k}.weight", dW)
-        accumulate(grads, f"hidden{k}.bias", db)
-    c_in, c_in_emb, c_act = layer_caches[0]
+        dh = back(f"hidden{k}", back(f"act{k}", dh, silu_backward), linear_backward)
     # h0 = silu(W_in x + b_in + W_emb silu(e))
-    dz = silu_backward(dh, c_act)
-    dx, dW, db = linear_backward(dz, c_in)
-    accumulate(grads, "in.weight", dW)
-    accumulate(grads, "in.bias", db)
-    de_act, dW, _ = linear_backward(dz, c_in_emb)
-    accumulate(grads, "in_emb.weight", dW)
-    de = silu_backward(de_act, c_eact)
-    time_embedding_backward(de, c_emb, "emb", grads)
+    dz = back("act0", dh, silu_backward)
+    dx = back("in", dz, linear_backward)
+    de_act = back("in_emb", dz, linear_backward)
+    # silu(e), e = E(s) [+ W_d E(t - s)]   (no gradient w.r.t. the times)
+    back("emb", back("emb_act", de_act, silu_backward), time_embedding_backward, full_names=True)
     return dx, grads

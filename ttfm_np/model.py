@@ -2,12 +2,19 @@
 
     cfg    = config_from_dict(d)           # d["kind"] is "unet" or "mlp"
     params = init_model(cfg, seed)
-    u, cache = model_forward(params, cfg, x, s, t=None, rng=None)
-    dx, grads = model_backward(du, cache, params, cfg)
+    u, cache = model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad=True)
+    dx, grads = model_backward(du, cache)
 
 t=None evaluates a one-time (teacher) network v(x, s); with t the two-time
 student's u(x, s, t). The cache is the caller's: evaluate as many times as you
-like, then call the backward of whichever evaluations need gradients.
+like, then call the backward of whichever evaluations need gradients. It holds
+everything the backward needs (the config included), so the backward takes
+nothing else. need_grad=False (teacher, EMA targets, sampling) returns
+(u, None) and keeps no layer's cache alive while it runs.
+
+dropout_seed: an int, or None for evaluation mode (no dropout). The dropout
+masks are a pure function of (dropout_seed, layer, element) (dropout.py), so
+every evaluation given the same dropout_seed drops the same units.
 """
 from __future__ import annotations
 
@@ -49,13 +56,18 @@ def init_model(cfg, seed: int = 0):
     return unet.init_unet(cfg, seed) if cfg.kind == "unet" else mlp.init_mlp(cfg, seed)
 
 
-def model_forward(params, cfg, x, s, t=None, rng=None):
-    if cfg.kind == "unet":
-        return unet.unet_forward(params, cfg, x, s, t, rng)
-    return mlp.mlp_forward(params, cfg, x, s, t, rng)
+def model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad: bool = True):
+    """u(x, s[, t]) -> (u, cache), or (u, None) when need_grad is False."""
+    forward = unet.unet_forward if cfg.kind == "unet" else mlp.mlp_forward
+    u, cache = forward(params, cfg, x, s, t, dropout_seed, need_grad)
+    return u, (None if cache is None else (cfg.kind, cache))
 
 
-def model_backward(du, cache, params, cfg):
-    if cfg.kind == "unet":
-        return unet.unet_backward(du, cache, params, cfg)
-    return mlp.mlp_backward(du, cache, params, cfg)
+def model_backward(du, cache):
+    """du (like u) -> dx (like x), grads (dict like params)."""
+    if cache is None:
+        raise ValueError("this evaluation kept no cache: call model_forward with need_grad=True "
+                         "for evaluations that need a backward")
+    kind, net_cache = cache
+    backward = unet.unet_backward if kind == "unet" else mlp.mlp_backward
+    return backward(du, net_cache)

@@ -82,3 +82,11 @@ def accumulate(grads: dict, name: str, g):
         grads[name] = grads[name] + g
     else:
         grads[name] = g
+
+
+def accumulate_all(grads: dict, sub: dict, prefix: str = ""):
+    """Add a sublayer's gradients (local names, e.g. {"weight": .., "bias": ..}) into
+    grads under "{prefix}.{name}"; entries already there add up (shared weights)."""
+    for name, g in sub.items():
+        accumulate(grads, f"{prefix}.{name}" if prefix else name, g)
+    return grads

@@ -22,7 +22,7 @@ def upsample_nearest2x_forward(x):
 def upsample_nearest2x_backward(dy, cache):
     N, C, H, W = cache
     # every x entry was copied to a 2x2 block: its gradient is the block's sum
-    return dy.reshape(N, C, H, 2, W, 2).sum(axis=(3, 5))
+    return dy.reshape(N, C, H, 2, W, 2).sum(axis=(3, 5)), {}     # no parameters
 
 
 def avgpool2x2_forward(x):
@@ -37,4 +37,4 @@ def avgpool2x2_backward(dy, cache):
     N, C, H, W = cache
     # y = mean of a 2x2 block  =>  each block entry gets dy / 4
     d = xp.broadcast_to(dy[:, :, :, None, :, None] * 0.25, (N, C, H // 2, 2, W // 2, 2))
-    return d.reshape(N, C, H, W)
+    return d.reshape(N, C, H, W), {}

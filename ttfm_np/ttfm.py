@@ -15,13 +15,8 @@ from __future__ import annotations
 import dataclasses
 
 from . import backend
-from .flow import make_grid
+from .flow import bcast, make_grid
 from .model import model_backward, model_forward
-
-
-def bcast(t, x):
-    """Per-sample times (N,) -> (N, 1, ..., 1) to broadcast against x (N, ...)."""
-    return t.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
 def student_config(teacher_cfg):
@@ -41,17 +36,21 @@ def student_from_teacher(teacher_params, teacher_cfg):
     return params, cfg
 
 
-def phi_forward(params, cfg, x, s, t, rng=None):
-    """phi(x, s, t) = x + (t - s) u(x, s, t). x (N, ...), s, t (N,). Returns (phi, cache)."""
-    u, cache = model_forward(params, cfg, x, s, t, rng)
+def phi_forward(params, cfg, x, s, t, dropout_seed=None, need_grad: bool = True):
+    """phi(x, s, t) = x + (t - s) u(x, s, t). x (N, ...), s, t (N,).
+
+    Returns (phi, cache), or (phi, None) when need_grad is False (see model_forward)."""
+    u, cache = model_forward(params, cfg, x, s, t, dropout_seed, need_grad)
     gap = bcast(t - s, x)
-    return x + gap * u, (cache, gap)
+    return x + gap * u, ((cache, gap) if need_grad else None)
 
 
-def phi_backward(dphi, cache, params, cfg):
-    """-> dx, grads. phi = x + gap * u(x)  =>  dx = dphi + du/dx^T (gap * dphi)."""
+def phi_backward(dphi, cache):
+    """-> dx, grads.  phi = x + gap * u(x)  =>  dx = dphi + du/dx^T (gap * dphi)."""
+    if cache is None:
+        raise ValueError("this evaluation kept no cache: call phi_forward with need_grad=True")
     net_cache, gap = cache
-    dx_net, grads = model_backward(gap * dphi, net_cache, params, cfg)
+    dx_net, grads = model_backward(gap * dphi, net_cache)
     return dphi + dx_net, grads
 
 
@@ -65,5 +64,5 @@ def sample(params, cfg, x, n_steps: int | None = None, grid=None):
     for a, b in zip(g[:-1], g[1:]):
         s = xp.full((x.shape[0],), a, dtype=x.dtype)
         t = xp.full((x.shape[0],), b, dtype=x.dtype)
-        x, _ = phi_forward(params, cfg, x, s, t)
+        x, _ = phi_forward(params, cfg, x, s, t, need_grad=False)
     return x

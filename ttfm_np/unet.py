@@ -22,7 +22,6 @@ computed once by `layout(cfg)` and drives init, forward and backward alike.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +31,8 @@ from .activations import silu_backward, silu_forward
 from .conv import conv2d_backward, conv2d_forward
 from .embedding import init_time_embedding, time_embedding_backward, time_embedding_forward
 from .groupnorm import groupnorm_backward, groupnorm_forward
-from .params import accumulate, conv_weight
+from .params import conv_weight
+from .tape import backprop, recorder
 from .resample import upsample_nearest2x_backward, upsample_nearest2x_forward
 from .resblock import init_resblock, norm_groups, resblock_backward, resblock_forward
 
@@ -50,6 +50,11 @@ class UNetConfig:
     two_time: bool = False               # student (s, t) or teacher (t only)
     time_scale: float = 1000.0           # sinusoidal features of time_scale * t
     kind: str = field(default="unet", repr=False)
+
+    @property
+    def sample_shape(self) -> tuple:
+        """Shape of one data sample: (C, R, R)."""
+        return (self.in_channels, self.resolution, self.resolution)
 
     @property
     def emb_dim(self) -> int:
@@ -138,8 +143,7 @@ def init_unet(cfg: UNetConfig, seed: int = 0):
     enc, dec, cout = layout(cfg)
     for e in enc + dec:
         if e["kind"] == "block":
-            p.update(init_resblock(rng, e["name"], e["cin"], e["cout"], cfg.emb_dim, e["attention"],
-                                   cfg.head_channels))
+            p.update(init_resblock(rng, e["name"], e["cin"], e["cout"], cfg.emb_dim, e["attention"]))
         else:  # conv / down / up: a 3x3 conv
             p[f"{e['name']}.weight"] = conv_weight(rng, e["cout"], e["cin"], 3)
             p[f"{e['name']}.bias"] = np.zeros(e["cout"], f32)
@@ -150,8 +154,13 @@ def init_unet(cfg: UNetConfig, seed: int = 0):
     return p
 
 
-def unet_forward(params, cfg: UNetConfig, x, s, t=None, rng=None):
-    """u(x, s[, t]). x (N, C, R, R); s, t (N,). rng: dropout Generator (None = eval mode)."""
+def unet_forward(params, cfg: UNetConfig, x, s, t=None, dropout_seed=None, need_grad: bool = True):
+    """u(x, s[, t]). x (N, C, R, R); s, t (N,) -> (u (N, C, R, R), cache).
+
+    dropout_seed: int (the same int gives the same dropout masks), or None for
+    evaluation mode. need_grad=False returns (u, None) and keeps no layer's
+    cache (a forward-only pass holds the activations and the skip stack, no more).
+    """
     if x.shape[1:] != (cfg.in_channels, cfg.resolution, cfg.resolution):
         raise ValueError(f"U-Net built for inputs (N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}), "
                          f"got {tuple(x.shape)}")
@@ -159,89 +168,78 @@ def unet_forward(params, cfg: UNetConfig, x, s, t=None, rng=None):
         raise ValueError("a two-time model needs both s and t; a one-time model takes only t"
                          if cfg.two_time else "this is a one-time (teacher) U-Net: call it with one time")
     enc, dec, _ = layout(cfg)
-    emb, c_emb = time_embedding_forward(params, "emb", s, t, cfg.model_channels, cfg.time_scale)
-    emb_act, c_emb_act = silu_forward(emb)
+    caches = {}                                  # layer name -> cache (stays empty when need_grad is False)
+    run = recorder(caches, need_grad)
+
+    block = dict(head_channels=cfg.head_channels, dropout=cfg.dropout, dropout_seed=dropout_seed,
+                 need_grad=need_grad)
+    emb = run("emb", time_embedding_forward(params, "emb", s, t, cfg.model_channels, cfg.time_scale))
+    emb_act = run("emb_act", silu_forward(emb))
     h = x
-    skips, enc_caches, dec_caches = [], [], []
+    skips = []                                   # (encoder layer name, its output), a stack
     for e in enc:
         n = e["name"]
         if e["kind"] == "block":
-            h, c = resblock_forward(params, n, h, emb_act, attention=e["attention"],
-                                    head_channels=cfg.head_channels, dropout=cfg.dropout, rng=rng)
+            h = run(n, resblock_forward(params, n, h, emb_act, attention=e["attention"], **block))
         else:
             stride = 2 if e["kind"] == "down" else 1
-            h, c = conv2d_forward(h, params[f"{n}.weight"], params[f"{n}.bias"], stride, 1)
-        enc_caches.append(c)
-        skips.append(h)
+            h = run(n, conv2d_forward(h, params[f"{n}.weight"], params[f"{n}.bias"], stride, 1))
+        skips.append((n, h))
     xp = backend.array_module(x)
+    concats = {}                                 # decoder block -> (channels of h before the concat, skip's layer)
     for e in dec:
         n = e["name"]
         if e["kind"] == "up":
-            h, c_up = upsample_nearest2x_forward(h)
-            h, c_conv = conv2d_forward(h, params[f"{n}.weight"], params[f"{n}.bias"], 1, 1)
-            dec_caches.append((c_up, c_conv))
+            h = run(f"{n}.upsample", upsample_nearest2x_forward(h))
+            h = run(n, conv2d_forward(h, params[f"{n}.weight"], params[f"{n}.bias"], 1, 1))
             continue
-        split, skip_index = None, None
         if e["skip"]:
-            skip_index = len(skips) - 1
-            split = h.shape[1]                            # channels of h before the concat
-            h = xp.concatenate([h, skips.pop()], axis=1)  # (N, split + C_skip, r, r)
-        h, c = resblock_forward(params, n, h, emb_act, attention=e["attention"],
-                                head_channels=cfg.head_channels, dropout=cfg.dropout, rng=rng)
-        dec_caches.append((c, split, skip_index))
-    h, c_norm = groupnorm_forward(h, params["out.norm.gamma"], params["out.norm.beta"],
-                                  norm_groups(h.shape[1]), silu=True)
-    out, c_out = conv2d_forward(h, params["out.conv.weight"], params["out.conv.bias"], 1, 1)
-    return out, (c_emb, c_emb_act, enc_caches, dec_caches, c_norm, c_out)
+            skip_name, skip = skips.pop()
+            concats[n] = (h.shape[1], skip_name)               # the concat's split point, recorded
+            h = xp.concatenate([h, skip], axis=1)              # (N, split + C_skip, r, r)
+        h = run(n, resblock_forward(params, n, h, emb_act, attention=e["attention"], **block))
+    assert not skips, "every encoder output must be consumed by a decoder block"
+    h = run("out.norm", groupnorm_forward(h, params["out.norm.gamma"], params["out.norm.beta"],
+                                          norm_groups(h.shape[1]), silu=True))
+    out = run("out.conv", conv2d_forward(h, params["out.conv.weight"], params["out.conv.bias"], 1, 1))
+    if not need_grad:
+        return out, None
+    return out, dict(layers=caches, concats=concats, cfg=cfg)
 
 
-def unet_backward(dout, cache, params, cfg: UNetConfig):
-    """dout (N, C, R, R) -> dx (N, C, R, R), grads (dict like params)."""
-    c_emb, c_emb_act, enc_caches, dec_caches, c_norm, c_out = cache
-    enc, dec, _ = layout(cfg)
+def unet_backward(dout, cache):
+    """dout (N, C, R, R) -> dx (N, C, R, R), grads (dict like params, full names)."""
+    caches, concats = cache["layers"], cache["concats"]
+    enc, dec, _ = layout(cache["cfg"])
     grads = {}
+    back = backprop(caches, grads)               # grads[layer name.key] += the layer's local grads
     # out = conv(silu(norm(h)))
-    dh, dW, db = conv2d_backward(dout, c_out)
-    accumulate(grads, "out.conv.weight", dW)
-    accumulate(grads, "out.conv.bias", db)
-    dh, dg, db = groupnorm_backward(dh, c_norm)
-    accumulate(grads, "out.norm.gamma", dg)
-    accumulate(grads, "out.norm.beta", db)
-    d_emb_act = 0
-    d_skips = {}                                         # skip index -> gradient
-    for e, c in zip(reversed(dec), reversed(dec_caches)):
+    dh = back("out.norm", back("out.conv", dout, conv2d_backward), groupnorm_backward)
+    d_emb_act = 0                                # every block reads emb_act: its gradients add up
+    d_skips = {}                                         # encoder layer name -> gradient of its output
+    for e in reversed(dec):
         n = e["name"]
         if e["kind"] == "up":
-            c_up, c_conv = c
-            dh, dW, db = conv2d_backward(dh, c_conv)
-            accumulate(grads, f"{n}.weight", dW)
-            accumulate(grads, f"{n}.bias", db)
-            dh = upsample_nearest2x_backward(dh, c_up)
+            # h = conv(upsample(h))
+            dh = back(f"{n}.upsample", back(n, dh, conv2d_backward), upsample_nearest2x_backward)
             continue
-        c_block, split, skip_index = c
-        dh, de = resblock_backward(dh, c_block, params, n, grads)
+        # h = block(h, emb_act)      (a ResBlock's grads carry full names already)
+        dh, de = back(n, dh, resblock_backward, full_names=True)
         d_emb_act = d_emb_act + de
-        if split is not None:
+        if e["skip"]:
             # h = concatenate([h, skip], axis=1): split the gradient at the recorded point
-            d_skips[skip_index] = dh[:, split:]
+            split, skip_name = concats[n]
+            d_skips[skip_name] = dh[:, split:]
             dh = dh[:, :split]
-    for i in reversed(range(len(enc))):
-        e, c = enc[i], enc_caches[i]
+    for e in reversed(enc):
         n = e["name"]
-        dh = dh + d_skips.pop(i)                          # every encoder output was also a skip
+        dh = dh + d_skips.pop(n)                         # every encoder output was also a skip
         if e["kind"] == "block":
-            dh, de = resblock_backward(dh, c, params, n, grads)
+            dh, de = back(n, dh, resblock_backward, full_names=True)
             d_emb_act = d_emb_act + de
         else:
-            dh, dW, db = conv2d_backward(dh, c)
-            accumulate(grads, f"{n}.weight", dW)
-            accumulate(grads, f"{n}.bias", db)
+            dh = back(n, dh, conv2d_backward)
     assert not d_skips, "every skip gradient must be consumed"
-    # emb_act = silu(emb); emb = E(s) [+ W_d E(t - s)]
-    d_emb = silu_backward(d_emb_act, c_emb_act)
-    time_embedding_backward(d_emb, c_emb, "emb", grads)
+    # emb_act = silu(emb); emb = E(s) [+ W_d E(t - s)]   (no gradient w.r.t. the times)
+    back("emb", back("emb_act", d_emb_act, silu_backward), time_embedding_backward, full_names=True)
     return dh, grads
-
-
-def config_json(cfg: UNetConfig) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True)

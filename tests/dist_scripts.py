@@ -1,6 +1,7 @@
 """Programs that tests/test_distributed.py runs under `mpiexec -n K` (or plainly, K = 1).
 
     python tests/dist_scripts.py fid OUT.npz
+    python tests/dist_scripts.py train teacher|itvm OUT STEPS [resume]
 """
 from __future__ import annotations
 
@@ -29,5 +30,35 @@ def fid(out):
         np.savez(out, mu=st.mu, sigma=st.sigma, n=st.n)
 
 
+def train(kind, out, steps, resume=""):
+    """A float64 MLP run on toy data (teacher, or ITVM from a fixed random teacher), global batch 8."""
+    from ttfm_np import backend, losses, model, ttfm, train as T
+    from ttfm_np.data import BatchIterator, make_toy
+    from ttfm_np.objectives import DistillObjective, FlowMatchingObjective
+
+    comm = D.setup("auto", device="cpu")
+    xp = backend.select_device("cpu")
+    tcfg = T.TrainConfig(steps=int(steps), batch_size=8, lr=1e-2, warmup=0, grad_clip=1.0, ema_decay=0.9,
+                         seed=3, log_every=1, ckpt_every=2, sample_every=0, dtype="float64")
+    data = make_toy("moons", 256, 0).astype(np.float64)
+    teacher_cfg = model.make_config("mlp-tiny", (2,))
+    if kind == "teacher":
+        cfg, init = teacher_cfg, model.init_model(teacher_cfg, 5)
+        objective = FlowMatchingObjective(cfg, sample_kind="toy")
+    else:
+        tp = model.init_model(teacher_cfg, 11)
+        tp["out.weight"] = np.random.default_rng(12).standard_normal(tp["out.weight"].shape)   # a non-zero field
+        teacher = ({k: xp.asarray(v, np.float64) for k, v in tp.items()}, teacher_cfg)
+        init, cfg = ttfm.student_from_teacher(tp, teacher_cfg)               # as pipeline.distill starts
+        objective = DistillObjective(cfg, teacher, losses.DistillLossConfig(loss="itvm"), sample_kind="toy")
+    objective.save_samples = lambda params, path: None          # no pictures: the test is about the numbers
+    try:
+        T.train_loop(out, model_cfg=cfg, init_params=init, objective=objective,
+                     data_iter=BatchIterator(data, tcfg.batch_size, seed=tcfg.seed), tcfg=tcfg,
+                     run_config={"data": "toy:moons", "kind": kind}, resume=bool(resume), progress=False, xp=xp)
+    except T.Interrupted as exc:
+        sys.exit(exc.exit_code)
+
+
 if __name__ == "__main__":
-    {"fid": fid}[sys.argv[1]](*sys.argv[2:])
+    {"fid": fid, "train": train}[sys.argv[1]](*sys.argv[2:])

@@ -309,16 +309,19 @@ def _wants_gpu(device) -> bool:
         return False
 
 
-def fail_together(comm):
+def fail_together(comm, coordinated=()):
     """Context manager: an exception (or a non-zero exit) on this rank aborts every rank.
 
     Without it a rank that fails while the others wait in an all-reduce leaves them
-    blocked forever. With K = 1 it does nothing.
+    blocked forever. Exceptions of the `coordinated` types are raised by all ranks
+    together and pass through without an abort. With K = 1 it does nothing.
     """
     @contextlib.contextmanager
     def guard():
         try:
             yield
+        except tuple(coordinated):
+            raise
         except SystemExit as exc:
             if exc.code not in (None, 0):
                 comm.abort_on_exit(1)
@@ -329,16 +332,23 @@ def fail_together(comm):
     return guard()
 
 
-def with_comm_guard(fn):
-    """Decorator: run fn(..., comm=...) inside fail_together(comm) when comm has K > 1 ranks."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        comm = kwargs.get("comm")
-        if comm is None or comm.size == 1:
-            return fn(*args, **kwargs)
-        with fail_together(comm):
-            return fn(*args, **kwargs)
-    return wrapper
+def with_comm_guard(coordinated=()):
+    """Decorator: run fn(..., comm=None) inside fail_together(comm or current()) when K > 1.
+
+    coordinated: exception types that every rank raises at the same point (decided on
+    all-reduced numbers, e.g. the training loop's divergence and stop): they end the
+    ranks normally instead of aborting the job.
+    """
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            comm = kwargs.get("comm") or current()
+            if comm.size == 1:
+                return fn(*args, **kwargs)
+            with fail_together(comm, coordinated):
+                return fn(*args, **kwargs)
+        return wrapper
+    return decorate
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -128,26 +128,30 @@ def worker(model_name: str, batch: int, warmup: int, iters: int, out: str):
 @click.option("--model", "model_name", type=click.Choice(["tiny", "small", "cifar10"]), default="small")
 @click.option("--batch", type=click.IntRange(1), default=16, help="global batch (split over the ranks)")
 @click.option("--ranks", default="1,2", help="comma-separated K values to measure")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="BLAS threads per rank (default: cores / K, so that K ranks use the cores once)")
 @click.option("--warmup", type=click.IntRange(0), default=1)
 @click.option("--iters", type=click.IntRange(1), default=3)
 @click.option("--model-only", is_flag=True, help="print only the modelled cifar10 GPU table")
 @click.option("--model-batch", type=click.IntRange(1), default=128, help="global batch of the model table")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="append JSON lines here")
 @click.option("--worker-out", hidden=True, default=None)
-def main(model_name, batch, ranks, warmup, iters, model_only, model_batch, json_out, worker_out):
+def main(model_name, batch, ranks, threads, warmup, iters, model_only, model_batch, json_out, worker_out):
     if worker_out:
         return worker(model_name, batch, warmup, iters, worker_out)
     if model_only:
         return print_model(model_batch)
     cores = os.cpu_count() or 1
     click.echo(f"{model_name} U-Net, global batch {batch}, {cores} cores; median of {iters} steps after {warmup}")
-    click.echo("| ranks | rows per rank | BLAS threads per rank | step (s) | of which all-reduce (s) | speed-up |")
-    click.echo("|---|---|---|---|---|---|")
+    click.echo("| ranks | rows per rank | BLAS threads per rank | step (s) | of which all-reduce (s) | speed-up "
+               "| load average before |")
+    click.echo("|---|---|---|---|---|---|---|")
     base = None
     for k in [int(v) for v in ranks.split(",")]:
         out = os.path.join(ROOT, f".scaling_ranks_{os.getpid()}_{k}.json")
-        threads = max(1, cores // k)
-        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), TTFM_DEVICE="cpu")
+        nthreads = threads or max(1, cores // k)
+        load = os.getloadavg()[0]            # other processes on the machine distort the timing: report them
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(nthreads), OMP_NUM_THREADS=str(nthreads), TTFM_DEVICE="cpu")
         args = [sys.executable, os.path.abspath(__file__), "--model", model_name, "--batch", str(batch),
                 "--warmup", str(warmup), "--iters", str(iters), "--worker-out", out]
         cmd = args if k == 1 else ["mpiexec", "-n", str(k)] + args
@@ -156,11 +160,12 @@ def main(model_name, batch, ranks, warmup, iters, model_only, model_batch, json_
             rec = json.load(f)
         os.remove(out)
         base = base or rec["step_s"]
-        click.echo(f"| {k} | {rec['per_rank_batch']} | {threads} | {rec['step_s']:.3f} | {rec['allreduce_s']:.4f} | "
-                   f"{base / rec['step_s']:.2f} |")
+        click.echo(f"| {k} | {rec['per_rank_batch']} | {nthreads} | {rec['step_s']:.3f} | {rec['allreduce_s']:.4f} | "
+                   f"{base / rec['step_s']:.2f} | {load:.1f} |")
         if json_out:
             with open(json_out, "a") as f:
-                f.write(json.dumps(dict(rec, model=model_name, global_batch=batch, blas_threads=threads)) + "\n")
+                f.write(json.dumps(dict(rec, model=model_name, global_batch=batch, blas_threads=nthreads,
+                                        load_average=load)) + "\n")
 
 
 if __name__ == "__main__":

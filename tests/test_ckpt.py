@@ -688,3 +688,18 @@ def test_kill_9_during_rotating_saves(tmp_path):
             np.testing.assert_array_equal(before["params"]["b"], np.full(64, before["step"], np.float32))
     ckpt.save_checkpoint(path, {"w": np.zeros(1)}, keep_previous=True)            # the next save cleans up
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.h5", "checkpoint.prev.h5"]
+
+
+def test_rotation_after_a_kill_between_the_two_renames(tmp_path, rng):
+    """Killed after prev := current but before current := new: both names are links to one file.
+
+    rename() between two links of one file does nothing (POSIX), so a naive rotation would leave its temp
+    link behind; the next save must keep the state and leave exactly two files.
+    """
+    path = tmp_path / "checkpoint.h5"
+    p = _params(rng, np.float32)
+    ckpt.save_checkpoint(path, p, step=1)
+    os.link(path, ckpt.previous_path(path))
+    ckpt.save_checkpoint(path, p, step=2, keep_previous=True)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.h5", "checkpoint.prev.h5"]
+    assert (ckpt.load_checkpoint(path)["step"], ckpt.load_checkpoint(ckpt.previous_path(path))["step"]) == (2, 1)

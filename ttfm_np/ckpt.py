@@ -317,6 +317,8 @@ def _write_file(tmp: str, data) -> None:
 
 def _keep_as_previous(path: str, prev: str):
     """prev := the current file at path, atomically (hard link + rename; a copy where links are refused)."""
+    if os.path.exists(prev) and os.path.samefile(path, prev):
+        return                                 # a save killed between its two renames: prev already is this state
     prev_tmp = f"{prev}.tmp-{os.getpid()}"
     if os.path.lexists(prev_tmp):
         os.remove(prev_tmp)
@@ -329,7 +331,7 @@ def _keep_as_previous(path: str, prev: str):
             shutil.copyfile(path, prev_tmp)    # file systems without hard links (some FUSE/SMB mounts)
             with open(prev_tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
-        os.replace(prev_tmp, prev)
+        os.replace(prev_tmp, prev)             # (rename between two links of one file would keep both names)
     except BaseException:
         try:
             os.remove(prev_tmp)

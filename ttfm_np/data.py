@@ -222,21 +222,22 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def load_imagefolder(folder: str, resolution: int = 64, n: int | None = None) -> np.ndarray:
     """Every image under folder (recursive), centre-cropped to a square and resized; (N, 3, R, R) in [-1, 1]."""
     from PIL import Image
+    from .images import open_rgb
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder} does not exist")
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found under {folder}")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found under {folder} (subfolders included); "
+                                "put image files there or check the path given to imagefolder:")
     files = files[:n] if n else files
     out = np.empty((len(files), 3, resolution, resolution), np.float32)
     for i, fn in enumerate(files):
-        with Image.open(fn) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            side = min(w, h)
-            im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            im = im.resize((resolution, resolution), Image.BICUBIC)
-            out[i] = np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+        im = open_rgb(fn)                      # ValueError naming the file if damaged or a decompression bomb
+        w, h = im.size
+        side = min(w, h)
+        im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        im = im.resize((resolution, resolution), Image.BICUBIC)
+        out[i] = np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1.0
     return out
 
 

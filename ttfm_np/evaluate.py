@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from . import backend, flow, metrics
+from . import backend, flow, jsonio, metrics
 from .images import save_image_grid, save_panels, scatter_image
 
 
@@ -105,7 +105,9 @@ def write_outputs(out_dir: str, rows, samples, image_data: bool, heldout=None, e
     """eval.json (rows + extra) and PNGs of the samples (grids or scatter panels)."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(dict(rows=rows, **(extra or {})), f, indent=2)
+        # strict JSON: an infinite PSNR becomes null, listed under "non_finite_as_null" (see jsonio)
+        jsonio.dump_json(dict(rows=rows, **(extra or {})), f, indent=2,
+                         note="psnr is +inf where the samples equal the reference exactly")
     paths = []
     if image_data:
         for name, x in samples.items():

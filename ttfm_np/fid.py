@@ -26,9 +26,9 @@ import scipy
 from scipy import linalg
 
 from . import backend
-from .data import IMAGE_EXTS
 from .recipes import DATA_DIR
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # SciPy 1.16 rewrote sqrtm and deprecated its `disp` argument (removed in 1.18);
 # before that, disp=False (pytorch-fid's call) is what silences its console message.
 _SQRTM_TAKES_DISP = tuple(int(v) for v in scipy.__version__.split(".")[:2]) < (1, 16)
@@ -183,22 +183,22 @@ def stats_of_images(model, batches, progress_label: str | None = None, n_batches
 
 
 def png_files(folder: str) -> list:
-    """The image files of a folder (extensions data.IMAGE_EXTS), sorted by name."""
+    """The image files (PNG/JPG) of a folder, sorted by name."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder} is not a folder")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
     if not files:
-        raise FileNotFoundError(f"no PNG/JPG images in {folder} (looked for {', '.join(IMAGE_EXTS)})")
+        raise FileNotFoundError(f"no PNG/JPG images in {folder}")
     return files
 
 
 def read_images(files) -> np.ndarray:
     """Image files (all of one size) -> (N, 3, H, W) float32 in [-1, 1]."""
-    from PIL import Image
+    from .images import open_rgb
     arrs = []
     for path in files:
-        with Image.open(path) as im:
-            arrs.append(np.asarray(im.convert("RGB"), np.float32).transpose(2, 0, 1) / 127.5 - 1)
+        im = open_rgb(path)                    # ValueError naming the file if damaged or a decompression bomb
+        arrs.append(np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1)
     shapes = {a.shape for a in arrs}
     if len(shapes) > 1:
         raise ValueError(f"images have different sizes {sorted(shapes)} (e.g. {files[0]}); "
@@ -218,3 +218,7 @@ def iter_png_batches(files, batch_size: int):
                              f"({batch.shape[1:]} vs {first_shape}); resize the folder first")
         yield batch
 
+
+def load_png_folder(folder: str) -> np.ndarray:
+    """All PNG/JPG images in a folder as (N, 3, H, W) in [-1, 1] (same size required)."""
+    return read_images(png_files(folder))

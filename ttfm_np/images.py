@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import warnings
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -110,3 +112,28 @@ def save_panels(images, path: str):
 def _save(img: Image.Image, path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
+
+
+# ----------------------------------------------------------------------------- reading image files
+
+def open_rgb(path: str) -> Image.Image:
+    """An image file as a decoded RGB pillow image; ValueError naming the file when it cannot be read.
+
+    Pillow refuses images whose header claims more than 2 * Image.MAX_IMAGE_PIXELS
+    pixels (DecompressionBombError) and only warns between 1x and 2x; both are
+    errors here: a data set of small images should never need a 100-megapixel
+    decode (a damaged or hostile header, e.g. a PNG that inflates to gigabytes).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.convert("RGB")       # convert decodes every pixel: truncated data fails here
+    except FileNotFoundError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"{path} is refused as a possible decompression bomb ({exc}); remove the file, or shrink "
+                         "it if it really is such a large image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+        raise ValueError(f"{path} is not a readable image ({exc.__class__.__name__}: {exc}); remove or replace "
+                         "the file") from None

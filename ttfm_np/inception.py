@@ -255,7 +255,16 @@ def convert_weights(pth_path: str, h5_path: str | None = None) -> str:
     """Read the pytorch-fid .pth (no torch needed), fold BatchNorm, write HDF5 once."""
     from .torch_reader import load_torch_file
     h5_path = h5_path or os.path.join(DATA_DIR, WEIGHTS_H5)
-    return save_units(fold_batchnorm(load_torch_file(pth_path)), h5_path, source=os.path.basename(pth_path))
+    not_it = f"{pth_path} is not pytorch-fid's Inception weights file {WEIGHTS_PTH}"
+    fix = f"download it from {WEIGHTS_URL}"
+    try:
+        state_dict = load_torch_file(pth_path)     # ValueError for an empty, damaged or refused file
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"it holds a {type(state_dict).__name__}, not a state dict")
+        units = fold_batchnorm(state_dict)
+    except ValueError as exc:
+        raise ValueError(f"{not_it}: {exc}; {fix}") from None
+    return save_units(units, h5_path, source=os.path.basename(pth_path))
 
 
 def save_units(units: dict, h5_path: str, source: str = "") -> str:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -209,10 +211,36 @@ def _load_legacy(path):
     return _resolve(obj)
 
 
+class TorchFileError(ValueError):
+    """A file that is not a readable PyTorch state dict (empty, damaged, truncated, or refused)."""
+
+
+# what a damaged or foreign file makes the unpickler, zipfile and the checks above raise
+_DAMAGE = (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, zlib.error, ValueError, KeyError, IndexError,
+           TypeError, AttributeError, struct.error, OverflowError, UnicodeDecodeError, RecursionError,
+           MemoryError, NotImplementedError)
+
+
 def load_torch_file(path: str):
-    """A PyTorch-saved object (typically a state dict) with tensors as numpy arrays."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"PK\x03\x04":
-        return _load_zip(path)
-    return _load_legacy(path)
+    """A PyTorch-saved object (typically a state dict) with tensors as numpy arrays.
+
+    Raises FileNotFoundError for a missing file and TorchFileError (a
+    ValueError naming the file) for an empty, truncated, damaged or refused one.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist or is not a file")
+    if os.path.getsize(path) == 0:
+        raise TorchFileError(f"{path} is empty (0 bytes): not a PyTorch weights file (an interrupted download?)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        return _load_zip(path) if head == b"PK\x03\x04" else _load_legacy(path)
+    except _DAMAGE as exc:
+        if isinstance(exc, TorchFileError):
+            raise
+        reason = str(exc) or exc.__class__.__name__
+        if reason.startswith(path):                    # the checks above already name the file
+            raise TorchFileError(reason) from None
+        raise TorchFileError(f"{path} is not a readable PyTorch weights file "
+                             f"({exc.__class__.__name__}: {reason})") from None

@@ -26,9 +26,9 @@ import scipy
 from scipy import linalg
 
 from . import backend
+from .data import IMAGE_EXTS
 from .recipes import DATA_DIR
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # SciPy 1.16 rewrote sqrtm and deprecated its `disp` argument (removed in 1.18);
 # before that, disp=False (pytorch-fid's call) is what silences its console message.
 _SQRTM_TAKES_DISP = tuple(int(v) for v in scipy.__version__.split(".")[:2]) < (1, 16)
@@ -183,12 +183,12 @@ def stats_of_images(model, batches, progress_label: str | None = None, n_batches
 
 
 def png_files(folder: str) -> list:
-    """The image files (PNG/JPG) of a folder, sorted by name."""
+    """The image files of a folder (extensions data.IMAGE_EXTS), sorted by name."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder} is not a folder")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
     if not files:
-        raise FileNotFoundError(f"no PNG/JPG images in {folder}")
+        raise FileNotFoundError(f"no PNG/JPG images in {folder} (looked for {', '.join(IMAGE_EXTS)})")
     return files
 
 
@@ -218,7 +218,3 @@ def iter_png_batches(files, batch_size: int):
                              f"({batch.shape[1:]} vs {first_shape}); resize the folder first")
         yield batch
 
-
-def load_png_folder(folder: str) -> np.ndarray:
-    """All PNG/JPG images in a folder as (N, 3, H, W) in [-1, 1] (same size required)."""
-    return read_images(png_files(folder))

@@ -9,6 +9,42 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TTFM_DEVICE", "cpu")
 
+# GPU tests (marked `gpu`) run on every test run: on real CuPy where a GPU is present, otherwise
+# on the CuPy stand-in (tests/cupy_standin: NumPy-backed device arrays, kernels run by the CUDA
+# emulator tests/gpu_emulator). TTFM_CUPY_STANDIN=1 forces the stand-in, =0 forces real CuPy.
+STANDIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cupy_standin")
+
+
+def _use_cupy_standin() -> bool:
+    import importlib.util
+    choice = os.environ.get("TTFM_CUPY_STANDIN", "")
+    if choice in ("0", "1"):
+        return choice == "1"
+    has_gpu = os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+    return not (has_gpu and importlib.util.find_spec("cupy") is not None)
+
+
+USING_CUPY_STANDIN = _use_cupy_standin()
+if USING_CUPY_STANDIN:
+    if "cupy" in sys.modules and not getattr(sys.modules["cupy"], "__file__", "").startswith(STANDIN_DIR):
+        raise RuntimeError("the real cupy was imported before tests/conftest.py could put the stand-in in place")
+    sys.path.insert(0, STANDIN_DIR)                # (a test that starts a subprocess puts it on PYTHONPATH itself)
+
+
+def pytest_report_header(config):
+    return ("GPU tests: CuPy stand-in + CUDA emulator (no GPU)" if USING_CUPY_STANDIN
+            else "GPU tests: real CuPy")
+
+
+@pytest.fixture
+def gpu_counters():
+    """The stand-in's counters (launches, copies, syncs, live/peak bytes), zeroed; skips on real CuPy."""
+    if not USING_CUPY_STANDIN:
+        pytest.skip("counters exist on the CuPy stand-in only")
+    import cupy
+    cupy._standin.reset_counters()
+    return cupy._standin.counters
+
 
 @pytest.fixture
 def rng():

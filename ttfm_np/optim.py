@@ -122,7 +122,7 @@ def _chunks(n: int, itemsize: int):
         yield start, min(n, start + step)
 
 
-def _adam_update_numpy(p, g, m, v, c: _AdamCoefficients, scratch):
+def _adam_update_numpy(p, g, m, v, c: _AdamCoefficients, scratch: "_Scratch"):
     """NumPy: chunked over the flat arrays when p, m, v are contiguous (views), whole arrays otherwise."""
     if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
         tmp, tmp2 = np.empty_like(p), (np.empty_like(p) if c.l2 else None)
@@ -131,14 +131,28 @@ def _adam_update_numpy(p, g, m, v, c: _AdamCoefficients, scratch):
     pf, mf, vf = p.reshape(-1), m.reshape(-1), v.reshape(-1)     # views: updates land in p, m, v
     gf = np.ravel(g)                                             # a view, or a copy if g is strided
     for a, b in _chunks(pf.size, pf.itemsize):
-        tmp, tmp2 = scratch[0][:b - a], scratch[1][:b - a]
+        tmp, tmp2 = (buf[:b - a] for buf in scratch[p.dtype])
         _adam_update_arrays(np, pf[a:b], gf[a:b], mf[a:b], vf[a:b], tmp, tmp2, c)
 
 
+def _kernel_ok(*arrays) -> bool:
+    """The fused kernels need contiguous float32/float64 arrays of one dtype."""
+    dtype = arrays[0].dtype
+    return (dtype in (np.float32, np.float64)
+            and all(a.flags.c_contiguous and a.dtype == dtype for a in arrays))
+
+
 def _adam_update_cupy(p, g, m, v, c: _AdamCoefficients):
-    """CuPy: the fused kernel kernels/adam.cu `adam_update`, one pass over the tensor."""
+    """CuPy: the fused kernel kernels/adam.cu `adam_update`, one pass over the tensor.
+
+    Strided or non-float parameters/moments (never made by this library) take the
+    same math as array expressions instead.
+    """
     from . import cuda
     xp = backend.array_module(p)
+    if not _kernel_ok(p, m, v):
+        _adam_update_arrays(xp, p, g, m, v, xp.empty_like(p), xp.empty_like(p), c)
+        return
     g = xp.ascontiguousarray(g, dtype=p.dtype)
     t = p.dtype.type                                    # float32 or float64, as the kernel's SCALAR
     kernel = cuda.get_kernel("adam", "adam_update", p.dtype)
@@ -147,11 +161,12 @@ def _adam_update_cupy(p, g, m, v, c: _AdamCoefficients):
                                     t(c.step_size), t(c.bc2_sqrt), t(c.decay), t(c.l2)))
 
 
-def _kernel_ok(*arrays) -> bool:
-    """The fused kernels need contiguous float32/float64 arrays of one dtype."""
-    dtype = arrays[0].dtype
-    return (dtype in (np.float32, np.float64)
-            and all(a.flags.c_contiguous and a.dtype == dtype for a in arrays))
+def _adam_update(p, g, m, v, c: _AdamCoefficients, scratch):
+    """One tensor's Adam update on its own device: the single NumPy/CuPy dispatch of Adam."""
+    if backend.is_cupy(backend.array_module(p)):
+        _adam_update_cupy(p, g, m, v, c)
+    else:
+        _adam_update_numpy(p, g, m, v, c, scratch)
 
 
 def _check_array(name: str, a):
@@ -191,23 +206,25 @@ def adam_step(params, grads, state: AdamState, lr: float, betas=(0.9, 0.999), ep
                              f"{state.m[k].shape}/{state.v[k].shape} must have one shape")
     state.step += 1
     c = _coefficients(state.step, lr, betas, eps, weight_decay, decoupled)
-    scratch = {}                       # NumPy: one pair of chunk buffers per dtype, shared by all tensors
+    scratch = _Scratch(2)              # NumPy: one pair of chunk buffers per dtype, shared by all tensors
     for k, p in params.items():
         g, m, v = grads[k], state.m[k], state.v[k]
         if g.dtype != p.dtype:         # e.g. float32 gradients for float64 parameters: g^2 in p's precision
             g = g.astype(p.dtype)
-        xp = backend.array_module(p)
-        if backend.is_cupy(xp):
-            if _kernel_ok(p, m, v):
-                _adam_update_cupy(p, g, m, v, c)
-            else:                      # strided or odd dtype: the same math as array expressions
-                tmp, tmp2 = xp.empty_like(p), xp.empty_like(p)
-                _adam_update_arrays(xp, p, g, m, v, tmp, tmp2, c)
-        else:
-            if p.dtype not in scratch:
-                n = max(1, _CHUNK_BYTES // p.dtype.itemsize)
-                scratch[p.dtype] = (np.empty(n, p.dtype), np.empty(n, p.dtype))
-            _adam_update_numpy(p, g, m, v, c, scratch[p.dtype])
+        _adam_update(p, g, m, v, c, scratch)
+
+
+class _Scratch:
+    """NumPy chunk buffers, `count` per dtype, made on first use: scratch[dtype] -> tuple of arrays."""
+
+    def __init__(self, count: int):
+        self.count, self.buffers = count, {}
+
+    def __getitem__(self, dtype):
+        if dtype not in self.buffers:
+            n = max(1, _CHUNK_BYTES // dtype.itemsize)
+            self.buffers[dtype] = tuple(np.empty(n, dtype) for _ in range(self.count))
+        return self.buffers[dtype]
 
 
 def global_grad_norm(grads) -> float:
@@ -216,20 +233,15 @@ def global_grad_norm(grads) -> float:
     On the GPU the per-tensor sums stay on the device and are added there, so
     the whole norm costs one device-to-host copy instead of one per tensor.
     """
-    total = 0.0
-    on_device = []
-    for g in grads.values():
-        xp = backend.array_module(g)
-        flat = g.ravel()
-        sq = xp.vdot(flat, flat)                         # sum g^2 (BLAS dot)
-        if xp is np:
-            total += float(sq)
-        else:
-            on_device.append(sq.astype(xp.float64))
-    if on_device:
-        xp = backend.array_module(on_device[0])
-        total += float(xp.stack(on_device).sum())
-    return math.sqrt(total)
+    if not grads:
+        return 0.0
+    first = next(iter(grads.values()))
+    xp = backend.array_module(first)
+    # sum g^2 per tensor (BLAS dot), added in float64; on the GPU the sums stay on the device
+    # and only the total comes back (one sync); on the CPU they are host floats already
+    squares = [xp.vdot(g.ravel(), g.ravel()).astype(np.float64) for g in grads.values()]
+    total = xp.stack(squares).sum() if backend.is_cupy(xp) else np.sum(squares, dtype=np.float64)
+    return math.sqrt(float(total))
 
 
 def clip_grad_norm(grads, max_norm: float) -> float:
@@ -266,25 +278,43 @@ def ema_update(ema_params, params, decay: float) -> None:
         if params[k].shape != e.shape:
             raise ValueError(f"{k}: EMA copy {e.shape} and parameter {params[k].shape} must have one shape")
     one_minus = 1.0 - decay
-    scratch = {}
+    scratch = _Scratch(1)
     for k, e in ema_params.items():
-        p = params[k]
-        xp = backend.array_module(e)
-        if backend.is_cupy(xp) and _kernel_ok(e):
-            from . import cuda
-            kernel = cuda.get_kernel("ema", "ema_update", e.dtype)
-            p = xp.ascontiguousarray(p, dtype=e.dtype)
-            t = e.dtype.type
-            cuda.launch_1d(kernel, e.size, (e, p, np.int64(e.size), t(decay), t(one_minus)))
-        elif xp is np and e.flags.c_contiguous:
-            if e.dtype not in scratch:
-                scratch[e.dtype] = np.empty(max(1, _CHUNK_BYTES // e.dtype.itemsize), e.dtype)
-            ef, pf = e.reshape(-1), np.ravel(p)
-            for a, b in _chunks(ef.size, ef.itemsize):
-                tmp = scratch[e.dtype][:b - a]
-                ef[a:b] *= decay                         # decay p_ema
-                np.multiply(pf[a:b], one_minus, out=tmp)
-                ef[a:b] += tmp                           # + (1 - decay) p
-        else:
-            e *= decay
-            e += one_minus * p
+        _ema_update(e, params[k], decay, one_minus, scratch)
+
+
+def _ema_update(e, p, decay: float, one_minus: float, scratch: _Scratch):
+    """One tensor's EMA on its own device: the single NumPy/CuPy dispatch of the EMA."""
+    if backend.is_cupy(backend.array_module(e)):
+        _ema_update_cupy(e, p, decay, one_minus)
+    else:
+        _ema_update_numpy(e, p, decay, one_minus, scratch)
+
+
+def _ema_update_cupy(e, p, decay, one_minus):
+    """kernels/ema.cu `ema_update`: e <- decay e + (1 - decay) p in one pass (array expressions if e is strided)."""
+    xp = backend.array_module(e)
+    p = xp.ascontiguousarray(p, dtype=e.dtype)
+    if not _kernel_ok(e):
+        e *= decay
+        e += one_minus * p
+        return
+    from . import cuda
+    kernel = cuda.get_kernel("ema", "ema_update", e.dtype)
+    t = e.dtype.type
+    cuda.launch_1d(kernel, e.size, (e, p, np.int64(e.size), t(decay), t(one_minus)))
+
+
+def _ema_update_numpy(e, p, decay, one_minus, scratch):
+    """Chunked in place when e is contiguous: e *= decay; e += (1 - decay) p, out of L2 cache."""
+    if not e.flags.c_contiguous:
+        e *= decay
+        e += one_minus * p
+        return
+    ef, pf = e.reshape(-1), np.ravel(p)
+    (buf,) = scratch[e.dtype]
+    for a, b in _chunks(ef.size, ef.itemsize):
+        tmp = buf[:b - a]
+        ef[a:b] *= decay                                 # decay p_ema
+        np.multiply(pf[a:b], one_minus, out=tmp)
+        ef[a:b] += tmp                                   # + (1 - decay) p

@@ -3,6 +3,7 @@
 //   y[n, c, i, j] = max / mean over the real pixels of window
 //                   rows i*stride - pad .. + k-1, cols j*stride - pad .. + k-1
 // The average counts only real pixels (count_include_pad=False).
+// A NaN in the window makes the max NaN, as NumPy's np.maximum (and torch) do.
 #ifndef SCALAR
 #define SCALAR float
 #endif
@@ -24,7 +25,7 @@ extern "C" __global__ void max_pool2d(const SCALAR* __restrict__ x, SCALAR* __re
                 int w = j * stride - pad + q;
                 if (w < 0 || w >= W) continue;
                 SCALAR v = plane[h * W + w];
-                best = v > best ? v : best;
+                best = (v > best || isnan(v)) ? v : best;   // NaN propagates: once best is NaN, v > best is false
             }
         }
         y[idx] = best;

@@ -113,18 +113,34 @@ def groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups: int, silu: 
 _BLOCK = 256  # must equal BLOCK in kernels/groupnorm.cu
 
 
+def _kernel_inputs(cp, x, **arrays):
+    """What a raw kernel may be given: contiguous arrays of x's dtype (it reads bytes, not arrays).
+
+    A strided view would be read as if it were dense, and a float64 gamma in a float32 kernel
+    would be reinterpreted bit by bit, so both are converted here (a no-op when already right).
+    """
+    out = {}
+    for name, a in arrays.items():
+        if backend.array_module(a) is not cp:
+            raise TypeError(f"GroupNorm: {name} is a {type(a).__module__} array but x is on the GPU; "
+                            "move it with backend.to_device first")
+        out[name] = cp.ascontiguousarray(a, dtype=x.dtype)
+    return out
+
+
 def groupnorm_forward_cupy(x, gamma, beta, groups: int, eps: float = 1e-5, silu: bool = False):
     from . import cuda
     cp = backend.array_module(x)
     N, C = x.shape[:2]
     HW = int(np.prod(x.shape[2:]))
-    x = cp.ascontiguousarray(x)
+    x = cp.ascontiguousarray(x)                                    # (N, C, HW...) dense
+    k = _kernel_inputs(cp, x, gamma=gamma, beta=beta)             # (C,) each, x.dtype
     y = cp.empty_like(x)
     mean = cp.empty((N, groups), dtype=x.dtype)
     rstd = cp.empty((N, groups), dtype=x.dtype)
     kernel = cuda.get_kernel("groupnorm", "groupnorm_fwd", x.dtype)
     kernel((N * groups,), (_BLOCK,),
-           (x, cp.ascontiguousarray(gamma), cp.ascontiguousarray(beta), y, mean, rstd,
+           (x, k["gamma"], k["beta"], y, mean, rstd,
             np.int32(C), np.int32(HW), np.int32(groups), x.dtype.type(eps), np.int32(silu)))
     return y, (mean, rstd)
 
@@ -134,13 +150,17 @@ def groupnorm_backward_cupy(dy, x, gamma, beta, mean, rstd, groups: int, silu: b
     cp = backend.array_module(x)
     N, C = x.shape[:2]
     HW = int(np.prod(x.shape[2:]))
-    dy = cp.ascontiguousarray(dy)
+    if dy.shape != x.shape or mean.shape != (N, groups) or rstd.shape != (N, groups):
+        raise ValueError(f"GroupNorm backward: dy {dy.shape}, mean {mean.shape}, rstd {rstd.shape} do not fit "
+                         f"x {x.shape} with {groups} groups")
+    x = cp.ascontiguousarray(x)              # the cache holds the caller's x, which may be a strided view
+    k = _kernel_inputs(cp, x, dy=dy, gamma=gamma, beta=beta, mean=mean, rstd=rstd)
     dx = cp.empty_like(x)
     dgamma_part = cp.empty((N, C), dtype=x.dtype)
     dbeta_part = cp.empty((N, C), dtype=x.dtype)
     kernel = cuda.get_kernel("groupnorm", "groupnorm_bwd", x.dtype)
     kernel((N * groups,), (_BLOCK,),
-           (dy, x, cp.ascontiguousarray(gamma), cp.ascontiguousarray(beta), mean, rstd,
+           (k["dy"], x, k["gamma"], k["beta"], k["mean"], k["rstd"],
             dx, dgamma_part, dbeta_part, np.int32(C), np.int32(HW), np.int32(groups), np.int32(silu)))
     return dx, dgamma_part.sum(axis=0), dbeta_part.sum(axis=0)
 

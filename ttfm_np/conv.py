@@ -166,6 +166,15 @@ def _uses_transposed_backward(xp, kh, kw, stride, padding):
             and stride == 1 and ph <= kh - 1 and pw <= kw - 1)
 
 
+def _recomputes_cols(xp, kh, kw, stride, padding):
+    """CuPy, any conv but 1x1: the forward keeps x and the backward unfolds it again (im2col kernel).
+
+    GPU memory is the limit there, and cols is kh*kw times the activation (9x for 3x3);
+    re-running im2col costs one cheap memory-bound kernel per backward.
+    """
+    return backend.is_cupy(xp) and not _is_pointwise(kh, kw, stride, padding)
+
+
 def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
     """x (N, C, H, W), W (O, C, kh, kw), b (O,) -> y (N, O, Ho, Wo), cache. padding: p or (ph, pw).
 
@@ -192,6 +201,8 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
         Y += b[:, None]
     y = xp.ascontiguousarray(Y.reshape(O, N, Ho, Wo).transpose(1, 0, 2, 3))
     saved = xc if transposed else cols
+    if _recomputes_cols(xp, kh, kw, stride, padding):
+        saved = x                                     # CuPy: x (1x), not cols (kh*kw x); the backward redoes im2col
     cache = (saved, W, x.shape, stride, padding, b is not None)
     return y, cache
 
@@ -224,10 +235,12 @@ def conv2d_backward(dy, cache):
         dWf = dy_cols @ xc.T                             # (O*kh*kw, C), rows (o, p', q')
         dW = dWf.reshape(O, kh, kw, C)[:, ::-1, ::-1, :].transpose(0, 3, 1, 2)
     else:
-        cols = saved
+        # CuPy: the forward kept x, not cols, so unfold it again here (kernels/im2col.cu)
+        cols = im2col(saved, kh, kw, stride, padding) if _recomputes_cols(xp, kh, kw, stride, padding) else saved
         # Y = Wm @ cols   =>  dWm = dY @ cols^T   (one GEMM over all samples and pixels), computed as
         # (cols @ dY^T)^T: OpenBLAS runs that orientation 10-35% faster here (docs/performance.md)
         dW = (cols @ dY.T).T.reshape(W.shape)
+        del cols                                         # (CuPy: the recomputed unfold is freed before dcols)
         if _is_pointwise(kh, kw, stride, padding):
             # Y = Wm @ x  =>  dx = Wm^T @ dY
             dX = W.reshape(O, C).T @ dY

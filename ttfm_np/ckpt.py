@@ -232,7 +232,8 @@ def _build_file(params, ema, opt_state, step, texts) -> bytearray:
         for k, v in (arrays or {}).items():
             offset, nbytes = index[f"{group}/{k}"]
             raw = np.ascontiguousarray(backend.to_numpy(v)).reshape(-1).view(np.uint8)
-            if nbytes != raw.size or (nbytes and image[offset:offset + nbytes] != memoryview(raw)):
+            if nbytes != raw.size or (nbytes and not np.array_equal(
+                    np.frombuffer(image, np.uint8, nbytes, offset), raw)):
                 raise RuntimeError(f"internal error: the HDF5 bytes of {group}/{k} are not where h5py says; "
                                    "please report this (h5py " + h5py.__version__ + ")")
     trailer = _trailer(image, index)

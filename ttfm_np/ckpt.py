@@ -174,11 +174,14 @@ def _check_names(group: str, arrays: dict):
                              "string without '/' (dots are fine)")
 
 
-def _write_group(f, name, arrays):
-    """One dataset per array, in insertion order; cupy arrays are copied to the host."""
+def _write_group(f, name, arrays) -> dict:
+    """One dataset per array, in insertion order; cupy arrays are copied to the host (returned: name -> host array)."""
     g = f.create_group(name, track_order=True)
+    host = {}
     for k, v in arrays.items():
-        g.create_dataset(k, data=backend.to_numpy(v))
+        host[k] = backend.to_numpy(v)
+        g.create_dataset(k, data=host[k])
+    return host
 
 
 def _array_index(f) -> dict:
@@ -211,27 +214,27 @@ def _trailer(image, index: dict) -> bytes:
 def _build_file(params, ema, opt_state, step, texts) -> bytearray:
     """The whole checkpoint file (HDF5 image + checksum trailer) in memory; nothing touches the disk."""
     buf = io.BytesIO()
+    host = {}                                  # group -> {name: host array}
     with h5py.File(buf, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["step"] = int(step)
         for key, text in texts.items():
             f.attrs[key] = text
-        _write_group(f, "params", params)
+        host["params"] = _write_group(f, "params", params)
         if ema is not None:
-            _write_group(f, "ema", ema)
+            host["ema"] = _write_group(f, "ema", ema)
         if opt_state is not None:
             f.attrs["adam_step"] = int(opt_state.step)
-            _write_group(f, "adam_m", opt_state.m)
-            _write_group(f, "adam_v", opt_state.v)
+            host["adam_m"] = _write_group(f, "adam_m", opt_state.m)
+            host["adam_v"] = _write_group(f, "adam_v", opt_state.v)
         f.flush()
         index = _array_index(f)                # raw data is placed when a dataset is created: final offsets
     image = buf.getbuffer()
     # the index must point at the arrays' own bytes, or damage would be blamed on the wrong array
-    for group, arrays in (("params", params), ("ema", ema), ("adam_m", opt_state and opt_state.m),
-                          ("adam_v", opt_state and opt_state.v)):
-        for k, v in (arrays or {}).items():
+    for group, arrays in host.items():
+        for k, v in arrays.items():
             offset, nbytes = index[f"{group}/{k}"]
-            raw = np.ascontiguousarray(backend.to_numpy(v)).reshape(-1).view(np.uint8)
+            raw = np.ascontiguousarray(v).reshape(-1).view(np.uint8)
             if nbytes != raw.size or (nbytes and not np.array_equal(
                     np.frombuffer(image, np.uint8, nbytes, offset), raw)):
                 raise RuntimeError(f"internal error: the HDF5 bytes of {group}/{k} are not where h5py says; "

@@ -211,7 +211,7 @@ def _trailer(image, index: dict) -> bytes:
     return manifest + _FOOTER.pack(len(manifest), hashlib.sha256(manifest).digest(), TRAILER_MAGIC)
 
 
-def _build_file(params, ema, opt_state, step, texts) -> bytearray:
+def _build_file(params, ema, opt_state, step, texts) -> memoryview:
     """The whole checkpoint file (HDF5 image + checksum trailer) in memory; nothing touches the disk."""
     buf = io.BytesIO()
     host = {}                                  # group -> {name: host array}

@@ -109,8 +109,11 @@ class RunLock:
         self.release()
         return False
 
-    def __del__(self):
-        self.release()
+    def __del__(self):                         # a forgotten lock is released with its object
+        try:
+            self.release()
+        except Exception:                      # at interpreter shutdown os may already be gone
+            pass
 
 
 def _read_holder(fd: int) -> dict:

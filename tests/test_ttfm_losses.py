@@ -241,3 +241,48 @@ def test_lfmd_with_dropout_sees_one_mask_per_seed(rng):
     assert with_dropout == run(7) and with_dropout != no_dropout
     assert with_dropout < 10 * no_dropout, (with_dropout, no_dropout)
 
+
+
+def test_lfmd_with_dropout_equals_lfmd_with_one_explicit_mask(rng, monkeypatch):
+    """LFMD under dropout_seed = 7 equals LFMD where every evaluation is forced to use one
+    explicit mask per dropout site (the mask seed 7 gives): so all evaluations inside the
+    finite difference share it. Fresh masks per evaluation instead make the loss explode
+    ((mask noise / 2h)^2 with h = 1e-4), which is what this guards against."""
+    from ttfm_np import dropout as DO, resblock
+    (sp, scfg), (tp, tcfg) = _warm_perturbed("unet")
+    scfg = type(scfg)(**dict(scfg.to_dict(), dropout=0.2, channel_mult=tuple(scfg.channel_mult),
+                             attn_resolutions=tuple(scfg.attn_resolutions)))
+    x_s, s, t = _batch(rng, (1, 8, 8), 4)
+    opts = losses.DistillLossConfig(loss="lfmd").validate()
+    lib_loss, lib_grads, _ = losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts, 7)
+    no_dropout = losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts, None)[0]
+
+    def explicit(x, p, seed, site):
+        """The mask of seed 7 at this site, whatever seed the caller passes; y = x * keep / (1 - p)."""
+        if seed is None or p == 0:
+            return x, None
+        keep = DO.keep_mask_numpy(x.size, p, DO.stream_key(7, site)).reshape(x.shape)
+        m = keep / (1 - p)
+        return x * m, ("explicit", m)
+
+    def explicit_backward(dy, cache):
+        return (dy, {}) if cache is None else (dy * cache[1], {})
+    monkeypatch.setattr(resblock, "dropout_forward", explicit)
+    monkeypatch.setattr(resblock, "dropout_backward", explicit_backward)
+    fixed_loss, fixed_grads, _ = losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts, 12345)
+    assert lib_loss == pytest.approx(fixed_loss, rel=1e-10)
+    for k in fixed_grads:
+        np.testing.assert_allclose(lib_grads[k], fixed_grads[k], rtol=1e-8, atol=1e-12 * np.abs(fixed_grads[k]).max())
+    assert fixed_loss != no_dropout and fixed_loss < 10 * no_dropout            # O(1): the dropout-free size
+
+    # fresh masks per evaluation (what a Generator-based dropout did): orders of magnitude larger
+    calls = iter(range(10**6))
+
+    def fresh(x, p, seed, site):
+        if seed is None or p == 0:
+            return x, None
+        m = DO.keep_mask_numpy(x.size, p, DO.stream_key(next(calls), site)).reshape(x.shape) / (1 - p)
+        return x * m, ("fresh", m)
+    monkeypatch.setattr(resblock, "dropout_forward", fresh)
+    mixed = losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts, 7)[0]
+    assert mixed > 100 * fixed_loss

@@ -223,7 +223,8 @@ class EmulatedFunction:
     def _dtype(self, ctype):
         return self.module.scalar_dtype if ctype == "SCALAR" else np.dtype(C_TYPES[re.sub(r"\s+", " ", ctype)])
 
-    def __call__(self, grid, block, args, shared_mem: int = 0):
+    def __call__(self, grid, block, args, shared_mem: int = 0, execute: bool = True):
+        """Check the launch, then run it (execute=False: check only)."""
         where = f"kernel {self.name}"
         gx = _dims(f"{where}: grid", grid, MAX_GRID)
         bx = _dims(f"{where}: block", block, MAX_BLOCK)
@@ -262,6 +263,8 @@ class EmulatedFunction:
                 keep.append(buf)
                 ptrs.append(buf.ctypes.data)
                 sizes.append(1)
+        if not execute:
+            return
         order, seed = _order
         if order not in _ORDERS:
             raise ValueError(f"TTFM_EMU_ORDER must be one of {', '.join(_ORDERS)}, not {order!r}")

@@ -269,9 +269,33 @@ def _device_op(name, np_func):
 def _blas_op(name, np_func):
     def f(*args, **kwargs):
         _standin.check_available("cublas")
-        return _wrap(np_func(*_unwrap(args), **_unwrap(kwargs)))
+        args, kwargs = _unwrap(args), _unwrap(kwargs)
+        if not _standin.compute and name in ("matmul", "tensordot"):
+            return _wrap(_product_placeholder(name, *args, **kwargs))
+        return _wrap(np_func(*args, **kwargs))
     f.__name__ = name
     return f
+
+
+def _product_placeholder(name, a, b, axes=2, out=None):
+    """The result array of a GEMM, allocated but not computed (allocations-only mode)."""
+    dtype = _np.result_type(a, b)
+    if name == "tensordot":
+        ax_a, ax_b = (axes if isinstance(axes, (tuple, list)) else (list(range(-axes, 0)), list(range(axes))))
+        ax_a = [ax_a] if isinstance(ax_a, int) else ax_a
+        ax_b = [ax_b] if isinstance(ax_b, int) else ax_b
+        keep_a = [d for i, d in enumerate(a.shape) if i not in [x % a.ndim for x in ax_a]]
+        keep_b = [d for i, d in enumerate(b.shape) if i not in [x % b.ndim for x in ax_b]]
+        shape = tuple(keep_a + keep_b)
+    else:
+        if a.ndim < 2 or b.ndim < 2:
+            return _np.matmul(a, b)                       # vectors: small, computed
+        if a.shape[-1] != b.shape[-2]:
+            raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not fit")
+        shape = _np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+    if out is not None:
+        return out
+    return _np.zeros(shape, dtype)
 
 
 _UFUNC_NAMES = ("add subtract multiply divide true_divide floor_divide negative positive power square sqrt exp "
@@ -403,7 +427,8 @@ class _RawFunction:
                             f"{self.kernel_name} is a host numpy array)")
         counters["launches"] += 1
         counters["launches_by_kernel"][self.kernel_name] = counters["launches_by_kernel"].get(self.kernel_name, 0) + 1
-        self._fn(grid, block, tuple(a._a if isinstance(a, ndarray) else a for a in args), shared_mem)
+        self._fn(grid, block, tuple(a._a if isinstance(a, ndarray) else a for a in args), shared_mem,
+                 execute=_standin.compute)
 
 
 from . import cuda, random  # noqa: E402  (submodules use the names above)

@@ -9,6 +9,21 @@ counters = {}
 live = {}                 # id(root numpy buffer) -> bytes, for every buffer a device array owns
 _missing = set()          # simulated missing components: "driver", "nvrtc", "cublas"
 _modules = {}             # (code, options) -> EmulatedModule
+# False: allocations-only mode for memory measurements - GEMM results and kernel outputs are
+# allocated exactly as usual but not computed (kernel arguments are still checked), so values
+# are meaningless and a large network's step takes seconds instead of minutes on the CPU.
+compute = True
+
+
+@contextlib.contextmanager
+def allocations_only():
+    """Run the enclosed device code for its allocations only (see `compute`)."""
+    global compute
+    saved, compute = compute, False
+    try:
+        yield
+    finally:
+        compute = saved
 
 
 def reset_counters():

@@ -13,7 +13,9 @@ Choosing the device:
 * ``select_device("gpu")``  -> cupy, or a ``BackendError`` that says why not
   (never a silent CPU run)
 * ``select_device("auto")`` -> cupy only when a GPU is really usable (CuPy
-  imports, a device exists and a tiny kernel runs), numpy otherwise.
+  imports, a device exists, NVRTC compiles a kernel, the project's kernels
+  and cuBLAS run), numpy otherwise - with a warning naming the cause when
+  CuPy is installed (a GPU was meant to be used) but something is missing.
 
 The default comes from the environment variable ``TTFM_DEVICE`` (cpu, gpu,
 auto), and is ``auto`` when unset.
@@ -21,6 +23,7 @@ auto), and is ``auto`` when unset.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -33,12 +36,52 @@ class BackendError(RuntimeError):
 
 _cupy_module = None      # the cupy module once it imported and a GPU answered
 _cupy_problem = None     # why cupy is not usable (str), once we have tried
+_cupy_imported = False   # cupy itself imported (so a GPU was meant to be used)
 _current_xp = None       # the module chosen by select_device
 
 
+_CTK_FIX = ("Install CuPy together with its CUDA libraries: `pip install -e .[gpu]` (CUDA 12, installs "
+            "cupy-cuda12x[ctk]) or `pip install -e .[gpu13]` (CUDA 13), or a CUDA toolkit matching the driver.")
+
+
+def _probe_steps(cupy):
+    """(what, check, fix) in the order CuPy needs them; each check raises if that part is missing."""
+    def driver():
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device found")
+
+    def nvrtc():                       # an elementwise kernel: CuPy compiles it with NVRTC at first use
+        if float((cupy.arange(4, dtype=cupy.float32) * 2).sum()) != 12.0:
+            raise RuntimeError("a test kernel computed a wrong sum")
+
+    def project_kernels():             # kernels/ema.cu through cupy.RawModule, as training runs it
+        from . import cuda
+        e, p = cupy.zeros(3, dtype=cupy.float32), cupy.ones(3, dtype=cupy.float32)
+        cuda.launch_1d(cuda.get_kernel("ema", "ema_update", e.dtype), 3,
+                       (e, p, np.int64(3), np.float32(0.5), np.float32(0.5)))
+        if float(e.sum()) != 1.5:
+            raise RuntimeError("the EMA kernel computed a wrong result")
+
+    def cublas():
+        a = cupy.ones((2, 2), dtype=cupy.float32)
+        if float((a @ a).sum()) != 8.0:
+            raise RuntimeError("a 2x2 matrix product was wrong")
+
+    return (("the GPU (CUDA driver)", driver,
+             "Check `nvidia-smi` and the NVIDIA driver, or run with --device cpu."),
+            ("NVRTC, CUDA's runtime compiler (CuPy compiles every kernel with it)", nvrtc, _CTK_FIX),
+            ("this project's CUDA kernels (ttfm_np/kernels/*.cu via cupy.RawModule)", project_kernels,
+             "The compiler log above names the line; " + _CTK_FIX),
+            ("cuBLAS (every matrix product)", cublas, _CTK_FIX))
+
+
 def _probe_cupy():
-    """Import cupy and run one tiny kernel; remember the outcome."""
-    global _cupy_module, _cupy_problem
+    """Import cupy and check, one by one, what the library needs of it; remember the outcome.
+
+    Each step names its own cause: a missing NVRTC or cuBLAS (CuPy installed without its
+    [ctk] libraries, with only the NVIDIA driver present) is not blamed on the driver.
+    """
+    global _cupy_module, _cupy_problem, _cupy_imported
     if _cupy_module is not None or _cupy_problem is not None:
         return _cupy_module
     try:
@@ -48,15 +91,13 @@ def _probe_cupy():
                          "Install it with `pip install -e .[gpu]` (CUDA 12) or "
                          "`pip install -e .[gpu13]` (CUDA 13).")
         return None
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no CUDA device found")
-        probe = cupy.arange(4, dtype=cupy.float32)
-        float((probe * 2).sum())           # forces a kernel launch and a copy back
-    except Exception as exc:
-        _cupy_problem = (f"CuPy imported but no GPU is usable ({exc.__class__.__name__}: {exc}). "
-                         "Check `nvidia-smi` and the CUDA driver, or run with --device cpu.")
-        return None
+    _cupy_imported = True
+    for what, check, fix in _probe_steps(cupy):
+        try:
+            check()
+        except Exception as exc:
+            _cupy_problem = (f"CuPy imported, but {what} is not usable ({exc.__class__.__name__}: {exc}). {fix}")
+            return None
     _cupy_module = cupy
     return cupy
 
@@ -96,6 +137,8 @@ def select_device(name: str | None = None):
         cupy = _probe_cupy()
         _current_xp = cupy if cupy is not None else np
         if _current_xp is np:
+            if _cupy_imported:         # CuPy is installed, so a GPU was expected: say why it is not used
+                warnings.warn(f"--device auto runs on the CPU: {_cupy_problem}", RuntimeWarning, stacklevel=2)
             tune_cpu_allocator()
     return _current_xp
 

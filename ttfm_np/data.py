@@ -4,6 +4,7 @@
     ds = load_dataset("fashion-mnist")        # ds.data (N, 1, 32, 32) in [-1, 1]
     ds = load_dataset("cifar10")              # ds.data (N, 3, 32, 32) in [-1, 1]
     ds = load_dataset("imagefolder:PATH", resolution=64)
+    ds = load_dataset("points:my.npy")        # your own (n, d) float array; 10 % held out (load_points)
     it = BatchIterator(ds.data, batch_size=128, seed=0, flip=True); x = it.next()
 
 Files are looked for in data_dir (if given), then the project's data/ folder
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .recipes import DATA_DIR
+from .recipes import data_root
 
 TOYS = ("checkerboard", "moons", "8gaussians", "spirals")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -38,8 +39,8 @@ TOY_SPLIT_SEED = {"train": 0, "test": 1_000_003}          # held-out toy data = 
 @dataclass
 class Dataset:
     name: str
-    data: np.ndarray       # (N, 2) for toys, (N, C, H, W) in [-1, 1] for images
-    kind: str              # "toy" or "image"
+    data: np.ndarray       # (N, 2) for toys, (N, d) for points, (N, C, H, W) in [-1, 1] for images
+    kind: str              # "toy" (2-D points: scatter plots), "points" (d != 2, no pictures) or "image"
 
     @property
     def shape(self) -> tuple:
@@ -78,6 +79,55 @@ def make_toy(name: str, n: int, seed: int = 0) -> np.ndarray:
     return pts.astype(np.float32)
 
 
+# ----------------------------------------------------------------------------- your own points
+
+POINTS_HELDOUT_EVERY = 10      # held-out split of points:PATH.npy = rows 0, 10, 20, ... (10 %)
+
+
+def load_points(path: str, split: str = "train") -> np.ndarray:
+    """An (n, d) array of points from a .npy file, float32, for `--data points:PATH.npy`.
+
+    Split (deterministic, no shuffling): the held-out ("test") split is every
+    10th row starting at row 0 (rows 0, 10, 20, ...: ceil(n / 10) rows), the
+    training split is all other rows. Taking every 10th row rather than the
+    last 10 % keeps both splits representative when the file is sorted (e.g.
+    by class). The values are used as they are: like the toys (within about
+    [-4, 4]), data should be roughly standardised, since the flow starts from
+    N(0, I) noise.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"points file {path!r} does not exist; points:PATH needs a .npy file holding an "
+                                "(n, d) float array (np.save('points.npy', x))")
+    try:
+        raw = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{path} is not a readable .npy array of numbers ({exc}); save an (n, d) float array "
+                         "with np.save") from exc
+    if not isinstance(raw, np.ndarray):
+        raise ValueError(f"{path} holds several arrays (an .npz?); points:PATH needs one (n, d) array "
+                         "saved with np.save")
+    if raw.dtype.kind not in "biuf":
+        raise ValueError(f"{path} holds an array of dtype {raw.dtype}, which is not real numbers; save an (n, d) "
+                         "float array")
+    if raw.ndim != 2:
+        raise ValueError(f"{path} holds an array of shape {raw.shape}; points need shape (n, d): one row per point "
+                         "(reshape a 1-D array with x[:, None])")
+    n, d = raw.shape
+    if n < 2 or d < 1:
+        raise ValueError(f"{path} holds {n} points of dimension {d}; need at least 2 points (one is held out) "
+                         "and d >= 1")
+    with np.errstate(over="ignore"):                          # overflow becomes inf, reported just below
+        x = raw.astype(np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{path}: {int(bad.sum())} rows contain NaN/inf (or overflow float32), first at row "
+                         f"{int(np.flatnonzero(bad)[0])}; remove or fix them")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    heldout = np.arange(n) % POINTS_HELDOUT_EVERY == 0
+    return x[heldout] if split == "test" else x[~heldout]
+
+
 # ----------------------------------------------------------------------------- IDX (Fashion-MNIST)
 
 def read_idx(path: str) -> np.ndarray:
@@ -111,7 +161,7 @@ def _find(names, folders):
 def load_fashion_mnist(split: str = "train", data_dir: str | None = None) -> np.ndarray:
     """(N, 1, 32, 32) float32 in [-1, 1]: 28x28 padded by 2 background pixels per side."""
     folders = [d for d in (data_dir, os.path.join(data_dir or "", "fashion-mnist") if data_dir else None,
-                           os.path.join(DATA_DIR, "fashion-mnist"), FASHION_DEBIAN_DIR) if d]
+                           os.path.join(data_root(), "fashion-mnist"), FASHION_DEBIAN_DIR) if d]
     stem = FASHION_FILES[split][0]
     path = _find([stem + ".gz", stem], folders)
     if path is None:
@@ -183,7 +233,7 @@ def download(url: str, path: str, md5: str):
 
 def load_cifar10(split: str = "train", data_dir: str | None = None, allow_download: bool = True) -> np.ndarray:
     """(N, 3, 32, 32) float32 in [-1, 1] from the official python tarball."""
-    folders = [d for d in (data_dir, DATA_DIR) if d]
+    folders = [d for d in (data_dir, data_root()) if d]
     path = _find([CIFAR10_FILE], folders)
     if path is None:
         if not allow_download:
@@ -252,6 +302,10 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, r
         toy = name.split(":", 1)[1]
         data = make_toy(toy, n or 100_000, seed + TOY_SPLIT_SEED[split])
         return Dataset(name, data, "toy")
+    if name.startswith("points:"):
+        data = load_points(name.split(":", 1)[1], split)
+        # d = 2 is drawn as scatter plots like the toys; other d are vectors without pictures
+        return Dataset(name, data[:n] if n else data, "toy" if data.shape[1] == 2 else "points")
     if name == "fashion-mnist":
         data = load_fashion_mnist(split, data_dir)
     elif name == "cifar10":
@@ -260,7 +314,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, r
         data = load_imagefolder(name.split(":", 1)[1], resolution or 64, n)
     else:
         raise ValueError(f"unknown dataset {name!r}: use toy:checkerboard, toy:moons, toy:8gaussians, toy:spirals, "
-                         "fashion-mnist, cifar10 or imagefolder:PATH")
+                         "points:PATH.npy, fashion-mnist, cifar10 or imagefolder:PATH")
     if resolution and data.shape[-1] != resolution:
         raise ValueError(f"{name} images are {data.shape[-1]}x{data.shape[-1]}; --resolution {resolution} "
                          "applies only to imagefolder data")

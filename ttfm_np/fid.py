@@ -27,7 +27,7 @@ from scipy import linalg
 
 from . import backend
 from .data import IMAGE_EXTS
-from .recipes import DATA_DIR
+from .recipes import data_root
 
 # SciPy 1.16 rewrote sqrtm and deprecated its `disp` argument (removed in 1.18);
 # before that, disp=False (pytorch-fid's call) is what silences its console message.
@@ -145,7 +145,7 @@ def load_stats(path: str):
 def default_stats_path(data: str, split: str) -> str:
     """data/fid_stats/<dataset>-<split>.npz, where fid-stats writes and fid looks."""
     from .recipes import slug
-    return os.path.join(DATA_DIR, "fid_stats", f"{slug(data)}-{split}.npz")
+    return os.path.join(data_root(), "fid_stats", f"{slug(data)}-{split}.npz")
 
 
 # ----------------------------------------------------------------------------- features of images

@@ -37,7 +37,7 @@ def save_image_grid(images, path: str, nrow: int | None = None, upscale: int = 1
     img = image_grid(images, nrow)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    _save(img, path)
+    save_image(img, path)
 
 
 def scatter_image(points, reference=None, size: int = 512, extent: float = 4.5, title: str | None = None):
@@ -65,7 +65,7 @@ def scatter_image(points, reference=None, size: int = 512, extent: float = 4.5, 
 
 
 def save_scatter(points, path: str, reference=None, title: str | None = None):
-    _save(scatter_image(points, reference, title=title), path)
+    save_image(scatter_image(points, reference, title=title), path)
 
 
 def line_plot(xs, ys, title: str = "", size=(640, 360), log_y: bool = False, smooth: int = 1) -> Image.Image:
@@ -106,10 +106,11 @@ def save_panels(images, path: str):
     for im in images:
         canvas.paste(im.convert("RGB"), (x, 0))
         x += im.width + 4
-    _save(canvas, path)
+    save_image(canvas, path)
 
 
-def _save(img: Image.Image, path: str):
+def save_image(img: Image.Image, path: str):
+    """Write a pillow image, creating the folder (the format follows the file name)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
 

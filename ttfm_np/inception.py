@@ -30,7 +30,7 @@ import numpy as np
 from . import backend
 from .conv import conv2d_forward
 from .pool import avg_pool2d, max_pool2d
-from .recipes import DATA_DIR
+from .recipes import data_root
 from .resize import resize_bilinear
 
 WEIGHTS_PTH = "pt_inception-2015-12-05-6726825d.pth"
@@ -254,7 +254,7 @@ class InceptionV3FID:
 def convert_weights(pth_path: str, h5_path: str | None = None) -> str:
     """Read the pytorch-fid .pth (no torch needed), fold BatchNorm, write HDF5 once."""
     from .torch_reader import load_torch_file
-    h5_path = h5_path or os.path.join(DATA_DIR, WEIGHTS_H5)
+    h5_path = h5_path or os.path.join(data_root(), WEIGHTS_H5)
     not_it = f"{pth_path} is not pytorch-fid's Inception weights file {WEIGHTS_PTH}"
     fix = f"download it from {WEIGHTS_URL}"
     try:
@@ -284,13 +284,13 @@ def save_units(units: dict, h5_path: str, source: str = "") -> str:
 def load_inception(h5_path: str | None = None, xp=None) -> InceptionV3FID:
     """The FID Inception from data/inception_fid.h5 (converting the .pth in data/ if only that exists)."""
     import h5py
-    h5_path = h5_path or os.path.join(DATA_DIR, WEIGHTS_H5)
+    h5_path = h5_path or os.path.join(data_root(), WEIGHTS_H5)
     if not os.path.exists(h5_path):
-        pth = os.path.join(DATA_DIR, WEIGHTS_PTH)
+        pth = os.path.join(data_root(), WEIGHTS_PTH)
         if not os.path.exists(pth):
             raise FileNotFoundError(
                 f"FID needs the Inception weights {WEIGHTS_PTH} (published by pytorch-fid at {WEIGHTS_URL}). "
-                f"Download it into {DATA_DIR}/ and run `python cli.py convert-inception {os.path.join('data', WEIGHTS_PTH)}`.")
+                f"Download it into {data_root()}/ and run `python cli.py convert-inception {os.path.join('data', WEIGHTS_PTH)}`.")
         convert_weights(pth, h5_path)
     with h5py.File(h5_path, "r") as f:
         units = {name: (f[name]["weight"][()], f[name]["bias"][()]) for name in _unit_names(f)}

@@ -1,21 +1,41 @@
 """One training loop for teacher training and distillation.
 
-Each step:  x1 = next data batch  ->  (loss, grads) = objective(params, ema, x1, rng)
-            -> NaN/Inf guard -> clip -> Adam (with warmup) -> EMA update.
+Each step:  x1 = next data batch  ->  (loss, grads) = objective(params, ema, x1, rng, dropout_seed)
+            -> divergence guard -> clip -> Adam (with warmup) -> EMA update.
 
 What a user gets in OUT_DIR:
-    checkpoint.h5   params, EMA, Adam moments, step, data-order state, config (atomic writes)
-    metrics.jsonl   one JSON line every log_every steps (loss, grad norm, lr, it/s)
-    samples/        PNG grids (images) or scatter plots (2-D) every sample_every steps
+    checkpoint.h5        params, EMA, Adam moments, step, data-order state, config (atomic writes)
+    checkpoint.prev.h5   the generation before it (also complete and valid)
+    metrics.jsonl        one JSON line every log_every steps (loss, grad norm, lr, it/s)
+    samples/             PNG grids (images) or scatter plots (2-D) every sample_every steps
 
-Randomness is derived from (seed, step) for every step (noise, times,
-dropout), so resuming from a checkpoint replays exactly the same numbers; the
-only stateful stream is the data order, whose state is stored.
-Ctrl-C or SIGTERM finishes the current step, saves, and exits cleanly.
+Randomness is derived from (seed, step) for every step, so resuming replays the
+same numbers; the only stateful stream is the data order, whose state is
+stored. The step's noise and times come from a HOST numpy Generator (moved to
+the device afterwards), so a GPU run draws the same numbers as a CPU run;
+dropout masks are a hash of an integer dropout seed (dropout.py).
+
+Which states are saved (the divergence guard). A state is written only after
+it has been shown to be sane: the loss of the NEXT step is computed with
+exactly those parameters, so a save due at step k happens after step k+1's
+loss is known to be finite and not exploding (at the end of training or on
+Ctrl-C one extra loss evaluation does that check). "Exploding" means the loss
+is more than `explode_factor` times the best smoothed loss seen so far in this
+run (the smoothed loss is an EMA over steps with weight 0.1; its best value is
+stored in the checkpoint, so the test survives a resume). A non-finite loss or
+gradient norm, or an exploding loss, stops training at once with
+TrainingDiverged and nothing of the bad state is written.
+
+Host synchronisation: one per step for the loss and one for the global
+gradient norm (which is non-finite iff some gradient entry is), whatever the
+number of parameter tensors.
+
+Ctrl-C / SIGTERM: the current step finishes, the state is saved (after the
+same sanity check), and Interrupted is raised so that the caller stops the
+whole command and can exit with 130 / 143.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -23,17 +43,43 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 
-import click
 import numpy as np
 
-from . import backend, ckpt, optim
+from . import backend, ckpt, optim, seeds
 from . import params as P
+from .ckpt import CHECKPOINT_NAME
+from .progress import Progress, format_seconds, log
 
-CHECKPOINT_NAME = "checkpoint.h5"
+PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.h5"
+METRICS_NAME = "metrics.jsonl"
+
+# TrainConfig fields that a resume may change: they do not alter what one step computes.
+RESUME_SAFE_FIELDS = ("steps", "log_every", "ckpt_every", "sample_every")
 
 
 class TrainingDiverged(RuntimeError):
-    """Loss or gradients became NaN/Inf; the last good checkpoint is kept."""
+    """Loss or gradients became non-finite or exploded; no bad state was saved."""
+
+
+class ResumeMismatch(ValueError):
+    """--resume with run-defining settings that differ from the checkpoint's."""
+
+
+class NeedsConfirmation(RuntimeError):
+    """A CPU run estimated to take longer than the caller allowed without --yes."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the state was saved (when there was one to save)."""
+
+    def __init__(self, signum: int, checkpoint: str | None, step: int | None = None):
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        where = f"; checkpoint {checkpoint} (step {step}) saved" if checkpoint else ""
+        super().__init__(f"interrupted by {signal.Signals(signum).name}{where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum             # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
 
 
 @dataclass
@@ -50,30 +96,40 @@ class TrainConfig:
     ckpt_every: int = 500
     sample_every: int = 0           # 0: samples only at the end
     dtype: str = "float32"
+    explode_factor: float = 1e3     # divergence guard: loss > factor * best smoothed loss stops the run
 
     def validate(self):
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch size must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if self.steps > 10**9:
+            raise ValueError(f"--steps {self.steps} is more than 10^9 optimizer steps; "
+                             "that would never finish: pass a realistic number")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"learning rate must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        if not self.explode_factor > 1:
+            raise ValueError(f"explode_factor must be > 1, got {self.explode_factor}")
         return self
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A 63-bit seed for one (run seed, step, stream): resumable without RNG state."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    return seeds.derive(seed, "step", step, stream)
 
 
 class _StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between steps."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = None
         self._old = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -84,18 +140,14 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:                  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-        click.echo(f"\nsignal {signum}: finishing this step, saving a checkpoint, then stopping", err=True)
+        if self.requested:                  # a second Ctrl-C stops at once (the last saved state stays)
+            raise Interrupted(signum, None)
+        self.signum = signum
+        log(f"\nsignal {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def _all_finite(xp, grads) -> bool:
-    return all(bool(xp.isfinite(g).all()) for g in grads.values())
 
 
 def _truncate_metrics(path: str, step: int):
@@ -110,102 +162,218 @@ def _truncate_metrics(path: str, step: int):
     os.replace(tmp, path)
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, requested: dict) -> list:
+    """['train.lr: 0.001 -> 0.002', ...] for every run-defining setting that differs."""
+    safe = {f"train.{k}" for k in RESUME_SAFE_FIELDS}
+    a, b = _flatten(saved), _flatten(requested)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in safe:
+            continue
+        if key not in a and key.startswith("train.") and b[key] == getattr(TrainConfig, key[6:], None):
+            continue                 # a setting added after the checkpoint was written, at its default
+        old, new = a.get(key, "(not set)"), b.get(key, "(not set)")
+        if isinstance(old, list):
+            old = tuple(old)
+        if isinstance(new, list):
+            new = tuple(new)
+        if old != new:
+            diffs.append(f"{key}: {old} -> {new}")
+    return diffs
+
+
+class _Guard:
+    """The divergence test: finite, and not `factor` times above the best smoothed loss."""
+
+    def __init__(self, factor: float, state: dict | None = None):
+        self.factor = factor
+        state = state or {}
+        self.smoothed = state.get("smoothed")
+        self.best = state.get("best")
+
+    def problem(self, loss: float, grad_norm: float) -> str | None:
+        if not math.isfinite(loss):
+            return f"non-finite loss ({loss})"
+        if not math.isfinite(grad_norm):
+            return f"non-finite gradient (norm {grad_norm})"
+        if self.best is not None and loss > self.factor * self.best:
+            return f"exploding loss ({loss:.4g}, more than {self.factor:g} x the best smoothed loss {self.best:.4g})"
+        return None
+
+    def record(self, loss: float):
+        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+        self.best = self.smoothed if self.best is None else min(self.best, self.smoothed)
+
+    def state(self) -> dict:
+        return {"smoothed": self.smoothed, "best": self.best}
+
+
 def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_iter, tcfg: TrainConfig,
-               run_config: dict, resume: bool = False, progress: bool = True, xp=None):
+               run_config: dict, resume: bool = False, progress: bool = True, xp=None,
+               max_cpu_hours: float | None = None):
     """Run (or resume) training; returns (params, ema, step).
 
     init_params: NumPy parameters to start from (ignored when resuming).
-    objective: has loss_and_grads(params, ema, x1, rng, dropout_rng) -> (loss, grads, metrics)
-               and save_samples(params, path) (may do nothing).
+    objective: has loss_and_grads(params, ema, x1, rng, dropout_seed) -> (loss, grads, metrics)
+               (rng: host numpy Generator) and save_samples(params, path) (may do nothing).
     data_iter: has next() -> NumPy batch, state_dict(), load_state_dict(d).
-    run_config: JSON-able dict stored in the checkpoint (model, data, losses ...).
+    run_config: JSON-able dict stored in the checkpoint (data, teacher, loss ...); together
+               with the model and train settings it defines the run, and a resume must match it.
+    max_cpu_hours: on the CPU, measure the first steps and raise NeedsConfirmation (before
+               anything is saved) when the whole run is estimated to take longer.
+    Raises Interrupted after saving on SIGINT/SIGTERM, TrainingDiverged on divergence.
     """
     tcfg.validate()
     xp = xp or backend.get_xp()
     dtype = np.dtype(tcfg.dtype)
-    os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    metrics_path = os.path.join(out_dir, METRICS_NAME)
     config = dict(run_config, model=model_cfg.to_dict(), train=asdict(tcfg))
+    fresh_folder = not os.path.exists(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
 
     if os.path.exists(ckpt_path):
         if not resume:
             raise FileExistsError(f"{ckpt_path} already exists: pass --resume to continue that run, "
                                   "or choose another --out (nothing was overwritten)")
         state = ckpt.load_checkpoint(ckpt_path)
-        saved_model = state["config"].get("model")
-        if saved_model != config["model"]:
-            raise ValueError(f"cannot resume: the checkpoint's model {saved_model} differs from the "
-                             f"requested {config['model']}")
+        diffs = config_differences(state["config"], json.loads(json.dumps(config)))
+        if diffs:
+            raise ResumeMismatch(
+                f"cannot resume {ckpt_path}: these settings differ from the run's ("
+                + "; ".join(diffs) + "). Resume with the run's own settings (only --steps, --log-every, "
+                "--ckpt-every, --sample-every may change), or start a new run with another --out.")
         ckpt.check_params_match(init_params, state["params"])
         params = P.to_device(P.astype(state["params"], dtype), xp)
         ema = P.to_device(P.astype(state["ema"], dtype), xp)
         opt = optim.adam_state_to_device(state["opt_state"], xp, dtype)
         step = int(state["step"])
         data_iter.load_state_dict(state["rng_state"]["data"])
+        guard = _Guard(tcfg.explode_factor, state["rng_state"].get("guard"))
         _truncate_metrics(metrics_path, step)
-        click.echo(f"resumed {ckpt_path} at step {step}", err=True)
+        log(f"resumed {ckpt_path} at step {step}")
     else:
         if resume:
-            click.echo(f"--resume: no checkpoint in {out_dir} yet, starting from step 0", err=True)
+            log(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
         params = P.to_device(P.astype(init_params, dtype), xp)
         ema = P.copy(params)
         opt = optim.adam_init(params)
         step = 0
-
-    def save():
-        ckpt.save_checkpoint(ckpt_path, params, ema=ema, opt_state=opt, step=step,
-                             rng_state={"seed": tcfg.seed, "data": data_iter.state_dict()}, config=config)
-
-    def save_samples():
-        objective.save_samples(ema, os.path.join(out_dir, "samples", f"step_{step:07d}.png"))
+        guard = _Guard(tcfg.explode_factor)
 
     if step >= tcfg.steps:
-        click.echo(f"already trained for {step} >= {tcfg.steps} steps", err=True)
+        log(f"already trained for {step} >= {tcfg.steps} steps")
         return params, ema, step
 
+    def snapshot():
+        """A host copy of everything a checkpoint holds, taken now, written once shown sane."""
+        return dict(params=P.to_numpy(params), ema=P.to_numpy(ema),
+                    opt_state=optim.AdamState(step=opt.step, m=P.to_numpy(opt.m), v=P.to_numpy(opt.v)),
+                    step=step, rng_state={"seed": tcfg.seed, "data": data_iter.state_dict(),
+                                          "guard": guard.state()})
+
+    def write(snap):
+        ckpt.save_checkpoint(ckpt_path, snap["params"], ema=snap["ema"], opt_state=snap["opt_state"],
+                             step=snap["step"], rng_state=snap["rng_state"], config=config, keep_previous=True)
+
+    def loss_at(step_index):
+        """(loss, grads, metrics) of the current parameters on the next batch of step `step_index`."""
+        x1 = backend.to_device(data_iter.next(), xp).astype(dtype, copy=False)
+        rng = np.random.default_rng(step_seed(tcfg.seed, step_index, 0))
+        return objective.loss_and_grads(params, ema, x1, rng, step_seed(tcfg.seed, step_index, 1))
+
+    def diverged(problem, at_step):
+        saved = ckpt_path if os.path.exists(ckpt_path) else None
+        where = (f"the last good checkpoint is {saved} (step {ckpt.load_checkpoint(saved)['step']}, "
+                 "finite weights); nothing after it was saved" if saved else
+                 "no checkpoint had been saved yet in this run")
+        return TrainingDiverged(f"{problem} at step {at_step}: {where}. "
+                                "Lower --lr, raise --warmup or use --grad-clip.")
+
+    def save_checked(snap):
+        """Write `snap` after one extra loss evaluation of its parameters (no update)."""
+        data_state = data_iter.state_dict()
+        loss, grads, _ = loss_at(snap["step"])
+        norm = optim.global_grad_norm(grads)
+        del grads
+        data_iter.load_state_dict(data_state)
+        problem = guard.problem(loss, norm)
+        if problem:
+            raise diverged(problem, snap["step"])
+        write(snap)
+
+    pending = None                       # a snapshot waiting for the next loss to prove it sane
     t_start, n_done = time.perf_counter(), 0
-    last = {"loss": float("nan")}
-    with contextlib.ExitStack() as stack:
-        sink = None if progress else stack.enter_context(open(os.devnull, "w"))
-        bar = stack.enter_context(click.progressbar(
-            length=tcfg.steps - step, label="train", file=sink, show_eta=True,
-            item_show_func=lambda _: f"loss {last['loss']:.4g}  {last.get('it_s', 0):.2f} it/s"))
-        stop = stack.enter_context(_StopRequest())
-        mlog = stack.enter_context(open(metrics_path, "a"))
+    first_timed = None
+    with Progress(tcfg.steps - step, "train", enabled=progress) as bar, _StopRequest() as stop, \
+            open(metrics_path, "a") as mlog:
         while step < tcfg.steps:
-            x1 = backend.to_device(data_iter.next(), xp).astype(dtype, copy=False)
-            rng = backend.default_rng(step_seed(tcfg.seed, step, 0), xp)
-            drop_rng = backend.default_rng(step_seed(tcfg.seed, step, 1), xp)
-            loss, grads, metrics = objective.loss_and_grads(params, ema, x1, rng, drop_rng)
-            if not math.isfinite(loss) or not _all_finite(xp, grads):
-                raise TrainingDiverged(
-                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step} "
-                    f"(loss {loss}); the last good checkpoint {ckpt_path} is kept. "
-                    "Lower --lr, raise --warmup or use --grad-clip.")
+            loss, grads, metrics = loss_at(step)
             grad_norm = optim.clip_grad_norm(grads, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+            problem = guard.problem(loss, grad_norm)
+            if problem:
+                raise diverged(problem, step)
+            if pending is not None:      # this loss was computed with the pending state's parameters
+                write(pending)
+                pending = None
+            guard.record(loss)
             lr = optim.warmup_lr(tcfg.lr, step + 1, tcfg.warmup)
             optim.adam_step(params, grads, opt, lr, weight_decay=tcfg.weight_decay)
+            del grads
             optim.ema_update(ema, params, tcfg.ema_decay)
             step += 1
             n_done += 1
             elapsed = time.perf_counter() - t_start
-            last.update(loss=loss, it_s=n_done / max(elapsed, 1e-9))
-            bar.update(1)
+            it_s = n_done / max(elapsed, 1e-9)
+            bar.update(1, status=f"loss {loss:.4g}")
+            if n_done == 1:
+                first_timed = time.perf_counter()
+            elif n_done == 3 and max_cpu_hours is not None and not backend.is_cupy(xp):
+                per_step = (time.perf_counter() - first_timed) / 2     # steps 2 and 3 (step 1 warms up)
+                estimate_h = per_step * (tcfg.steps - step) / 3600
+                if estimate_h > max_cpu_hours:
+                    mlog.close()
+                    _abandon(out_dir, metrics_path, fresh_folder, ckpt_path)
+                    raise NeedsConfirmation(
+                        f"this run needs about {format_seconds(estimate_h * 3600)} on the CPU "
+                        f"({per_step:.2f} s/step x {tcfg.steps - step} steps, measured); nothing was saved. "
+                        "Pass --yes to run it anyway, use --device gpu, or ask for fewer --steps.")
             if step % tcfg.log_every == 0 or step == tcfg.steps:
-                rec = dict(step=step, loss=loss, grad_norm=float(grad_norm), lr=lr, it_per_s=last["it_s"],
+                rec = dict(step=step, loss=loss, grad_norm=float(grad_norm), lr=lr, it_per_s=it_s,
                            time_s=elapsed, **{k: float(v) for k, v in metrics.items() if k != "loss"})
                 mlog.write(json.dumps(rec) + "\n")
                 mlog.flush()
-            if tcfg.ckpt_every and step % tcfg.ckpt_every == 0:
-                save()
+            if (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == tcfg.steps or stop.requested:
+                pending = snapshot()
             if tcfg.sample_every and step % tcfg.sample_every == 0:
-                save_samples()
+                objective.save_samples(ema, os.path.join(out_dir, "samples", f"step_{step:07d}.png"))
             if stop.requested:
                 break
-    save()
-    if step == tcfg.steps or stop.requested:
-        save_samples()
+        save_checked(pending)            # the final (or interrupted) state, checked by one more loss
     if stop.requested:
-        click.echo(f"stopped at step {step}; resume with the same command plus --resume", err=True)
+        raise Interrupted(stop.signum, ckpt_path, step)
+    objective.save_samples(ema, os.path.join(out_dir, "samples", f"step_{step:07d}.png"))
     return params, ema, step
+
+
+def _abandon(out_dir, metrics_path, fresh_folder, ckpt_path):
+    """Undo what a run that never saved wrote (the metrics lines of its probe steps)."""
+    if os.path.exists(ckpt_path):
+        return
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    if fresh_folder:
+        try:
+            os.rmdir(out_dir)
+        except OSError:
+            pass

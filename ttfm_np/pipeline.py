@@ -1,0 +1,387 @@
+"""The pipeline as plain functions: what `cli.py` and `experiments/` call.
+
+    from ttfm_np import pipeline
+    from ttfm_np.losses import DistillLossConfig
+
+    teacher = pipeline.ensure_teacher("toy:moons")                   # trains one when none is found
+    result = pipeline.distill("toy:moons", teacher=teacher,
+                              loss=DistillLossConfig(loss="itvm"), steps=500)
+    print(pipeline.format_table(result.rows))
+
+Each function validates its inputs and raises ordinary exceptions with a
+message that names the problem and the fix (ValueError, FileNotFoundError,
+ckpt.CheckpointError, train.TrainingDiverged, runlock.RunLocked ...);
+train.Interrupted after Ctrl-C/SIGTERM, with the state saved. The CLI turns
+them into one-line errors and exit codes.
+
+This module owns the run-folder layout:
+
+    <run>/checkpoint.h5, checkpoint.prev.h5   the run's state (train.py), two generations
+    <run>/metrics.jsonl                       one JSON line per log interval
+    <run>/samples/step_<k>.png                progress pictures
+    <run>/eval/eval.json, eval/*.png          the evaluation `distill` runs at the end
+    <run>/.lock                               held while a process writes the run
+    <data root>/teachers/<data>-<model>/      default teachers (recipes.default_teacher_dir)
+    <teacher>/reference_cache/                the teacher's cached reference solutions
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+
+from . import backend, ckpt, data as datasets, evaluate as evaluation, images, losses, metrics, model, recipes
+from . import jsonio
+from . import params as P
+from . import sampling, train, ttfm
+from .ckpt import CHECKPOINT_NAME
+from .objectives import DistillObjective, FlowMatchingObjective
+from .progress import log
+from .runlock import RunLock
+
+format_table = evaluation.format_table
+TRAIN_FIELDS = tuple(f for f in train.TrainConfig.__dataclass_fields__)
+
+
+@dataclass
+class RunResult:
+    out: str                 # the run folder
+    checkpoint: str          # its checkpoint.h5
+    step: int                # optimizer steps done
+    teacher: str | None = None
+    rows: list | None = None  # evaluation rows (distill)
+    reused: bool = False     # an existing finished run was reused
+
+
+def checkpoint_path(run: str) -> str:
+    """A run folder or a checkpoint file -> the checkpoint file's path (it may not exist yet)."""
+    return os.path.join(run, CHECKPOINT_NAME) if os.path.isdir(run) or not run.endswith(".h5") else run
+
+
+def train_config(recipe: dict, **overrides) -> train.TrainConfig:
+    """TrainConfig from a recipe; every override that is not None wins."""
+    unknown = set(overrides) - set(TRAIN_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown training settings {sorted(unknown)}; known: {', '.join(TRAIN_FIELDS)}")
+    kw = {k: v for k, v in recipe.items() if k in TRAIN_FIELDS}
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return train.TrainConfig(**kw).validate()
+
+
+def _load_data(data, data_dir=None, split="train", resolution=None, n=None):
+    if resolution is not None and not data.startswith("imagefolder:"):
+        warnings.warn(f"--resolution {resolution} applies only to imagefolder data; ignored for {data}")
+        resolution = None
+    return datasets.load_dataset(data, split=split, data_dir=data_dir, resolution=resolution, n=n)
+
+
+def _heldout(ds):
+    return ds.data[:1000] if ds.kind == "toy" else None
+
+
+def _batches(ds, tcfg, flip=False):
+    if tcfg.batch_size > len(ds.data):
+        raise ValueError(f"--batch-size {tcfg.batch_size} is larger than {ds.name} ({len(ds.data)} samples): "
+                         f"use --batch-size {len(ds.data)} or less, or more data")
+    return datasets.BatchIterator(ds.data, tcfg.batch_size, seed=tcfg.seed, flip=flip)
+
+
+@contextlib.contextmanager
+def _locked_run(out: str):
+    """Hold the run folder's lock while training; a run that saved nothing leaves no folder behind."""
+    fresh = not os.path.exists(out)
+    try:
+        with RunLock(out):
+            yield
+    except train.NeedsConfirmation:
+        if fresh and set(os.listdir(out)) <= {".lock"}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- teacher
+
+def train_teacher(data: str, *, model_name: str | None = None, out: str | None = None, quick: bool = False,
+                  time_sampling: str = "uniform", flip: bool = False, resolution: int | None = None,
+                  data_dir: str | None = None, resume: bool = False, progress: bool = True,
+                  max_cpu_hours: float | None = None, **train_overrides) -> RunResult:
+    """Train a flow-matching teacher v(x, t) with the dataset's recipe (overrides win)."""
+    recipe = recipes.teacher_recipe(data, quick)
+    model_name = model_name or recipe["model"]
+    tcfg = train_config(recipe, **train_overrides)
+    out = out or recipes.default_teacher_dir(data, model_name, quick)
+    ds = _load_data(data, data_dir, resolution=resolution)
+    cfg = model.make_config(model_name, ds.shape)
+    batches = _batches(ds, tcfg, flip)
+    objective = FlowMatchingObjective(cfg, time_sampling=time_sampling, sample_kind=ds.kind, heldout=_heldout(ds))
+    log(f"teacher: {model_name} on {data} ({len(ds.data)} samples of shape {ds.shape}), {tcfg.steps} steps "
+        f"of batch {tcfg.batch_size}, device {backend.device_name()}, out {out}")
+    run_config = dict(task="teacher", data=data, time_sampling=time_sampling, flip=flip,
+                      resolution=ds.shape[-1] if ds.kind == "image" else None)
+    with _locked_run(out):
+        _, _, step = train.train_loop(out, model_cfg=cfg, init_params=model.init_model(cfg, tcfg.seed),
+                                      objective=objective, data_iter=batches, tcfg=tcfg, resume=resume,
+                                      run_config=run_config, progress=progress, max_cpu_hours=max_cpu_hours)
+    return RunResult(out=out, checkpoint=os.path.join(out, CHECKPOINT_NAME), step=step)
+
+
+def ensure_teacher(data: str, *, model_name: str | None = None, quick: bool = False, seed: int = 0,
+                   dtype: str = "float32", data_dir: str | None = None, progress: bool = True,
+                   max_cpu_hours: float | None = None) -> str:
+    """The default teacher's checkpoint for `data`, trained (or finished) first when needed."""
+    recipe = recipes.teacher_recipe(data, quick)
+    model_name = model_name or recipe["model"]
+    out = recipes.default_teacher_dir(data, model_name, quick)
+    path = os.path.join(out, CHECKPOINT_NAME)
+    steps = recipe["steps"]
+    if os.path.exists(path):
+        try:
+            done = int(ckpt.load_checkpoint(path)["step"])
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"the default teacher is unusable: {exc}. Delete {out} to train a new "
+                                       "one, or pass --teacher") from None
+        if done >= steps:
+            return path
+        log(f"the default teacher at {path} stopped at step {done} of {steps}: continuing it")
+    else:
+        log(f"no trained teacher at {path}: training one with the {recipes.family(data)} recipe "
+            f"({model_name}, {steps} steps) first")
+    train_teacher(data, model_name=model_name, out=out, quick=quick, data_dir=data_dir, resume=True,
+                  progress=progress, max_cpu_hours=max_cpu_hours, seed=seed, dtype=dtype)
+    return path
+
+
+# ----------------------------------------------------------------------------- distillation
+
+def _default_run_dir(data, loss, quick):
+    return os.path.join(recipes.RUNS_DIR, f"distill-{recipes.slug(data)}-{loss}" + ("-quick" if quick else ""))
+
+
+def _choose_run_dir(default: str, config: dict, tcfg) -> tuple:
+    """(folder, mode) for a run without --out: 'new', 'resume' (same run, unfinished) or 'reuse' (finished)."""
+    candidate, k = default, 1
+    while os.path.exists(os.path.join(candidate, CHECKPOINT_NAME)):
+        state = ckpt.load_checkpoint(os.path.join(candidate, CHECKPOINT_NAME))
+        same = not train.config_differences(state["config"], config)
+        if same:
+            return candidate, ("reuse" if int(state["step"]) >= tcfg.steps else "resume")
+        k += 1
+        candidate = f"{default}-{k}"
+    return candidate, "new"
+
+
+def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model_name: str | None = None,
+            loss: losses.DistillLossConfig | None = None, out: str | None = None, quick: bool = False,
+            resume: bool = False, eval_steps=(1, 2, 4, 8), eval_n: int | None = None, eval_n_ref: int = 256,
+            eval_seed: int = 0, data_dir: str | None = None, progress: bool = True,
+            max_cpu_hours: float | None = None, evaluate: bool = True, **train_overrides) -> RunResult:
+    """Distill a teacher into a two-timed student, then (by default) evaluate it.
+
+    teacher None: the dataset's default teacher, trained first when missing.
+    out None: runs/distill-<data>-<loss>; a finished identical run there is reused, an unfinished
+    one continued, a different one left alone (the new run goes to <folder>-2, -3, ...).
+    """
+    loss = (loss or losses.DistillLossConfig()).validate()
+    if teacher is None:
+        teacher = ensure_teacher(data, model_name=model_name, quick=quick, seed=train_overrides.get("seed") or 0,
+                                 dtype=train_overrides.get("dtype") or "float32", data_dir=data_dir,
+                                 progress=progress, max_cpu_hours=max_cpu_hours)
+    teacher = checkpoint_path(teacher)
+    tcfg = train_config(recipes.distill_recipe(data, quick), **train_overrides)
+    tm = sampling.load_model(teacher, weights="ema", dtype=tcfg.dtype, role="teacher", data=data)
+    teacher = os.path.abspath(tm.path)
+    if loss.loss == "lfmd" and loss.fd_step is not None and loss.fd_step * tm.cfg.time_scale > 1.0:
+        warnings.warn(f"--fd-step {loss.fd_step} is coarse for time features of frequency {tm.cfg.time_scale:g}: "
+                      "the finite difference will damp them (see docs/method.md)")
+    ds = _load_data(data, data_dir, resolution=tm.config.get("resolution") if data.startswith("imagefolder:")
+                    else None)
+    if tuple(ds.shape) != tuple(tm.sample_shape):
+        raise ValueError(f"the teacher {teacher} models samples of shape {tm.sample_shape}, but {data} has "
+                         f"{ds.shape}: train a teacher on this data")
+    student_params, scfg = ttfm.student_from_teacher(P.to_numpy(tm.params), tm.cfg)
+    run_config = dict(task="student", data=data, teacher=teacher, loss=loss.to_dict())
+    config = json.loads(json.dumps(dict(run_config, model=scfg.to_dict(),
+                                        train=dict(vars(tcfg)))))
+    reused = False
+    if out is None:
+        out, mode = _choose_run_dir(_default_run_dir(data, loss.loss, quick), config, tcfg)
+        if mode == "reuse":
+            log(f"reusing the finished run in {out} (same settings; pass --out DIR to train a new one)")
+            reused = True
+        elif mode == "resume":
+            log(f"continuing the unfinished run in {out}")
+            resume = True
+        elif out != _default_run_dir(data, loss.loss, quick):
+            log(f"{_default_run_dir(data, loss.loss, quick)} holds a run with other settings: writing to {out}")
+    step = tcfg.steps
+    if not reused:
+        objective = DistillObjective(scfg, (tm.params, tm.cfg), loss, sample_kind=ds.kind, heldout=_heldout(ds))
+        log(f"distill: {loss.loss} from {teacher} on {data}, {tcfg.steps} steps of batch {tcfg.batch_size}, "
+            f"device {backend.device_name()}, out {out}")
+        with _locked_run(out):
+            _, _, step = train.train_loop(out, model_cfg=scfg, init_params=student_params, objective=objective,
+                                          data_iter=_batches(ds, tcfg), tcfg=tcfg, resume=resume,
+                                          run_config=run_config, progress=progress, max_cpu_hours=max_cpu_hours)
+    result = RunResult(out=out, checkpoint=os.path.join(out, CHECKPOINT_NAME), step=step, teacher=teacher,
+                       reused=reused)
+    if evaluate:
+        result.rows = evaluate_models(teacher, result.checkpoint, steps=eval_steps,
+                                      n=eval_n or (2000 if ds.kind == "toy" else 256), n_ref=eval_n_ref,
+                                      out=os.path.join(out, "eval"), seed=eval_seed, data_dir=data_dir,
+                                      dtype=tcfg.dtype)
+    return result
+
+
+# ----------------------------------------------------------------------------- evaluation and sampling
+
+def evaluate_models(teacher: str, student: str | None = None, *, steps=(1, 2, 4, 8), n: int = 1024,
+                    n_ref: int = 256, out: str = "runs/eval", seed: int = 0, data_dir: str | None = None,
+                    dtype: str = "float32") -> list:
+    """Flow-map error table of N-step sampling against the teacher's reference; writes eval.json + PNGs."""
+    steps = check_step_counts(steps)
+    tm = sampling.load_model(teacher, weights="ema", dtype=dtype, role="teacher")
+    sm = sampling.load_model(student, weights="ema", dtype=dtype, role="student") if student else None
+    if sm is not None:
+        if sm.sample_shape != tm.sample_shape:
+            raise ValueError(f"the student's samples have shape {sm.sample_shape}, the teacher's "
+                             f"{tm.sample_shape}: they were not trained on the same data")
+        if sm.data and tm.data and sm.data != tm.data:
+            raise ValueError(f"the student was distilled on {sm.data}, the teacher trained on {tm.data}")
+    heldout = _load_data(tm.data, data_dir, split="test", n=n).data if tm.data.startswith("toy:") else None
+    z = tm.noise(n, seed)
+    rows, samples = evaluation.flow_map_table(tm, sm, z, steps, n_ref=n_ref, heldout=heldout,
+                                              cache_dir=os.path.join(os.path.dirname(tm.path), "reference_cache"))
+    for name, x in samples.items():
+        sampling.check_finite(x, f"{'the student' if name.startswith('student') else 'the teacher'} ({name})")
+    print(evaluation.format_table(rows), flush=True)
+    paths = evaluation.write_outputs(out, rows, samples, image_data=heldout is None, heldout=heldout,
+                                     extra=dict(teacher=teacher, student=student, n=n, n_ref=n_ref, seed=seed))
+    log(f"wrote {os.path.join(out, 'eval.json')} and {', '.join(paths)}")
+    return rows
+
+
+def check_step_counts(steps) -> list:
+    steps = [int(s) for s in steps]
+    if not steps or min(steps) < 1:
+        raise ValueError(f"step counts must be integers >= 1, got {steps}")
+    if max(steps) > 100_000:
+        raise ValueError(f"step counts above 100000 are not sensible for few-step sampling, got {max(steps)}")
+    return steps
+
+
+def sample(ckpt_path: str, *, out: str, steps: int = 8, solver: str = "euler", n: int = 64, seed: int = 0,
+           weights: str = "ema") -> dict:
+    """Draw n samples and write a PNG (image grid, or a scatter plot + sliced-W2 for 2-D data)."""
+    if os.path.splitext(out)[1].lower() != ".png":
+        raise ValueError(f"--out {out!r} must be a .png file name (e.g. samples.png)")
+    m = sampling.load_model(ckpt_path, weights)
+    x = m.sample(n, steps, solver, seed)
+    kind = "student" if m.is_student else f"teacher/{solver}"
+    info = dict(path=out, kind=kind, n=n, steps=steps)
+    if x.ndim == 2:
+        heldout = _load_data(m.data, split="test", n=n).data if m.data.startswith("toy:") else None
+        images.save_scatter(x, out, reference=heldout, title=f"{kind}, {steps} steps")
+        if heldout is not None:
+            info["sliced_w2"] = metrics.sliced_w2(x, heldout)
+            info["heldout"] = m.data
+    else:
+        images.save_image_grid(x, out, upscale=2)
+    return info
+
+
+# ----------------------------------------------------------------------------- FID
+
+def fid_stats(data: str, *, split: str = "train", n: int | None = None, batch_size: int = 100,
+              out: str | None = None, resolution: int | None = None, data_dir: str | None = None) -> tuple:
+    """Inception statistics (mu, sigma) of a dataset or a folder of PNGs; returns (path, count)."""
+    from . import fid, inception
+    net = inception.load_inception()
+    if os.path.isdir(data):                                  # a folder of PNGs, read batch by batch
+        files = fid.png_files(data)[:n]
+        total, batches = len(files), fid.iter_png_batches(files, batch_size)
+        name = "folder-" + os.path.basename(os.path.normpath(data))
+    else:
+        imgs = _load_data(data, data_dir, split, resolution=resolution, n=n).data
+        total, batches = len(imgs), (imgs[i:i + batch_size] for i in range(0, len(imgs), batch_size))
+        name = data
+    fid.warn_if_few(total)
+    stats = fid.stats_of_images(net, batches, f"inception features ({total} images)", -(-total // batch_size))
+    out = out or fid.default_stats_path(name, split)
+    fid.save_stats(out, stats.mu, stats.sigma, stats.n, f"{data}:{split}")
+    return out, stats.n
+
+
+def fid_score(*, ckpt_path: str | None = None, folder: str | None = None, steps: int = 1, solver: str = "euler",
+              n: int = 50000, batch_size: int = 100, ref: str | None = None, seed: int = 0) -> dict:
+    """FID of a checkpoint's samples (or of a PNG folder) against reference statistics."""
+    from . import fid, inception
+    if (ckpt_path is None) == (folder is None):
+        raise ValueError("give exactly one of --ckpt and --folder")
+    m = sampling.load_model(ckpt_path) if ckpt_path else None
+    if ref is None:
+        if m is None:
+            raise ValueError("--ref is required with --folder")
+        ref = fid.default_stats_path(m.data, "train")
+        if not os.path.exists(ref):
+            raise FileNotFoundError(f"no reference statistics {ref}: run `python cli.py fid-stats --data {m.data}` first")
+    net = inception.load_inception()
+    if os.path.isdir(ref):                                   # a PNG folder as the reference side
+        files = fid.png_files(ref)
+        rs = fid.stats_of_images(net, fid.iter_png_batches(files, batch_size),
+                                 f"reference features ({len(files)} images)", -(-len(files) // batch_size))
+        mu_r, sigma_r = rs.mu, rs.sigma
+    else:
+        mu_r, sigma_r, _ = fid.load_stats(ref)
+    if folder:
+        files = fid.png_files(folder)
+        batches, total = fid.iter_png_batches(files, batch_size), len(files)
+    else:
+        total = n
+        batches = (m.sample(min(batch_size, n - i), steps, solver, seed, batch_size=batch_size,
+                            first_batch=i // batch_size) for i in range(0, n, batch_size))
+    fid.warn_if_few(total)
+    stats = fid.stats_of_images(net, batches, f"FID features ({total} images)", -(-total // batch_size))
+    score = fid.frechet_distance(stats.mu, stats.sigma, mu_r, sigma_r)
+    return dict(fid=score, n=total, ref=ref, source=folder or f"{ckpt_path}, {steps} steps")
+
+
+# ----------------------------------------------------------------------------- small tools
+
+def plot_metrics(run_or_file: str, *, out: str, key: str = "loss", smooth: int = 10, log_y: bool = True) -> str:
+    """A PNG of one metric of a run's metrics.jsonl against the step."""
+    if os.path.splitext(out)[1].lower() != ".png":
+        raise ValueError(f"--out {out!r} must be a .png file name")
+    path = os.path.join(run_or_file, train.METRICS_NAME) if os.path.isdir(run_or_file) else run_or_file
+    rows = [r for r in jsonio.read_jsonl(path) if key in r and "step" in r]
+    if len(rows) < 2:
+        raise ValueError(f"{path} has fewer than 2 lines with {key!r}")
+    img = images.line_plot([r["step"] for r in rows], [r[key] for r in rows], f"{key} vs step ({path})",
+                           log_y=log_y, smooth=smooth)
+    images.save_image(img, out)
+    return out
+
+
+def parameter_table(model_name: str, channels: int = 3, resolution: int | None = None,
+                    two_time: bool = False) -> tuple:
+    """([(block, count), ...], total, sample_shape) of a preset."""
+    if model_name.startswith("mlp"):
+        shape = (2,)
+    else:
+        res = resolution or (64 if model_name == "celebahq64" else 32)
+        shape = (channels, res, res)
+    cfg = model.make_config(model_name, shape, two_time=two_time)
+    p = model.init_model(cfg)
+    groups = {}
+    for k, v in p.items():
+        parts = k.split(".")
+        top = parts[0] + ("." + parts[1] if parts[0] in ("enc", "dec") else "")
+        groups[top] = groups.get(top, 0) + int(v.size)
+    return list(groups.items()), P.count(p), shape
+
+
+__all__ = ["RunResult", "checkpoint_path", "train_config", "train_teacher", "ensure_teacher", "distill",
+           "evaluate_models", "sample", "fid_stats", "fid_score", "plot_metrics", "parameter_table",
+           "format_table", "check_step_counts"]

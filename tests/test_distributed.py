@@ -585,18 +585,7 @@ def _assert_same_state(a, b, rtol=1e-10):
     assert a["rng_state"]["data"] == b["rng_state"]["data"]
 
 
-def _train_loop_takes_comm():
-    import inspect
-    from ttfm_np import train
-    return "comm" in inspect.signature(train.train_loop).parameters
-
-
-# TEMPORARY until the training loop's integration lands (then this marker goes)
-needs_integration = pytest.mark.skipif(not _train_loop_takes_comm(), reason="train_loop has no comm argument yet")
-
-
 @needs_mpi
-@needs_integration
 @pytest.mark.parametrize("kind", ["teacher", "itvm"])
 def test_mpi_two_ranks_equal_one_process_and_resume_across_rank_counts(tmp_path, kind):
     """2 ranks x B/2 = 1 process x B after 5 steps (float64, 1e-10 relative), and a run resumed with
@@ -628,7 +617,6 @@ def _initial(kind):
 
 
 @needs_mpi
-@needs_integration
 def test_mpi_ctrl_c_on_the_launcher_saves_one_valid_checkpoint_and_ends_every_rank(tmp_path):
     import signal
     import time

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import backend, ckpt, optim, seeds
+from . import backend, ckpt, distributed, optim, progress as _progress, seeds
 from . import params as P
 from .ckpt import CHECKPOINT_NAME
 from .progress import Progress, format_seconds, log
@@ -218,9 +218,10 @@ class _Guard:
         return {"smoothed": self.smoothed, "best": self.best}
 
 
+@distributed.with_comm_guard(coordinated=(Interrupted, TrainingDiverged, NeedsConfirmation))
 def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_iter, tcfg: TrainConfig,
                run_config: dict, resume: bool = False, progress: bool = True, xp=None,
-               max_cpu_hours: float | None = None):
+               max_cpu_hours: float | None = None, comm=None):
     """Run (or resume) training; returns (params, ema, step).
 
     init_params: NumPy parameters to start from (ignored when resuming).
@@ -232,8 +233,16 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
     max_cpu_hours: on the CPU, measure the first steps and raise NeedsConfirmation (before
                anything is saved) when the whole run is estimated to take longer.
     Raises Interrupted after saving on SIGINT/SIGTERM, TrainingDiverged on divergence.
+    comm: the data-parallel communicator (default distributed.current(): one process unless the
+               CLI ran under mpiexec). With K ranks each takes B/K rows of every global batch and
+               the gradients are averaged over the K ranks before the (identical) updates; rank 0
+               alone writes checkpoints, metrics, samples and the progress bar.
     """
     tcfg.validate()
+    comm = comm or distributed.current()
+    dp = distributed.DataParallel(comm, tcfg.batch_size)     # this rank's rows [lo, hi) of every batch
+    dp.shard_iterator(data_iter)
+    log = _progress.log if comm.is_root else (lambda *a, **k: None)   # rank 0 speaks for all
     xp = xp or backend.get_xp()
     dtype = np.dtype(tcfg.dtype)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
@@ -260,7 +269,8 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
         step = int(state["step"])
         data_iter.load_state_dict(state["rng_state"]["data"])
         guard = _Guard(tcfg.explode_factor, state["rng_state"].get("guard"))
-        _truncate_metrics(metrics_path, step)
+        if comm.is_root:
+            _truncate_metrics(metrics_path, step)
         log(f"resumed {ckpt_path} at step {step}")
     else:
         if resume:
@@ -271,26 +281,38 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
         step = 0
         guard = _Guard(tcfg.explode_factor)
 
+    # every rank must now hold the same state (same seed / same checkpoint): compared bit for bit
+    distributed.check_replicas(comm, {"params": params, "ema": ema, "adam_m": opt.m, "adam_v": opt.v,
+                                      "adam_step": opt.step, "step": step, "data": data_iter.state_dict()})
     if step >= tcfg.steps:
         log(f"already trained for {step} >= {tcfg.steps} steps")
         return params, ema, step
 
     def snapshot():
         """A host copy of everything a checkpoint holds, taken now, written once shown sane."""
+        if not comm.is_root:             # only rank 0 writes; the others keep the step to check
+            return dict(step=step)
         return dict(params=P.to_numpy(params), ema=P.to_numpy(ema),
                     opt_state=optim.AdamState(step=opt.step, m=P.to_numpy(opt.m), v=P.to_numpy(opt.v)),
                     step=step, rng_state={"seed": tcfg.seed, "data": data_iter.state_dict(),
                                           "guard": guard.state()})
 
     def write(snap):
-        ckpt.save_checkpoint(ckpt_path, snap["params"], ema=snap["ema"], opt_state=snap["opt_state"],
-                             step=snap["step"], rng_state=snap["rng_state"], config=config, keep_previous=True)
+        if comm.is_root:
+            ckpt.save_checkpoint(ckpt_path, snap["params"], ema=snap["ema"], opt_state=snap["opt_state"],
+                                 step=snap["step"], rng_state=snap["rng_state"], config=config,
+                                 keep_previous=True)
 
     def loss_at(step_index):
         """(loss, grads, metrics) of the current parameters on the next batch of step `step_index`."""
         x1 = backend.to_device(data_iter.next(), xp).astype(dtype, copy=False)
-        rng = np.random.default_rng(step_seed(tcfg.seed, step_index, 0))
-        return objective.loss_and_grads(params, ema, x1, rng, step_seed(tcfg.seed, step_index, 1))
+        # noise/times drawn for the global batch, this rank's rows kept (K-independent numbers)
+        rng = dp.step_rng(np.random.default_rng(step_seed(tcfg.seed, step_index, 0)))
+        loss, grads, metrics = objective.loss_and_grads(params, ema, x1, rng,
+                                                        dp.dropout_seed(step_seed(tcfg.seed, step_index, 1)))
+        # g = sum_r (n_r / B) g_r: the global-batch mean, the same on every rank (one all-reduce)
+        loss, grads, metrics, _ = dp.reduce(loss, grads, metrics)
+        return loss, grads, metrics
 
     def diverged(problem, at_step):
         saved = ckpt_path if os.path.exists(ckpt_path) else None
@@ -315,8 +337,9 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
     pending = None                       # a snapshot waiting for the next loss to prove it sane
     t_start, n_done = time.perf_counter(), 0
     first_timed = None
-    with Progress(tcfg.steps - step, "train", enabled=progress) as bar, _StopRequest() as stop, \
-            open(metrics_path, "a") as mlog:
+    stopping = False                     # a stop request on any rank, agreed after every step
+    with Progress(tcfg.steps - step, "train", enabled=progress and comm.is_root) as bar, \
+            _StopRequest() as stop, open(metrics_path if comm.is_root else os.devnull, "a") as mlog:
         while step < tcfg.steps:
             loss, grads, metrics = loss_at(step)
             grad_norm = optim.clip_grad_norm(grads, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
@@ -341,9 +364,10 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
             elif n_done == 3 and max_cpu_hours is not None and not backend.is_cupy(xp):
                 per_step = (time.perf_counter() - first_timed) / 2     # steps 2 and 3 (step 1 warms up)
                 estimate_h = per_step * (tcfg.steps - step) / 3600
-                if estimate_h > max_cpu_hours:
+                if comm.any_flag(estimate_h > max_cpu_hours):      # the ranks' timings differ: agree
                     mlog.close()
-                    _abandon(out_dir, metrics_path, fresh_folder, ckpt_path)
+                    if comm.is_root:
+                        _abandon(out_dir, metrics_path, fresh_folder, ckpt_path)
                     raise NeedsConfirmation(
                         f"this run needs about {format_seconds(estimate_h * 3600)} on the CPU "
                         f"({per_step:.2f} s/step x {tcfg.steps - step} steps, measured); nothing was saved. "
@@ -353,16 +377,18 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
                            time_s=elapsed, **{k: float(v) for k, v in metrics.items() if k != "loss"})
                 mlog.write(json.dumps(rec) + "\n")
                 mlog.flush()
-            if (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == tcfg.steps or stop.requested:
+            stopping = comm.any_flag(stop.requested)     # Ctrl-C reaches every rank, a scheduler's signal maybe one
+            if (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == tcfg.steps or stopping:
                 pending = snapshot()
-            if tcfg.sample_every and step % tcfg.sample_every == 0:
+            if tcfg.sample_every and step % tcfg.sample_every == 0 and comm.is_root:
                 objective.save_samples(ema, os.path.join(out_dir, "samples", f"step_{step:07d}.png"))
-            if stop.requested:
+            if stopping:
                 break
         save_checked(pending)            # the final (or interrupted) state, checked by one more loss
-    if stop.requested:
-        raise Interrupted(stop.signum, ckpt_path, step)
-    objective.save_samples(ema, os.path.join(out_dir, "samples", f"step_{step:07d}.png"))
+    if stopping:
+        raise Interrupted(stop.signum or signal.SIGTERM, ckpt_path, step)
+    if comm.is_root:
+        objective.save_samples(ema, os.path.join(out_dir, "samples", f"step_{step:07d}.png"))
     return params, ema, step
 
 

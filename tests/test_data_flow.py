@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ttfm_np import recipes
+
 from ttfm_np import data, flow, metrics
 
 # ---------------------------------------------------------------------------- ODE solvers
@@ -165,7 +167,7 @@ def test_cifar10_tarball_restricted_unpickler_and_md5(tmp_path, rng, monkeypatch
 
 
 def test_cifar10_missing_offline_says_where(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "nodata"))
+    monkeypatch.setattr(recipes, "DATA_DIR", str(tmp_path / "nodata"))
     with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"):
         data.load_cifar10("train", str(tmp_path / "nothere"), allow_download=False)
 
@@ -199,3 +201,62 @@ def test_metrics_against_closed_forms(rng):
     dyy = np.linalg.norm(y[:, None] - y[None], axis=-1).mean()
     assert metrics.energy_distance(x, y) == pytest.approx(2 * dxy - dxx - dyy, rel=1e-9)
     assert metrics.psnr(np.zeros((2, 3)), np.full((2, 3), 0.2)) == pytest.approx(10 * np.log10(4 / 0.04))
+
+
+# ---------------------------------------------------------------------------- points:PATH.npy
+
+def test_points_file_split_kind_and_recipe(tmp_path, rng):
+    from ttfm_np import recipes
+    x = rng.standard_normal((23, 2))
+    p = tmp_path / "pts.npy"
+    np.save(p, x)
+    train = data.load_dataset(f"points:{p}")
+    test = data.load_dataset(f"points:{p}", split="test")
+    # held-out = rows 0, 10, 20 (every 10th from row 0); train = the other 20 rows, in file order
+    np.testing.assert_array_equal(test.data, x[[0, 10, 20]].astype(np.float32))
+    np.testing.assert_array_equal(train.data, np.delete(x, [0, 10, 20], axis=0).astype(np.float32))
+    assert train.data.dtype == np.float32 and train.kind == "toy"            # d = 2: scatter plots
+    assert data.load_dataset(f"points:{p}", n=5).data.shape == (5, 2)
+    np.save(tmp_path / "p5.npy", rng.standard_normal((40, 5)).astype(np.float16))
+    d5 = data.load_dataset(f"points:{tmp_path / 'p5.npy'}")
+    assert d5.kind == "points" and d5.shape == (5,) and d5.data.dtype == np.float32
+    np.save(tmp_path / "two.npy", np.array([[1, 2], [3, 4]], np.int64))   # n = 2: 1 train + 1 held out
+    assert data.load_points(str(tmp_path / "two.npy"), "test").tolist() == [[1.0, 2.0]]
+    # the toy recipe (the MLP) serves points; the teacher folder name is file-name safe and path specific
+    assert recipes.family(f"points:{p}") == "points"
+    assert recipes.TEACHER_RECIPES["points"]["model"] == "mlp"
+    assert recipes.DISTILL_RECIPES["points"] == recipes.DISTILL_RECIPES["toy"]
+    slug = recipes.slug(f"points:{p}")
+    assert slug.startswith("points-pts-") and "/" not in slug
+    assert slug != recipes.slug(f"points:{tmp_path / 'other' / 'pts.npy'}")
+
+
+@pytest.mark.parametrize("arr, msg", [
+    (np.zeros(5), "shape"),                                   # 1-D
+    (np.zeros((2, 3, 4)), "shape"),                           # 3-D
+    (np.zeros((1, 2)), "at least 2 points"),
+    (np.zeros((4, 0)), "d >= 1"),
+    (np.array([[0.0, 1.0], [np.nan, 2.0], [1.0, np.inf]]), "2 rows contain NaN/inf"),
+    (np.array([[1e39, 0.0], [0.0, 0.0]]), "NaN/inf"),          # overflows float32
+    (np.array([["a", "b"], ["c", "d"]]), "not real numbers"),
+    (np.ones((3, 2), np.complex64), "not real numbers"),
+])
+def test_points_file_errors(tmp_path, arr, msg):
+    p = tmp_path / "bad.npy"
+    np.save(p, arr)
+    with pytest.raises(ValueError, match=msg):
+        data.load_dataset(f"points:{p}")
+
+
+def test_points_file_missing_or_not_npy(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_dataset(f"points:{tmp_path / 'nope.npy'}")
+    (tmp_path / "text.npy").write_text("1,2\n3,4\n")
+    with pytest.raises(ValueError, match="not a readable .npy"):
+        data.load_dataset(f"points:{tmp_path / 'text.npy'}")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="not a readable .npy|not real numbers"):
+        data.load_dataset(f"points:{tmp_path / 'obj.npy'}")
+    np.savez(tmp_path / "z.npz", a=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="several arrays"):
+        data.load_dataset(f"points:{tmp_path / 'z.npz'}")

@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""The multi-seed toy study (issue 11): ITVM vs LFMD vs ECD with the same budget
+and the same tuning effort, on the four 2-D toys.
+
+Protocol
+  1. tune   every loss gets a grid of the same size (GRIDS, 6 configurations each)
+            over its own knobs and the time-pair sampling, run once per toy with the
+            tuning seed (100, not one of the reported seeds);
+  2. select per loss, the configuration with the best score = mean over the four toys
+            of log10(MSE at N = 1) + log10(MSE at N = 2) (flow-map error to the
+            teacher's 256-step Heun solution);
+  3. final  the selected configuration of every loss with seeds 0, 1, 2 on every toy;
+  4. report mean +- standard error over the seeds at N = 1, 2, 4, 8, next to the
+            teacher's own Euler N and Heun N/2 on the same noise.
+
+Every cell: the same teacher per toy (experiments/toy_teachers.py), a student warm-
+started from it, STEPS updates of batch BATCH, lr 1e-3, 20 warm-up steps, the EMA
+weights evaluated on EVAL_N fixed noise samples (seed 0). Results are JSON lines in
+OUT/results.jsonl; a cell already there is skipped, so the script resumes.
+
+    python experiments/study_toys.py --teachers runs/toy-teachers --out runs/study-toys tune
+    python experiments/study_toys.py --teachers runs/toy-teachers --out runs/study-toys final
+    python experiments/study_toys.py --out runs/study-toys report          # markdown tables
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import click
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ttfm_np import data as D, losses, metrics, pipeline, sampling  # noqa: E402
+
+TOYS = ("checkerboard", "moons", "8gaussians", "spirals")
+STEPS_N = (1, 2, 4, 8)
+TUNE_SEED = 100
+FINAL_SEEDS = (0, 1, 2)
+
+# One grid per loss, the same size for each (equal tuning effort). Keys are DistillLossConfig
+# fields, plus "ema_decay" (the training loop's EMA: ITVM/ECD take their targets from it, every
+# loss is evaluated with it).
+GRIDS = {
+    "itvm": [
+        dict(delta_mode="absolute", delta=1 / 64, target_solver="euler"),                    # the old default
+        dict(delta_mode="relative", kappa=0.25, target_solver="heun"),
+        dict(delta_mode="relative", kappa=0.5, target_solver="heun"),
+        dict(delta_mode="relative", kappa=0.25, target_solver="heun", frac_t1=0.5, ema_decay=0.95),
+        dict(delta_mode="relative", kappa=0.5, target_solver="heun", frac_t1=0.5, ema_decay=0.95),
+        dict(delta_mode="relative", kappa=0.5, target_solver="heun", frac_t1=0.5, ema_target=False),
+    ],
+    "lfmd": [
+        dict(),                                                                              # auto h = 1e-4
+        dict(frac_t1=0.25),
+        dict(frac_t1=0.5),
+        dict(frac_t1=0.5, fd_step=3e-4),
+        dict(frac_t1=0.5, ema_decay=0.95),
+        dict(frac_t1=0.5, lfmd_teacher_grad=False),
+    ],
+    "ecd": [
+        dict(delta=1 / 64),
+        dict(delta=1 / 16),
+        dict(delta=1 / 64, ema_decay=0.95),
+        dict(delta=1 / 16, ema_decay=0.95),
+        dict(delta=1 / 16, frac_t1=0.5),
+        dict(delta=1 / 16, frac_t1=0.5, ema_decay=0.95),
+    ],
+}
+BASE_EMA = 0.99
+
+
+def cell_key(stage, toy, loss, cfg_id, seed):
+    return f"{stage}/{toy}/{loss}/{cfg_id}/{seed}"
+
+
+def read_results(out):
+    path = os.path.join(out, "results.jsonl")
+    if not os.path.exists(path):
+        return {}
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return {r["key"]: r for r in rows}
+
+
+def append_result(out, row):
+    with open(os.path.join(out, "results.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------- teacher and evaluation
+
+def teacher_path(teachers, toy):
+    """The toy's teacher checkpoint: teachers/<toy>/checkpoint.h5, or (teachers None) the default
+    teacher of the toy recipe (recipes.TEACHER_RECIPES["toy"]), trained first when missing."""
+    if teachers is None:
+        return pipeline.ensure_teacher(f"toy:{toy}", progress=False)
+    path = os.path.join(teachers, toy, "checkpoint.h5")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no teacher at {path}: run experiments/toy_teachers.py --out {teachers} first, "
+                                "or leave --teachers out to use the default teachers")
+    return path
+
+
+class ToyEval:
+    """Fixed noise, the teacher's reference solution and held-out data for one toy."""
+
+    def __init__(self, teacher_ckpt, toy, n, n_ref=256):
+        self.teacher_ckpt, self.toy = teacher_ckpt, toy
+        self.teacher = sampling.load_model(teacher_ckpt, weights="ema", role="teacher")
+        self.z = self.teacher.noise(n, seed=0)                       # the same noise for every method
+        self.heldout = D.load_dataset(f"toy:{toy}", split="test", n=n).data.astype(np.float64)
+        self.x_ref = self.teacher_solve(n_ref, "heun")
+
+    def teacher_solve(self, n, method):
+        return self.teacher.generate(self.z, n, method)
+
+    def row(self, x):
+        x = np.asarray(x, np.float64)
+        return dict(mse=metrics.mse(x, self.x_ref), sw2=metrics.sliced_w2(x, self.heldout),
+                    tv=metrics.hist2d_tv(x, self.heldout))
+
+    def teacher_rows(self):
+        rows = {"reference": self.row(self.x_ref)}
+        for n in STEPS_N:
+            rows[f"euler{n}"] = self.row(self.teacher_solve(n, "euler"))
+            if n % 2 == 0:
+                rows[f"heun{n // 2}"] = self.row(self.teacher_solve(n // 2, "heun"))
+        return rows
+
+    def student_rows(self, student_ckpt):
+        student = sampling.load_model(student_ckpt, weights="ema", role="student")
+        return {n: self.row(student.generate(self.z, n)) for n in STEPS_N}
+
+
+# ----------------------------------------------------------------------------- one cell
+
+def split_config(loss, cfg):
+    kw = dict(cfg)
+    ema_decay = kw.pop("ema_decay", BASE_EMA)
+    opts = losses.DistillLossConfig(loss=loss, **kw).validate()
+    return opts, ema_decay
+
+
+def run_cell(teacher_ckpt, toy, loss, cfg, seed, steps, batch, lr, run_dir):
+    """Distil one student with pipeline.distill (warm start from the teacher, the training loop
+    of the CLI); returns (its checkpoint, seconds per update)."""
+    opts, ema_decay = split_config(loss, cfg)
+    if os.path.exists(run_dir):
+        shutil.rmtree(run_dir)                                 # an interrupted cell starts over
+    t0 = time.time()
+    res = pipeline.distill(f"toy:{toy}", teacher=teacher_ckpt, loss=opts, out=run_dir, evaluate=False,
+                           progress=False, steps=steps, batch_size=batch, lr=lr, warmup=20, ema_decay=ema_decay,
+                           seed=seed, log_every=max(1, steps // 10), ckpt_every=steps, sample_every=0)
+    return res.checkpoint, (time.time() - t0) / steps
+
+
+def run_cells(cells, teachers, out, steps, batch, lr, eval_n):
+    os.makedirs(out, exist_ok=True)
+    done = read_results(out)
+    evals = {}
+    for stage, toy, loss, cfg_id, seed in cells:
+        key = cell_key(stage, toy, loss, cfg_id, seed)
+        if key in done:
+            continue
+        if toy not in evals:
+            evals[toy] = ToyEval(teacher_path(teachers, toy), toy, eval_n)
+            tkey = f"teacher/{toy}"
+            if tkey not in done:
+                append_result(out, dict(key=tkey, toy=toy, rows=evals[toy].teacher_rows()))
+        cfg = GRIDS[loss][cfg_id]
+        ckpt, spu = run_cell(evals[toy].teacher_ckpt, toy, loss, cfg, seed, steps, batch, lr,
+                             os.path.join(out, "runs", key.replace("/", "-")))
+        rows = evals[toy].student_rows(ckpt)
+        row = dict(key=key, stage=stage, toy=toy, loss=loss, cfg_id=cfg_id, cfg=cfg, seed=seed, steps=steps,
+                   batch=batch, lr=lr, eval_n=eval_n, s_per_update=spu, rows={str(n): r for n, r in rows.items()})
+        append_result(out, row)
+        click.echo(f"{key:32s} {spu * 1000:6.1f} ms/update  " +
+                   "  ".join(f"N={n}: {r['mse']:.2e}" for n, r in rows.items()))
+
+
+# ----------------------------------------------------------------------------- selection and report
+
+def score(results, loss, cfg_id, stage="tune"):
+    """mean over toys of log10 MSE(N=1) + log10 MSE(N=2); None if a toy is missing."""
+    vals = []
+    for toy in TOYS:
+        r = [v for v in results.values() if v.get("stage") == stage and v["toy"] == toy and v["loss"] == loss
+             and v["cfg_id"] == cfg_id]
+        if not r:
+            return None
+        vals.append(math.log10(r[0]["rows"]["1"]["mse"]) + math.log10(r[0]["rows"]["2"]["mse"]))
+    return float(np.mean(vals))
+
+
+def best_configs(results):
+    best = {}
+    for loss, grid in GRIDS.items():
+        scored = [(score(results, loss, i), i) for i in range(len(grid))]
+        scored = [(s, i) for s, i in scored if s is not None]
+        if not scored:
+            raise click.ClickException(f"no complete tuning results for {loss}: run the tune stage first")
+        best[loss] = min(scored)[1]
+    return best
+
+
+def mean_se(vals):
+    vals = np.asarray(vals, np.float64)
+    se = vals.std(ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else float("nan")
+    return float(vals.mean()), float(se)
+
+
+def report(results, metric="mse"):
+    lines = []
+    lines.append("Tuning (seed 100): score = mean over toys of log10 MSE(N=1) + log10 MSE(N=2) (lower is better)\n")
+    lines.append("| loss | config | score | " + " | ".join(f"{t} N=1 / N=2" for t in TOYS) + " |")
+    lines.append("|---|---|---|" + "---|" * len(TOYS))
+    for loss, grid in GRIDS.items():
+        for i, cfg in enumerate(grid):
+            s = score(results, loss, i)
+            cells = []
+            for toy in TOYS:
+                r = [v for v in results.values() if v.get("stage") == "tune" and v["toy"] == toy
+                     and v["loss"] == loss and v["cfg_id"] == i]
+                cells.append(f"{r[0]['rows']['1']['mse']:.2e} / {r[0]['rows']['2']['mse']:.2e}" if r else "-")
+            desc = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items()) or "defaults"
+            lines.append(f"| {loss} | {i}: {desc} | {s:.2f} |" if s is not None else f"| {loss} | {i}: {desc} | - |")
+            lines[-1] += " " + " | ".join(cells) + " |"
+    lines.append("")
+    for metric in ("mse", "tv"):
+        lines.append(f"Final (seeds {', '.join(map(str, FINAL_SEEDS))}): {metric}, mean +- standard error\n")
+        lines.append("| toy | method | " + " | ".join(f"N={n}" for n in STEPS_N) + " |")
+        lines.append("|---|---|" + "---|" * len(STEPS_N))
+        for toy in TOYS:
+            for loss in GRIDS:
+                rs = [v for v in results.values() if v.get("stage") == "final" and v["toy"] == toy and v["loss"] == loss]
+                if not rs:
+                    continue
+                cells = []
+                for n in STEPS_N:
+                    m, se = mean_se([r["rows"][str(n)][metric] for r in rs])
+                    cells.append(f"{m:.2e} +- {se:.1e}" if metric == "mse" else f"{m:.3f} +- {se:.3f}")
+                lines.append(f"| {toy} | {loss} (cfg {rs[0]['cfg_id']}, {len(rs)} seeds) | " + " | ".join(cells) + " |")
+            t = results.get(f"teacher/{toy}")
+            if t:
+                rows = t["rows"]
+                fmt = (lambda r: f"{r[metric]:.2e}") if metric == "mse" else (lambda r: f"{r[metric]:.3f}")
+                lines.append(f"| {toy} | teacher Euler N | " + " | ".join(fmt(rows[f'euler{n}']) for n in STEPS_N) + " |")
+                lines.append(f"| {toy} | teacher Heun N/2 | - | " +
+                             " | ".join(fmt(rows[f'heun{n // 2}']) for n in STEPS_N[1:]) + " |")
+                if metric == "tv":
+                    lines.append(f"| {toy} | teacher Heun 256 (reference) | {fmt(rows['reference'])} | | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"show_default": True})
+@click.option("--teachers", default=None, help="folder with <toy>/checkpoint.h5 (experiments/toy_teachers.py); "
+              "default: the default teachers of the toy recipe (trained when missing)")
+@click.option("--out", default="runs/study-toys")
+@click.option("--toys", default=",".join(TOYS))
+@click.option("--steps", default=400, help="student updates per cell (the same for every loss)")
+@click.option("--batch-size", default=256)
+@click.option("--lr", default=1e-3)
+@click.option("--eval-n", default=2000)
+@click.pass_context
+def cli(ctx, teachers, out, toys, steps, batch_size, lr, eval_n):
+    ctx.obj = dict(teachers=teachers, out=out, toys=toys.split(","), steps=steps, batch=batch_size, lr=lr,
+                   eval_n=eval_n)
+
+
+@cli.command()
+@click.option("--losses", "which", default="itvm,lfmd,ecd")
+@click.pass_obj
+def tune(o, which):
+    cells = [("tune", toy, loss, i, TUNE_SEED) for toy in o["toys"] for loss in which.split(",")
+             for i in range(len(GRIDS[loss]))]
+    run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
+
+
+@cli.command()
+@click.pass_obj
+def final(o):
+    best = best_configs(read_results(o["out"]))
+    click.echo(f"selected configurations: {best}")
+    cells = [("final", toy, loss, best[loss], seed) for toy in o["toys"] for loss in GRIDS for seed in FINAL_SEEDS]
+    run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
+
+
+@cli.command("report")
+@click.pass_obj
+def report_cmd(o):
+    click.echo(report(read_results(o["out"])))
+
+
+if __name__ == "__main__":
+    cli()

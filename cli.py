@@ -35,19 +35,28 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum, None)
 
 
+# commands that split their work over the ranks of `mpiexec -n K` (ttfm_np/distributed.py)
+DATA_PARALLEL = ("train", "distill", "fid_stats", "fid_cmd")
+
+
 def command(fn):
     """Select the device, turn signals into Interrupted and library errors into `Error: ...` lines."""
     @functools.wraps(fn)
-    def wrapper(*args, device=None, **kwargs):
+    def wrapper(*args, device=None, dist="auto", **kwargs):
+        from ttfm_np import distributed
         from ttfm_np.train import Interrupted
         old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            comm = distributed.setup(dist, device)        # first: NCCL makes the rank's own GPU current
+            if comm.size > 1 and fn.__name__ not in DATA_PARALLEL:
+                raise click.UsageError(f"this command runs in one process; start it without mpiexec "
+                                       f"(commands that use {comm.size} ranks: train, distill, fid, fid-stats)")
             backend.select_device(device)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), distributed.fail_together(comm):   # one rank failing stops all
                 warnings.simplefilter("always")
                 warnings.showwarning = lambda m, *a, **k: click.echo(f"Warning: {m}", err=True)
                 return fn(*args, **kwargs)
-        except backend.BackendError as exc:
+        except (backend.BackendError, distributed.DistributedError) as exc:
             raise click.ClickException(str(exc)) from None
         except Interrupted as exc:
             hint = (f"; state saved in {exc.checkpoint} at step {exc.step}: run the same command with --resume "
@@ -61,6 +70,9 @@ def command(fn):
                 signal.signal(s, h)
     wrapper = click.option("--device", type=click.Choice(backend.DEVICE_CHOICES), default=None,
                            help="cpu, gpu or auto (default: $TTFM_DEVICE, else auto)")(wrapper)
+    wrapper = click.option("--dist", type=click.Choice(["auto", "none", "mpi", "nccl"]), default="auto",
+                           help="data parallelism under mpiexec: auto = NCCL on GPUs, MPI on CPUs when "
+                                "started with K > 1 ranks, else one process")(wrapper)
     return wrapper
 
 

@@ -1,6 +1,6 @@
 """Programs that tests/test_distributed.py runs under `mpiexec -n K` (or plainly, K = 1).
 
-    python tests/dist_scripts.py fid OUT.npz
+    python tests/dist_scripts.py fid PNG_FOLDER OUT.npz
     python tests/dist_scripts.py train teacher|itvm OUT STEPS [resume]
 """
 from __future__ import annotations
@@ -13,21 +13,30 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ttfm_np import distributed as D  # noqa: E402
-from ttfm_np.fid import FeatureStats  # noqa: E402
 
 
-def fid(out):
-    """FeatureStats of 300 fixed features, each rank taking its share of the batches, merged."""
-    comm = D.get_communicator("auto", device="cpu")
-    feats = 3.0 + np.random.default_rng(7).standard_normal((300, 16)) @ np.random.default_rng(8).standard_normal((16, 16))
-    n_batches = 300 // 25
-    lo, hi = D.shard_range(n_batches, comm.rank, comm.size)     # whole batches per rank, as sampling does
-    st = FeatureStats()
-    for b in range(lo, hi):
-        st.update(feats[25 * b:25 * (b + 1)])
-    st = D.merge_feature_stats(comm, st)
+class _FakeInception:
+    """Stands in for the Inception network: 12 fixed nonlinear features of the pixels (no weights file)."""
+
+    def __init__(self):
+        self.w = np.random.default_rng(8).standard_normal((3 * 8 * 8, 12))
+
+    def features(self, x):
+        x = np.asarray(x, np.float64).reshape(len(x), -1)
+        return 3.0 + np.tanh(x @ self.w)
+
+
+def fid(folder, out):
+    """pipeline.fid_stats and fid_score of a PNG folder, the batches split over the ranks; rank 0 writes OUT.npz."""
+    from ttfm_np import inception, pipeline
+    comm = D.setup("auto", device="cpu")
+    inception.load_inception = _FakeInception
+    with D.fail_together(comm):                     # an error on one rank must not leave the other waiting
+        path, n = pipeline.fid_stats(folder, batch_size=4, out=out + ".stats.npz")
+        score = pipeline.fid_score(folder=folder, batch_size=3, ref=path)    # other batches, same images
     if comm.is_root:
-        np.savez(out, mu=st.mu, sigma=st.sigma, n=st.n)
+        with np.load(path) as f:
+            np.savez(out, mu=f["mu"], sigma=f["sigma"], n=n, fid=score["fid"])
 
 
 def train(kind, out, steps, resume=""):

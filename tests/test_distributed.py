@@ -364,13 +364,22 @@ def mpirun(k, *args, timeout=60, env=None):
 
 @needs_mpi
 def test_mpi_fid_statistics_of_two_ranks_equal_one(tmp_path):
+    """pipeline.fid_stats / fid_score with the images split over 2 ranks = 1 process (fake Inception)."""
+    from PIL import Image
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    pixels = np.random.default_rng(4).integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(folder / f"{i:03d}.png")
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
-    mpirun(0, "fid", one)
-    mpirun(2, "fid", two)
+    mpirun(0, "fid", folder, one)
+    mpirun(2, "fid", folder, two)
     a, b = np.load(one), np.load(two)
-    assert int(a["n"]) == int(b["n"]) == 300
+    assert int(a["n"]) == int(b["n"]) == 30
     np.testing.assert_allclose(b["mu"], a["mu"], rtol=1e-12)
     np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-10, atol=1e-13)
+    # the same images in batches of 3 against their own statistics: FID ~ 0 on both
+    assert abs(float(a["fid"])) < 1e-6 and abs(float(b["fid"]) - float(a["fid"])) < 1e-8
 
 
 # ----------------------------------------------------------------------------- MPIComm / NCCLComm on fakes
@@ -641,3 +650,12 @@ def test_mpi_ctrl_c_on_the_launcher_saves_one_valid_checkpoint_and_ends_every_ra
     left = subprocess.run(["pgrep", "-f", out], capture_output=True, text=True).stdout.split()
     assert not left, f"ranks still running: {left}\n{output}"
     assert not [f for f in os.listdir(out) if "tmp" in f], os.listdir(out)
+
+
+def test_my_batches_split_whole_batches():
+    assert D.my_batches(10, 4, comm=D.SingleProcess()) == range(3)
+    ex = _Exchange(2)
+    parts = [D.my_batches(10, 3, comm=ThreadComm(r, ex)) for r in range(2)]      # 4 batches: 0-1 | 2-3
+    assert parts == [range(0, 2), range(2, 4)]
+    with pytest.raises(ValueError, match="fewer than the 3 ranks"):
+        D.my_batches(4, 2, comm=ThreadComm(0, _Exchange(3)))

@@ -324,10 +324,10 @@ def fail_together(comm, coordinated=()):
             raise
         except SystemExit as exc:
             if exc.code not in (None, 0):
-                comm.abort_on_exit(1)
+                comm.abort_on_exit(exc.code if isinstance(exc.code, int) else 1)
             raise
-        except BaseException:
-            comm.abort_on_exit(1)
+        except BaseException as exc:
+            comm.abort_on_exit(getattr(exc, "exit_code", 1))    # e.g. 130 for an interrupted run
             raise
     return guard()
 
@@ -405,6 +405,22 @@ class ShardedGenerator:
 
     def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
         return self._draw("integers", size, "integers", low=low, high=high, dtype=dtype, endpoint=endpoint)
+
+
+def my_batches(total: int, batch_size: int, comm=None) -> range:
+    """This rank's batch numbers b (items [b B, min((b + 1) B, total))) of ceil(total / B) batches.
+
+    Contiguous runs of whole batches, so that batch b is the same with any number of ranks
+    (generated samples take their noise from (seed, b)). All batches with one process.
+    """
+    comm = comm or current()
+    n_batches = -(-int(total) // int(batch_size))
+    if comm.size == 1:
+        return range(n_batches)
+    if n_batches < comm.size:
+        raise ValueError(f"{total} items in batches of {batch_size} make {n_batches} batches, fewer than the "
+                         f"{comm.size} ranks: use a smaller --batch-size or fewer ranks")
+    return range(*shard_range(n_batches, comm.rank, comm.size))
 
 
 # ----------------------------------------------------------------------------- gradient bucket

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from . import backend, ckpt, data as datasets, evaluate as evaluation, images, losses, metrics, model, recipes
 from . import jsonio
 from . import params as P
-from . import sampling, train, ttfm
+from . import distributed, sampling, train, ttfm
 from .ckpt import CHECKPOINT_NAME
 from .objectives import DistillObjective, FlowMatchingObjective
 from .progress import log
@@ -94,10 +94,10 @@ def _locked_run(out: str):
     """Hold the run folder's lock while training; a run that saved nothing leaves no folder behind."""
     fresh = not os.path.exists(out)
     try:
-        with RunLock(out):
+        with distributed.on_root(RunLock, out):          # one lock per run, held by rank 0
             yield
     except train.NeedsConfirmation:
-        if fresh and set(os.listdir(out)) <= {".lock"}:
+        if fresh and distributed.current().is_root and set(os.listdir(out)) <= {".lock"}:
             shutil.rmtree(out, ignore_errors=True)
         raise
 
@@ -227,7 +227,7 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
                                           run_config=run_config, progress=progress, max_cpu_hours=max_cpu_hours)
     result = RunResult(out=out, checkpoint=os.path.join(out, CHECKPOINT_NAME), step=step, teacher=teacher,
                        reused=reused)
-    if evaluate:
+    if evaluate and distributed.current().is_root:        # the evaluation is not split: rank 0 runs it
         result.rows = evaluate_models(teacher, result.checkpoint, steps=eval_steps,
                                       n=eval_n or (2000 if ds.kind == "toy" else 256), n_ref=eval_n_ref,
                                       out=os.path.join(out, "eval"), seed=eval_seed, data_dir=data_dir,
@@ -301,16 +301,24 @@ def fid_stats(data: str, *, split: str = "train", n: int | None = None, batch_si
     net = inception.load_inception()
     if os.path.isdir(data):                                  # a folder of PNGs, read batch by batch
         files = fid.png_files(data)[:n]
-        total, batches = len(files), fid.iter_png_batches(files, batch_size)
+        mine = distributed.my_batches(len(files), batch_size)       # this rank's batches (all: one process)
+        total = len(files)
+        batches = fid.iter_png_batches(files[mine.start * batch_size:mine.stop * batch_size], batch_size)
         name = "folder-" + os.path.basename(os.path.normpath(data))
     else:
         imgs = _load_data(data, data_dir, split, resolution=resolution, n=n).data
-        total, batches = len(imgs), (imgs[i:i + batch_size] for i in range(0, len(imgs), batch_size))
+        mine = distributed.my_batches(len(imgs), batch_size)
+        total, batches = len(imgs), (imgs[b * batch_size:(b + 1) * batch_size] for b in mine)
         name = data
     fid.warn_if_few(total)
-    stats = fid.stats_of_images(net, batches, f"inception features ({total} images)", -(-total // batch_size))
+    comm = distributed.current()
+    stats = fid.stats_of_images(net, batches, f"inception features ({total} images)" if comm.is_root else None,
+                                len(mine))
+    stats = distributed.merge_feature_stats(comm, stats)           # float64 sums over the ranks
     out = out or fid.default_stats_path(name, split)
-    fid.save_stats(out, stats.mu, stats.sigma, stats.n, f"{data}:{split}")
+    if comm.is_root:
+        fid.save_stats(out, stats.mu, stats.sigma, stats.n, f"{data}:{split}")
+    comm.barrier()                                                  # the file exists for every rank now
     return out, stats.n
 
 
@@ -337,13 +345,19 @@ def fid_score(*, ckpt_path: str | None = None, folder: str | None = None, steps:
         mu_r, sigma_r, _ = fid.load_stats(ref)
     if folder:
         files = fid.png_files(folder)
-        batches, total = fid.iter_png_batches(files, batch_size), len(files)
+        mine = distributed.my_batches(len(files), batch_size)       # this rank's batches (all: one process)
+        batches, total = fid.iter_png_batches(files[mine.start * batch_size:mine.stop * batch_size],
+                                              batch_size), len(files)
     else:
         total = n
-        batches = (m.sample(min(batch_size, n - i), steps, solver, seed, batch_size=batch_size,
-                            first_batch=i // batch_size) for i in range(0, n, batch_size))
+        mine = distributed.my_batches(n, batch_size)                # batch b's noise comes from (seed, b)
+        batches = (m.sample(min(batch_size, n - b * batch_size), steps, solver, seed, batch_size=batch_size,
+                            first_batch=b) for b in mine)
     fid.warn_if_few(total)
-    stats = fid.stats_of_images(net, batches, f"FID features ({total} images)", -(-total // batch_size))
+    comm = distributed.current()
+    stats = fid.stats_of_images(net, batches, f"FID features ({total} images)" if comm.is_root else None,
+                                len(mine))
+    stats = distributed.merge_feature_stats(comm, stats)           # float64 sums over the ranks
     score = fid.frechet_distance(stats.mu, stats.sigma, mu_r, sigma_r)
     return dict(fid=score, n=total, ref=ref, source=folder or f"{ckpt_path}, {steps} steps")
 

@@ -24,7 +24,9 @@ import click
 
 def log(message: str) -> None:
     """A line for the user on stderr (stdout stays free for results such as tables)."""
-    click.echo(message, err=True)
+    from .distributed import current
+    if current().is_root:                   # under mpiexec, rank 0 speaks for all ranks
+        click.echo(message, err=True)
 
 
 def format_seconds(seconds: float) -> str:

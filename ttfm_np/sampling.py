@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backend, ckpt, flow, seeds, ttfm
 from . import params as P
-from .model import config_from_dict, model_forward
+from .model import config_from_dict, init_model, model_forward
 
 ROLES = ("teacher", "student")
 
@@ -117,6 +117,10 @@ def load_model(path: str, weights: str = "ema", dtype: str = "float32", role: st
         raise ckpt.CheckpointError(f"{path} has no model config: it was not written by ttfm_np's train/distill")
     cfg = config_from_dict(config["model"])
     chosen = state["ema"] if weights == "ema" and state.get("ema") else state["params"]
+    try:        # names and shapes must be the model's (else a matmul fails deep inside, naming nothing)
+        ckpt.check_params_match(init_model(cfg), chosen)
+    except ckpt.CheckpointError as exc:
+        raise ckpt.CheckpointError(f"{path}: {exc}") from None
     params = P.to_device(P.astype(chosen, np.dtype(dtype)), backend.get_xp())
     loaded = LoadedModel(params=params, cfg=cfg, config=config, path=path)
     if role is not None and loaded.role != role:

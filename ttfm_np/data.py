@@ -1,4 +1,4 @@
-"""Datasets (DESIGN section 9) and a seeded, resumable batch iterator.
+"""Datasets (README "Command line": DATA) and a seeded, resumable batch iterator.
 
     ds = load_dataset("toy:moons")            # ds.data (N, 2) float32
     ds = load_dataset("fashion-mnist")        # ds.data (N, 1, 32, 32) in [-1, 1]
@@ -7,7 +7,7 @@
     ds = load_dataset("points:my.npy")        # your own (n, d) float array; 10 % held out (load_points)
     it = BatchIterator(ds.data, batch_size=128, seed=0, flip=True); x = it.next()
 
-Files are looked for in data_dir (if given), then the project's data/ folder
+Files are looked for in data_dir (if given), then the data root (docs/method.md section 10)
 (and, for fashion-mnist, where Debian's dataset-fashion-mnist installs them).
 """
 from __future__ import annotations

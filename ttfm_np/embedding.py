@@ -1,4 +1,4 @@
-"""Time embeddings: one time (teacher) or two times (TTFM student).
+"""Time embeddings: one time (teacher) or two times (TTFM student); docs/method.md section 6.1.
 
 Sinusoidal features of a time t in [0, 1] (positional encoding of scale * t):
 
@@ -7,7 +7,7 @@ Sinusoidal features of a time t in [0, 1] (positional encoding of scale * t):
 
 E(t) = fc1(silu(fc0(f(t))))           the teacher's embedding (an MLP)
 
-Two-timed student (DESIGN section 4): with the teacher's E reused,
+Two-timed student (docs/method.md section 3): with the teacher's E reused,
 
     e(s, t) = E(s) + W_d E(t - s)      W_d (E_dim, E_dim), zero-initialised,
 

@@ -1,4 +1,4 @@
-"""Few-step evaluation (DESIGN section 8): flow-map error against the teacher's
+"""Few-step evaluation (docs/method.md section 9): flow-map error against the teacher's
 reference ODE solution, and distribution distances for 2-D data.
 
 For a fixed noise batch z:

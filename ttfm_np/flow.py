@@ -1,4 +1,4 @@
-"""Flow matching (DESIGN section 3): interpolant, loss, time samplers, ODE solvers.
+"""Flow matching (docs/method.md sections 1-2): interpolant, loss, time samplers, ODE solvers.
 
 Convention: t in [0, 1], t = 0 noise x0 ~ N(0, I), t = 1 data x1.
     x_t = (1 - t) x0 + t x1,   target velocity  x1 - x0

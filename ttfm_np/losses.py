@@ -1,4 +1,4 @@
-"""Distillation losses for the two-timed student (DESIGN section 5).
+"""Distillation losses for the two-timed student (docs/method.md section 5).
 
 Notation: x0 ~ N(0, I) noise, x1 data, x_s = (1 - s) x0 + s x1, v the frozen
 teacher, u/phi the student (theta), theta^- its EMA copy, sg = stop-gradient.

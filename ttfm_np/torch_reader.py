@@ -1,6 +1,6 @@
 """Read PyTorch checkpoint files (a state dict of tensors) without torch.
 
-Two serialisations exist (DESIGN section 8.1):
+Two serialisations exist (docs/fid.md, "Weights"):
 
 zip (torch >= 1.6): a zip archive holding `<name>/data.pkl` and one raw file
     `<name>/data/<key>` per storage. In data.pkl, tensors are

@@ -1,4 +1,4 @@
-"""Two-timed flow model (TTFM): the student phi(x, s, t) (DESIGN section 4).
+"""Two-timed flow model (TTFM): the student phi(x, s, t) (docs/method.md section 3).
 
     phi_theta(x, s, t) = x + (t - s) * u_theta(x, s, t)
 

@@ -1,4 +1,4 @@
-"""DDPM++-style U-Net (Song et al. 2021; layout of NVlabs/edm's SongUNet).
+"""DDPM++-style U-Net (Song et al. 2021; layout of NVlabs/edm's SongUNet); docs/method.md section 6.2.
 
     x (N, Cin, R, R), s (N,) [, t (N,)]  ->  u (N, Cin, R, R)
 

@@ -14,7 +14,7 @@ Mixed_6a: block B;  Mixed_6b..6e: block C with c7 = 128, 160, 160, 192
 Mixed_7a: block D;  Mixed_7b: block E (avg pool);  Mixed_7c: block E (max pool)
 global average pool -> 2048 features.
 
-pytorch-fid's differences from torchvision's Inception3 (DESIGN 8.1): the pool
+pytorch-fid's differences from torchvision's Inception3 (docs/fid.md): the pool
 branch of A, C and the first E is avg_pool k3 s1 p1 with count_include_pad=False;
 the second E uses max_pool k3 s1 p1 there.
 Branch order: A [1x1, 5x5, 3x3dbl, pool]; B [3x3, 3x3dbl, pool];
@@ -78,7 +78,7 @@ def _block_units(kind, cin, width):
             "branch3x3dbl_3a": (384, 384, 1, 3), "branch3x3dbl_3b": (384, 384, 3, 1), "branch_pool": (192, cin, 1, 1)}
 
 
-# (in channels, pool features / c7) of each mixed block (DESIGN 8.1)
+# (in channels, pool features / c7) of each mixed block (pytorch-fid's FIDInception*)
 BLOCK_WIDTHS = {"Mixed_5b": (192, 32), "Mixed_5c": (256, 64), "Mixed_5d": (288, 64), "Mixed_6a": (288, None),
                 "Mixed_6b": (768, 128), "Mixed_6c": (768, 160), "Mixed_6d": (768, 160), "Mixed_6e": (768, 192),
                 "Mixed_7a": (768, None), "Mixed_7b": (1280, None), "Mixed_7c": (2048, None)}

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from ttfm_np import fid
+from ttfm_np import fid, recipes
 
 
 def test_identical_statistics_give_zero(rng):
@@ -148,13 +148,13 @@ def _few_features(monkeypatch, dims=64):
 def _random_inception_in_data_dir(tmp_path, monkeypatch, seed):
     """data/ -> tmp_path, holding inception_fid.h5 with random weights (no torch needed)."""
     from ttfm_np import fid as fid_mod, inception
-    monkeypatch.setattr(inception, "DATA_DIR", str(tmp_path))
-    monkeypatch.setattr(fid_mod, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(recipes, "DATA_DIR", str(tmp_path))         # the data root (recipes.data_root)
     units = inception.fold_batchnorm(inception.random_weights(seed))
     inception.save_units(units, str(tmp_path / inception.WEIGHTS_H5), source="random")
     _few_features(monkeypatch)
 
 
+@pytest.mark.torch
 def test_convert_inception_command(tmp_path, monkeypatch):
     """A .pth written by torch -> convert-inception -> HDF5 with the folded units; a .pth left in data/
     is converted on first use."""
@@ -162,7 +162,7 @@ def test_convert_inception_command(tmp_path, monkeypatch):
     import cli
     from test_inception import random_fid_inception
     from ttfm_np import inception
-    monkeypatch.setattr(inception, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(recipes, "DATA_DIR", str(tmp_path))
     sd = random_fid_inception(1).state_dict()
     torch.save(sd, tmp_path / "inception.pth", _use_new_zipfile_serialization=False)      # legacy, like the real file
     r = CliRunner()
@@ -211,7 +211,7 @@ def test_fid_commands_on_png_folders(tmp_path, rng, monkeypatch):
 def test_missing_weights_error_names_file_and_address(tmp_path, monkeypatch):
     import cli
     from ttfm_np import inception
-    monkeypatch.setattr(inception, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(recipes, "DATA_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError) as e:
         inception.load_inception()
     assert inception.WEIGHTS_PTH in str(e.value) and "github.com/mseitzer/pytorch-fid" in str(e.value)

@@ -23,6 +23,7 @@ except ImportError:                  # the torch-free tests of this file still r
     torch = F = nn = None
 
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch not installed: comparison with torch skipped")
+needs_torch = lambda f, _skip=needs_torch: pytest.mark.torch(_skip(f))     # every torch test carries the marker
 _Module = nn.Module if nn is not None else object      # the reference classes are only built when torch exists
 
 

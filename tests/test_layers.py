@@ -77,6 +77,7 @@ def test_conv2d_channel_mismatch_names_the_problem(rng):
         conv.conv2d_forward(rng.standard_normal((1, 3, 4, 4)), rng.standard_normal((2, 5, 3, 3)), None, 1, 1)
 
 
+@pytest.mark.torch
 def test_conv2d_matches_torch(rng):
     torch = pytest.importorskip("torch", reason="PyTorch not installed: optional comparison skipped")
     x = rng.standard_normal((2, 5, 9, 9))

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch", reason="PyTorch not installed: optional comparison with torch skipped")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import torch_reference as tr  # noqa: E402

@@ -6,7 +6,7 @@ import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from . import backend
 
@@ -60,8 +60,17 @@ def scatter_image(points, reference=None, size: int = 512, extent: float = 4.5, 
             y = size - 1 - y                                  # image rows grow downward
             draw.rectangle([x - 1, y - 1, x + 1, y + 1], fill=colour)
     if title:
-        draw.text((6, 6), title, fill=(0, 0, 0))
+        # a label readable at 100 %: about 1/18 of the panel, never below 14 px
+        draw.text((8, 6), title, fill=(0, 0, 0), font=label_font(max(14, size // 18)))
     return img
+
+
+def label_font(px: int):
+    """A scalable font of about px pixels (pillow's bundled one), or the tiny bitmap font if unavailable."""
+    try:
+        return ImageFont.load_default(size=px)
+    except (TypeError, OSError):            # pillow < 10.1 or no FreeType: the fixed bitmap font
+        return ImageFont.load_default()
 
 
 def save_scatter(points, path: str, reference=None, title: str | None = None):

@@ -60,7 +60,7 @@ class FlowMatchingObjective:
 
     def save_samples(self, params, path):
         z = _fixed_noise(self.cfg, params, self.sample_kind)
-        velocity = lambda x, t: model_forward(params, self.cfg, x, t)[0]
+        velocity = lambda x, t: model_forward(params, self.cfg, x, t, need_grad=False)[0]
         x = flow.solve_ode(velocity, z, n_steps=self.sample_steps, method="heun")
         _save_samples(x, path, self.sample_kind, self.heldout, f"teacher heun {self.sample_steps}")
 

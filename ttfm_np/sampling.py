@@ -53,7 +53,7 @@ class LoadedModel:
         """Teacher velocity v(x, t) (evaluation mode)."""
         if self.is_student:
             raise ValueError(f"{self.path} is a two-timed student, not a flow-matching teacher")
-        return model_forward(self.params, self.cfg, x, t)[0]
+        return model_forward(self.params, self.cfg, x, t, need_grad=False)[0]
 
     def generate(self, z, steps: int, solver: str = "euler", grid=None, chunk: int = 128):
         """Noise z at t=0 -> samples at t=1 with `steps` steps (student) or an ODE solver (teacher).

@@ -40,30 +40,50 @@ class FeatureStats:
     Sums are taken of f - shift, with shift the first batch's mean, so that
     sum (f - mu)(f - mu)^T = sum d d^T - n m m^T  (d = f - shift, m = mean of d)
     does not cancel catastrophically when the features' mean is large.
+
+    The sums live on the device of the first batch: GPU features are summed on
+    the GPU (the (dim, dim) outer-product sum is one float64 GEMM per batch) and
+    come to the host once, when .mu/.sigma (or .shift/.sum/.outer) are read.
     """
 
     def __init__(self, dim: int | None = None):
         self.dim = dim            # fixed by the first batch when None
         self.n = 0
-        self.shift = self.sum = self.outer = None
+        self._shift = self._sum = self._outer = None      # (dim,), (dim,), (dim, dim) float64
 
     def update(self, feats):
-        f = np.asarray(backend.to_numpy(feats), np.float64)           # (B, dim)
+        if not hasattr(feats, "ndim"):
+            feats = np.asarray(feats)
+        if self._sum is not None:                          # keep summing where the sums are
+            feats = backend.to_device(feats, backend.array_module(self._sum))
+        xp = backend.array_module(feats)
+        f = feats.astype(xp.float64)                       # (B, dim)
         if f.ndim != 2:
-            raise ValueError(f"features must be (batch, dim), got shape {f.shape}")
-        if self.shift is None:
+            raise ValueError(f"features must be (batch, dim), got shape {tuple(f.shape)}")
+        if self._shift is None:
             if self.dim is not None and f.shape[1] != self.dim:
                 raise ValueError(f"features have {f.shape[1]} dimensions, expected {self.dim}")
             self.dim = f.shape[1]
-            self.shift = f.mean(axis=0)
-            self.sum = np.zeros(self.dim)
-            self.outer = np.zeros((self.dim, self.dim))
+            self._shift = f.mean(axis=0)
+            self._sum = xp.zeros(self.dim)
+            self._outer = xp.zeros((self.dim, self.dim))
         elif f.shape[1] != self.dim:
             raise ValueError(f"features have {f.shape[1]} dimensions, expected {self.dim}")
-        d = f - self.shift
+        d = f - self._shift
         self.n += f.shape[0]
-        self.sum += d.sum(axis=0)
-        self.outer += d.T @ d
+        self._sum += d.sum(axis=0)
+        self._outer += d.T @ d
+
+    def _host(self, name):
+        """The sums as NumPy arrays: the first read copies all three from the device (once)."""
+        if self._sum is not None and not isinstance(self._sum, np.ndarray):
+            self._shift, self._sum, self._outer = (backend.to_numpy(a) for a in (self._shift, self._sum, self._outer))
+        return getattr(self, name)
+
+    # shift, sum (of d) and outer (sum d d^T), on the host; distributed.merge_feature_stats sets them too
+    shift = property(lambda self: self._host("_shift"), lambda self, v: setattr(self, "_shift", v))
+    sum = property(lambda self: self._host("_sum"), lambda self, v: setattr(self, "_sum", v))
+    outer = property(lambda self: self._host("_outer"), lambda self, v: setattr(self, "_outer", v))
 
     @property
     def mu(self):
@@ -172,13 +192,15 @@ def stats_of_images(model, batches, progress_label: str | None = None, n_batches
     """
     import click
     stats = FeatureStats()
+    # Inception's device_features keeps the (B, 2048) features on the GPU, where the sums are
+    features = getattr(model, "device_features", None) or model.features
     if progress_label is None:
         for x in batches:
-            stats.update(model.features(to_unit_range_8bit(x)))
+            stats.update(features(to_unit_range_8bit(x)))
         return stats
     with click.progressbar(batches, length=n_batches, label=progress_label) as bar:
         for x in bar:
-            stats.update(model.features(to_unit_range_8bit(x)))
+            stats.update(features(to_unit_range_8bit(x)))
     return stats
 
 

@@ -220,11 +220,15 @@ class InceptionV3FID:
 
         Run `chunk` images at a time: the stem's im2col matrices take ~25 MB per image.
         """
+        return backend.to_numpy(self.device_features(images, chunk))
+
+    def device_features(self, images, chunk: int = 32):
+        """Like features, but the (N, 2048) float64 result stays on the network's device (FID sums it there)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"Inception takes RGB images (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
         if images.shape[0] > chunk:
-            return np.concatenate([self.features(images[i:i + chunk], chunk)
-                                   for i in range(0, images.shape[0], chunk)])
+            return self.xp.concatenate([self.device_features(images[i:i + chunk], chunk)
+                                        for i in range(0, images.shape[0], chunk)])
         xp = self.xp
         x = backend.to_device(images, xp).astype(self.dtype, copy=False)
         x = resize_bilinear(x, 299, 299) * 2 - 1                       # (N, 3, 299, 299) in [-1, 1]
@@ -246,7 +250,7 @@ class InceptionV3FID:
             else:
                 x = self.block_e(name, x, "avg" if kind == "E1" else "max")
         pooled = x.mean(axis=(2, 3))                                   # (N, 2048) pool3
-        return backend.to_numpy(pooled).astype(np.float64)
+        return pooled.astype(xp.float64)
 
 
 # ----------------------------------------------------------------------------- weights files

@@ -17,35 +17,29 @@ import warnings
 
 import click
 
-from ttfm_np import backend
+from ttfm_np import backend, pipeline, recipes
+from ttfm_np.losses import DistillLossConfig
 
-MODEL_CHOICES = ["mlp", "mlp-tiny", "tiny", "small", "cifar10", "celebahq64"]
+MODEL_CHOICES = ["mlp", "mlp-small", "mlp-tiny", "tiny", "small", "cifar10", "celebahq64"]
 SOLVERS = click.Choice(["euler", "heun", "rk4"])
 
 
-def _errors():
-    """The library's exceptions that mean bad input or a failed run (not a bug): one line, no traceback."""
-    from ttfm_np import ckpt, runlock, train
-    return (ValueError, OSError, ckpt.CheckpointError, train.TrainingDiverged, train.NeedsConfirmation,
-            runlock.RunLocked)
-
-
-def _raise_interrupted(signum, frame):
-    from ttfm_np.train import Interrupted
-    raise Interrupted(signum, None)
-
-
-# commands that split their work over the ranks of `mpiexec -n K` (ttfm_np/distributed.py)
-DATA_PARALLEL = ("train", "distill", "fid_stats", "fid_cmd")
+DATA_PARALLEL = ("train", "distill", "fid_stats", "fid_cmd")  # split over the ranks of `mpiexec -n K`
 
 
 def command(fn):
     """Select the device, turn signals into Interrupted and library errors into `Error: ...` lines."""
     @functools.wraps(fn)
     def wrapper(*args, device=None, dist="auto", **kwargs):
-        from ttfm_np import distributed
+        from ttfm_np import ckpt, distributed, runlock, train
         from ttfm_np.train import Interrupted
-        old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+        # the library's exceptions that mean bad input or a failed run (not a bug): one line, no traceback
+        errors = (ValueError, OSError, ckpt.CheckpointError, train.TrainingDiverged, train.NeedsConfirmation,
+                  runlock.RunLocked)
+
+        def interrupted(signum, frame):
+            raise Interrupted(signum, None)
+        old = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             comm = distributed.setup(dist, device)        # first: NCCL makes the rank's own GPU current
             if comm.size > 1 and fn.__name__ not in DATA_PARALLEL:
@@ -63,7 +57,7 @@ def command(fn):
                     "to continue" if exc.checkpoint else "; nothing of this command's output is complete")
             click.echo(f"Error: interrupted by {signal.Signals(exc.signum).name}{hint}", err=True)
             sys.exit(exc.exit_code)
-        except _errors() as exc:
+        except errors as exc:
             raise click.ClickException(str(exc).strip() or exc.__class__.__name__) from None
         finally:
             for s, h in old.items():
@@ -77,12 +71,13 @@ def command(fn):
 
 
 def parse_steps(ctx, param, text):
+    """'1,2,4,8' -> [1, 2, 4, 8], each a step count >= 1."""
     try:
-        steps = [int(v) for v in str(text).split(",") if v.strip()]
+        steps = [int(v) for v in str(text).split(",")]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers like 1,2,4,8, got {text!r}")
+        steps = []
     if not steps or min(steps) < 1:
-        raise click.BadParameter(f"step counts must be integers >= 1, got {text!r}")
+        raise click.BadParameter(f"expected comma-separated step counts >= 1 like 1,2,4,8, got {text!r}")
     return steps
 
 
@@ -136,7 +131,6 @@ def cli():
 @command
 def params_cmd(model_name, channels, resolution, two_time):
     """Print the parameter count of a preset, per top-level block."""
-    from ttfm_np import pipeline
     groups, total, shape = pipeline.parameter_table(model_name, channels, resolution, two_time)
     for name, n in groups:
         click.echo(f"{name:28s} {n:>12,d}")
@@ -157,35 +151,31 @@ def params_cmd(model_name, channels, resolution, two_time):
 @command
 def train(data, model_name, out, time_sampling, flip, resolution, recipe, **kw):
     """Train a flow-matching teacher v(x, t)."""
-    from ttfm_np import pipeline
     common, overrides = _train_kwargs(kw)
     res = pipeline.train_teacher(data, model_name=model_name, out=out, quick=recipe == "quick",
                                  time_sampling=time_sampling, flip=flip, resolution=resolution, **common, **overrides)
     click.echo(f"checkpoint: {res.checkpoint}")
 
 
-def _loss_options():
-    """distill's loss options; every default comes from losses.DistillLossConfig."""
-    from ttfm_np.losses import DistillLossConfig as D
-    d = D()
-    return options(
-        click.option("--loss", type=click.Choice(["itvm", "lfmd", "ecd"]), default=d.loss, help="distillation loss"),
-        click.option("--lambda-init", type=click.FloatRange(0), default=d.lambda_init, help="ITVM initial-velocity weight"),
-        click.option("--lambda-term", type=click.FloatRange(0), default=d.lambda_term, help="ITVM terminal-velocity weight"),
-        click.option("--delta", type=click.FloatRange(0, 1, min_open=True), default=d.delta, help="absolute teacher step Delta (ITVM, ECD)"),
-        click.option("--delta-mode", type=click.Choice(["absolute", "relative"]), default=d.delta_mode,
-                     help="ITVM: Delta absolute, or relative: Delta = kappa (t - s)"),
-        click.option("--kappa", type=click.FloatRange(0, 1, min_open=True), default=d.kappa, help="relative Delta fraction"),
-        click.option("--target-solver", type=click.Choice(["euler", "heun"]), default=d.target_solver,
-                     help="teacher step in the ITVM target"),
-        click.option("--ema-target/--no-ema-target", default=d.ema_target, help="targets from the EMA student (ITVM, ECD)"),
-        click.option("--fd-step", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=d.fd_step,
-                     help="LFMD finite-difference step in t (default: 0.1 / the time-feature frequency)"),
-        click.option("--lfmd-teacher-grad/--no-lfmd-teacher-grad", default=d.lfmd_teacher_grad,
-                     help="LFMD: back-propagate through the teacher's input"),
-        click.option("--frac-t1", type=click.FloatRange(0, 1), default=d.frac_t1, help="fraction of time pairs with t = 1"),
-        click.option("--max-gap", type=click.FloatRange(0, 1, min_open=True), default=d.max_gap, help="restrict t - s"),
-    )
+d = DistillLossConfig()          # distill's loss options: every default comes from losses.DistillLossConfig
+LOSS_OPTIONS = options(
+    click.option("--loss", type=click.Choice(["itvm", "lfmd", "ecd"]), default=d.loss, help="distillation loss"),
+    click.option("--lambda-init", type=click.FloatRange(0), default=d.lambda_init, help="ITVM initial-velocity weight"),
+    click.option("--lambda-term", type=click.FloatRange(0), default=d.lambda_term, help="ITVM terminal-velocity weight"),
+    click.option("--delta", type=click.FloatRange(0, 1, min_open=True), default=d.delta, help="absolute teacher step Delta (ITVM, ECD)"),
+    click.option("--delta-mode", type=click.Choice(["absolute", "relative"]), default=d.delta_mode,
+                 help="ITVM: Delta absolute, or relative: Delta = kappa (t - s)"),
+    click.option("--kappa", type=click.FloatRange(0, 1, min_open=True), default=d.kappa, help="relative Delta fraction"),
+    click.option("--target-solver", type=click.Choice(["euler", "heun"]), default=d.target_solver,
+                 help="teacher step in the ITVM target"),
+    click.option("--ema-target/--no-ema-target", default=d.ema_target, help="targets from the EMA student (ITVM, ECD)"),
+    click.option("--fd-step", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=d.fd_step,
+                 help="LFMD finite-difference step in t (default: 0.1 / the time-feature frequency)"),
+    click.option("--lfmd-teacher-grad/--no-lfmd-teacher-grad", default=d.lfmd_teacher_grad,
+                 help="LFMD: back-propagate through the teacher's input"),
+    click.option("--frac-t1", type=click.FloatRange(0, 1), default=d.frac_t1, help="fraction of time pairs with t = 1"),
+    click.option("--max-gap", type=click.FloatRange(0, 1, min_open=True), default=d.max_gap, help="restrict t - s"),
+)
 
 
 @cli.command()
@@ -194,7 +184,7 @@ def _loss_options():
               help="teacher checkpoint or run folder (default: the dataset's default teacher; trained first if missing)")
 @click.option("--model", "model_name", type=click.Choice(MODEL_CHOICES), default=None,
               help="preset of the default teacher (default: the dataset's recipe)")
-@_loss_options()
+@LOSS_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="run folder (default runs/distill-<data>-<loss>: reused when finished with the same settings)")
 @click.option("--eval-steps", default="1,2,4,8", callback=parse_steps, help="step counts for the final evaluation")
@@ -207,8 +197,6 @@ def distill(data, teacher, model_name, out, eval_steps, eval_n, eval_n_ref, reci
 
     With no arguments: toy:checkerboard with the quick recipe (teacher trained first if there is none).
     """
-    from ttfm_np import pipeline, recipes
-    from ttfm_np.losses import DistillLossConfig
     loss_fields = set(DistillLossConfig.__dataclass_fields__)
     loss = DistillLossConfig(**{k: kw.pop(k) for k in list(kw) if k in loss_fields})
     common, overrides = _train_kwargs(kw)
@@ -228,7 +216,6 @@ def distill(data, teacher, model_name, out, eval_steps, eval_n, eval_n_ref, reci
 @command
 def sample(ckpt, steps, solver, n, seed, weights, out):
     """Draw samples and write a PNG (image grid, or a scatter plot for 2-D data)."""
-    from ttfm_np import pipeline
     info = pipeline.sample(ckpt, out=out, steps=steps, solver=solver, n=n, seed=seed, weights=weights)
     if "sliced_w2" in info:
         click.echo(f"sliced-W2 to {n} held-out {info['heldout']} points: {info['sliced_w2']:.4f}")
@@ -247,7 +234,6 @@ def sample(ckpt, steps, solver, n, seed, weights, out):
 @command
 def eval_cmd(teacher, student, steps, n, n_ref, seed, out, data_dir):
     """Flow-map error of N-step sampling against the teacher's reference solution."""
-    from ttfm_np import pipeline
     pipeline.evaluate_models(teacher, student, steps=steps, n=n, n_ref=n_ref, out=out, seed=seed, data_dir=data_dir)
 
 
@@ -257,10 +243,7 @@ def eval_cmd(teacher, student, steps, n, n_ref, seed, out, data_dir):
 @command
 def convert_inception(pth, out):
     """Convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth to HDF5 (no torch needed)."""
-    import os
     from ttfm_np import inception
-    if not os.path.exists(pth):
-        raise FileNotFoundError(f"{pth} does not exist; it is published at {inception.WEIGHTS_URL}")
     click.echo(f"wrote {inception.convert_weights(pth, out)}")
 
 
@@ -275,7 +258,6 @@ def convert_inception(pth, out):
 @command
 def fid_stats(data, split, n, batch_size, out, resolution, data_dir):
     """Inception statistics (mu, sigma) of a dataset, cached under <data root>/fid_stats/."""
-    from ttfm_np import pipeline
     path, count = pipeline.fid_stats(data, split=split, n=n, batch_size=batch_size, out=out,
                                      resolution=resolution, data_dir=data_dir)
     click.echo(f"wrote {path} ({count} images)")
@@ -294,9 +276,6 @@ def fid_stats(data, split, n, batch_size, out, resolution, data_dir):
 @command
 def fid_cmd(ckpt, folder, steps, solver, n, batch_size, ref, seed):
     """FID of a checkpoint's samples (or of a PNG folder) against reference statistics."""
-    from ttfm_np import pipeline
-    if (ckpt is None) == (folder is None):
-        raise click.UsageError("give exactly one of --ckpt and --folder")
     r = pipeline.fid_score(ckpt_path=ckpt, folder=folder, steps=steps, solver=solver, n=n, batch_size=batch_size,
                            ref=ref, seed=seed)
     click.echo(f"FID {r['fid']:.3f}  ({r['n']} images, {r['source']}, ref {r['ref']})")
@@ -311,7 +290,6 @@ def fid_cmd(ckpt, folder, steps, solver, n, batch_size, ref, seed):
 @command
 def plot_metrics(metrics, key, smooth, log_y, out):
     """Plot a metric of a run's metrics.jsonl (or a run folder) against the step."""
-    from ttfm_np import pipeline
     click.echo(f"wrote {pipeline.plot_metrics(metrics, out=out, key=key, smooth=smooth, log_y=log_y)}")
 
 

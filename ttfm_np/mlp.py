@@ -49,8 +49,9 @@ class MLPConfig:
 
 
 PRESETS = {
-    "tiny": dict(hidden=16, depth=2, emb_features=8),
-    "mlp": dict(hidden=256, depth=4, emb_features=64),
+    "tiny": dict(hidden=16, depth=2, emb_features=8),          # tests
+    "small": dict(hidden=128, depth=3, emb_features=32),       # the quick main job (minutes on a laptop CPU)
+    "mlp": dict(hidden=256, depth=4, emb_features=64),         # the full toy recipe
 }
 
 

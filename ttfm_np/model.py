@@ -33,14 +33,14 @@ def config_from_dict(d: dict):
 def make_config(model: str, data_shape: tuple, two_time: bool = False, **overrides):
     """A config from a preset name and the shape of one data sample.
 
-    model: "mlp" (or "mlp-tiny") for vectors, a U-Net preset (tiny, small, cifar10,
+    model: "mlp" (or "mlp-small", "mlp-tiny") for vectors, a U-Net preset (tiny, small, cifar10,
     celebahq64) for images (C, H, W).
     """
-    if model in ("mlp", "mlp-tiny"):
+    if model in ("mlp", "mlp-small", "mlp-tiny"):
         if len(data_shape) != 1:
             raise ValueError(f"the MLP is for vector data; this dataset's samples have shape {data_shape}: "
                              "use a U-Net preset (tiny, small, cifar10, celebahq64)")
-        kw = dict(mlp.PRESETS["tiny" if model == "mlp-tiny" else "mlp"])
+        kw = dict(mlp.PRESETS[model[4:] if model.startswith("mlp-") else "mlp"])
         kw.update(overrides)
         return mlp.MLPConfig(dim=data_shape[0], two_time=two_time, **kw)
     if len(data_shape) != 3:

@@ -1,0 +1,85 @@
+"""ttfm_np.pipeline and the pieces the CLI leans on: run-folder choice for the
+main job, the CPU-time estimate, progress lines off a terminal, the seed scheme."""
+import io
+import os
+
+import numpy as np
+import pytest
+
+from ttfm_np import ckpt, pipeline, recipes, seeds, train
+from ttfm_np.losses import DistillLossConfig
+from ttfm_np.progress import Progress, format_seconds
+
+
+@pytest.fixture
+def tiny_recipes(tmp_path, monkeypatch):
+    """Quick toy recipes small enough for a test; data root and runs/ inside tmp_path."""
+    monkeypatch.setattr(recipes, "DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(recipes, "RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setitem(recipes.QUICK_TEACHER_RECIPES, "toy",
+                        dict(model="mlp-tiny", steps=12, batch_size=32, lr=1e-2, warmup=2, ema_decay=0.9))
+    monkeypatch.setitem(recipes.QUICK_DISTILL_RECIPES, "toy",
+                        dict(steps=6, batch_size=32, lr=1e-3, warmup=2, ema_decay=0.9))
+    return tmp_path
+
+
+def test_main_job_reuses_a_finished_run_and_never_overwrites_another(tiny_recipes, capsys):
+    kw = dict(quick=True, eval_steps=(1,), eval_n=16, eval_n_ref=4, progress=False)
+    first = pipeline.distill("toy:moons", **kw)
+    assert first.step == 6 and not first.reused
+    assert first.out == os.path.join(str(tiny_recipes / "runs"), "distill-toy-moons-itvm-quick")
+    mtime = os.stat(first.checkpoint).st_mtime_ns
+    again = pipeline.distill("toy:moons", **kw)                   # same settings: reused, not retrained
+    assert again.reused and again.out == first.out
+    assert os.stat(first.checkpoint).st_mtime_ns == mtime
+    assert "reusing the finished run" in capsys.readouterr().err
+    other = pipeline.distill("toy:moons", loss=DistillLossConfig(lambda_init=0.5), **kw)   # other settings
+    assert other.out == first.out + "-2" and not other.reused
+    assert ckpt.load_checkpoint(first.checkpoint)["config"]["loss"]["lambda_init"] == 1.0
+
+
+def test_cpu_estimate_asks_for_confirmation_and_leaves_nothing(tiny_recipes):
+    out = tiny_recipes / "t"
+    with pytest.raises(train.NeedsConfirmation, match="--yes"):
+        pipeline.train_teacher("toy:moons", model_name="mlp-tiny", out=str(out), steps=1000, batch_size=32,
+                               progress=False, max_cpu_hours=1e-9)
+    assert not out.exists()                                       # a run that saved nothing leaves no folder
+    res = pipeline.train_teacher("toy:moons", model_name="mlp-tiny", out=str(out), steps=5, batch_size=32,
+                                 progress=False, max_cpu_hours=None)
+    assert res.step == 5 and os.path.exists(res.checkpoint)
+
+
+def test_progress_prints_lines_with_eta_when_not_a_terminal():
+    stream = io.StringIO()                                        # not a tty: plain lines, no bar
+    with Progress(4, "train", every_s=0.0, stream=stream) as bar:
+        for i in range(4):
+            bar.update(1, status=f"loss {1.0 / (i + 1):.3f}")
+    lines = stream.getvalue().strip().splitlines()
+    assert len(lines) == 4
+    assert lines[-1].startswith("train  4/4  loss 0.250") and "it/s" in lines[-1] and "ETA 0s" in lines[-1]
+    assert format_seconds(3725) == "1h02m" and format_seconds(381) == "6m21s" and format_seconds(float("inf")) == "?"
+
+
+def test_seed_scheme_is_deterministic_and_separates_streams():
+    assert seeds.derive(3, "step", 10, 0) == seeds.derive(3, "step", 10, 0)
+    values = {seeds.derive(3, "step", 10, 0), seeds.derive(3, "step", 10, 1), seeds.derive(3, "step", 11, 0),
+              seeds.derive(4, "step", 10, 0), seeds.derive(3, "noise", 10, 0)}
+    assert len(values) == 5 and all(0 <= v < 2**63 for v in values)
+    a = seeds.generator(0, "noise", 0).standard_normal(1000)
+    b = seeds.generator(0, "noise", 1).standard_normal(1000)
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.15                    # independent streams, not shifted copies
+    with pytest.raises(ValueError, match=">= 0"):
+        seeds.derive(0, -1)
+
+
+def test_resume_lists_every_changed_setting(tiny_recipes):
+    out = str(tiny_recipes / "t")
+    pipeline.train_teacher("toy:moons", model_name="mlp-tiny", out=out, steps=4, batch_size=32, progress=False)
+    with pytest.raises(train.ResumeMismatch) as info:
+        pipeline.train_teacher("toy:moons", model_name="mlp-tiny", out=out, steps=8, batch_size=16, lr=0.5,
+                               resume=True, progress=False)
+    msg = str(info.value)
+    assert "train.batch_size: 32 -> 16" in msg and "train.lr:" in msg and "-> 0.5" in msg and "steps" not in msg.split("(")[1].split(")")[0]
+    res = pipeline.train_teacher("toy:moons", model_name="mlp-tiny", out=out, steps=8, batch_size=32,
+                                 resume=True, progress=False)      # more --steps is a safe change
+    assert res.step == 8

@@ -23,18 +23,19 @@ from runner import ROOT, distill_and_collect, run, write_summary
 
 @click.command(context_settings={"show_default": True})
 @click.option("--losses", default="itvm,lfmd,ecd")
-@click.option("--steps", type=click.IntRange(1), default=400, help="student updates (same for every loss)")
+@click.option("--steps", type=click.IntRange(1), default=1000, help="student updates (same for every loss)")
 @click.option("--batch-size", type=click.IntRange(1), default=32)
 @click.option("--lr", type=float, default=2e-4)
 @click.option("--warmup", type=click.IntRange(0), default=20, help="learning-rate warmup steps")
 @click.option("--ema-decay", type=float, default=0.99)
 @click.option("--seed", type=int, default=0)
-@click.option("--eval-n", type=int, default=64, help="noise samples in the flow-map evaluation")
+@click.option("--eval-n", type=int, default=256, help="noise samples in the flow-map evaluation")
 @click.option("--eval-n-ref", type=int, default=64, help="Heun steps of the reference (256 is the default elsewhere; "
               "64 keeps the CPU cost of 128 U-Net passes per image manageable)")
-@click.option("--extra", default="--delta-mode relative --kappa 0.25 --target-solver heun",
-              help="extra distill options, the same for every loss (these three act on ITVM only: the best "
-                   "setting of the 2-D study, docs/results.md)")
+@click.option("--extra", default="",
+              help="extra distill options, the same for every loss (default none: every loss runs with its "
+                   "defaults in losses.DistillLossConfig, the measured best of experiments/study_toys.py, "
+                   "docs/results.md)")
 @click.option("--out", default="runs/fashion")
 def main(losses, steps, batch_size, lr, warmup, ema_decay, seed, eval_n, eval_n_ref, extra, out):
     teacher = os.path.join(ROOT, "data", "teachers", "fashion-mnist-small", "checkpoint.h5")

@@ -14,11 +14,10 @@ trained first (fashion-mnist recipe) if data/teachers/fashion-mnist-small has no
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
-from runner import ROOT, distill_and_collect, run, write_summary
+from runner import DistillLossConfig, distill_and_collect, ensure_teacher, write_summary
 
 
 @click.command(context_settings={"show_default": True})
@@ -32,25 +31,17 @@ from runner import ROOT, distill_and_collect, run, write_summary
 @click.option("--eval-n", type=int, default=256, help="noise samples in the flow-map evaluation")
 @click.option("--eval-n-ref", type=int, default=64, help="Heun steps of the reference (256 is the default elsewhere; "
               "64 keeps the CPU cost of 128 U-Net passes per image manageable)")
-@click.option("--extra", default="",
-              help="extra distill options, the same for every loss (default none: every loss runs with its "
-                   "defaults in losses.DistillLossConfig, the measured best of experiments/study_toys.py, "
-                   "docs/results.md)")
 @click.option("--out", default="runs/fashion")
-def main(losses, steps, batch_size, lr, warmup, ema_decay, seed, eval_n, eval_n_ref, extra, out):
-    teacher = os.path.join(ROOT, "data", "teachers", "fashion-mnist-small", "checkpoint.h5")
-    if not os.path.exists(teacher):
-        run([sys.executable, "cli.py", "train", "--data", "fashion-mnist", "--ckpt-every", "100"])
+def main(losses, steps, batch_size, lr, warmup, ema_decay, seed, eval_n, eval_n_ref, out):
+    """Every loss runs with its defaults in losses.DistillLossConfig (the measured best of
+    experiments/study_toys.py, docs/results.md) and the same training budget."""
+    teacher = ensure_teacher("fashion-mnist", seed)
     summary = []
     for loss in losses.split(","):
-        run_dir = os.path.join(out, loss)
-        cmd = [sys.executable, "cli.py", "distill", "--data", "fashion-mnist", "--teacher", teacher, "--loss", loss,
-               "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--warmup", str(warmup),
-               "--ema-decay", str(ema_decay),
-               "--seed", str(seed), "--eval-n", str(eval_n), "--eval-n-ref", str(eval_n_ref), "--ckpt-every", "50",
-               "--out", run_dir,
-               "--resume"] + extra.split()
-        summary.append(distill_and_collect(cmd, run_dir, loss=loss))
+        summary.append(distill_and_collect(
+            os.path.join(out, loss), data="fashion-mnist", teacher=teacher, loss=DistillLossConfig(loss=loss),
+            eval_n=eval_n, eval_n_ref=eval_n_ref, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+            ema_decay=ema_decay, seed=seed, ckpt_every=50))
     write_summary(out, summary)
     for s in summary:
         r = {row["method"]: row for row in s["rows"]}

@@ -5,10 +5,9 @@
 // A launch runs the grid one block at a time. Inside a block:
 //   * kernels without __syncthreads: every thread is a plain function call, in order;
 //   * kernels with __syncthreads: every thread is a coroutine with its own stack
-//     (started with makecontext/setcontext, switched with _setjmp/_longjmp, which
-//     costs no system call). __syncthreads() saves the thread and jumps back to the
-//     scheduler; when every live thread of the block waits at the barrier the
-//     scheduler resumes them all. A thread that exits while others wait is a
+//     (switched by a 10-instruction emu_swap, x86-64). __syncthreads() saves the thread
+//     and switches back to the scheduler; when every live thread of the block waits at
+//     the barrier the scheduler resumes them all. A thread that exits while others wait is a
 //     divergent barrier (an error here, a hang or garbage on a GPU).
 // Threads (and blocks) may be visited forward, reversed or shuffled: a kernel whose
 // result depends on that order has a race.
@@ -17,7 +16,6 @@
 #pragma once
 #include <cmath>
 #include <math.h>
-#include <csetjmp>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -25,7 +23,6 @@
 #include <functional>
 #include <type_traits>
 #include <vector>
-#include <ucontext.h>
 #include <xmmintrin.h>
 
 struct dim3 { unsigned int x = 1, y = 1, z = 1; };
@@ -91,24 +88,58 @@ template <class T> struct ptr {
 };
 
 // ---- threads of one block ----------------------------------------------------------
-enum { NOT_STARTED = 0, AT_BARRIER = 1, DONE = 2 };
-struct Thread { jmp_buf jb; ucontext_t uc; int state; };
+// A coroutine switch is emu_swap(&save_sp, load_sp): push the callee-saved registers, store
+// the stack pointer, load the other one, pop, return into the other coroutine (~5 ns, no
+// system call). x86-64 System V only.
+#if !defined(__x86_64__)
+#error "the CUDA emulator's coroutine switch (emu_swap) is written for x86-64"
+#endif
+extern "C" void emu_swap(void** save_sp, void* load_sp);
+__asm__(".text\n.p2align 4\n.type emu_swap, @function\nemu_swap:\n"
+        "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+        "  movq %rsp, (%rdi)\n  movq %rsi, %rsp\n"
+        "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n  ret\n"
+        ".size emu_swap, .-emu_swap\n");
+
+enum { NOT_STARTED = 0, AT_BARRIER = 1, DONE = 2, RUNNING = 3 };
+struct Thread { void* sp; int state; };
 static bool g_coroutines = false;              // set at launch when the source has __syncthreads
 static std::vector<Thread> g_thr;
-static std::vector<char> g_stacks;
-static const size_t STACK = 64 * 1024;
-static jmp_buf g_sched;
+struct alignas(64) StackChunk { char bytes[64]; };
+static std::vector<StackChunk> g_stacks;       // 64-byte aligned stack memory for the coroutines
+static const size_t STACK = 64 * 1029;        // 64 KiB + 5 cache lines: stacks fall in different cache sets
+static void* g_sched_sp = nullptr;
 static int g_cur = 0;
 static const std::function<void()>* g_body = nullptr;
 
-static void thread_entry() { (*g_body)(); g_thr[g_cur].state = DONE; _longjmp(g_sched, 1); }
+static void thread_entry()
+{
+    (*g_body)();
+    g_thr[g_cur].state = DONE;
+    void* dead;
+    emu_swap(&dead, g_sched_sp);               // never resumed
+    __builtin_unreachable();
+}
+
+// A fresh thread's stack, laid out as emu_swap left it: six saved registers, then the
+// "return address" thread_entry, then a dummy slot so that thread_entry starts with the
+// stack alignment of a called function (rsp = 8 mod 16).
+static void* fresh_stack(int t)
+{
+    char* top = g_stacks[0].bytes + (size_t)(t + 1) * STACK;            // 16-byte aligned
+    void** sp = (void**)top;
+    *--sp = nullptr;                                                    // dummy return slot
+    *--sp = (void*)&thread_entry;
+    for (int r = 0; r < 6; ++r) *--sp = nullptr;                        // rbp rbx r12-r15
+    return sp;
+}
 
 static void syncthreads()
 {
     if (!g_coroutines) { fail(3, "__syncthreads in a kernel compiled without barrier support"); return; }
-    Thread& t = g_thr[g_cur];
-    t.state = AT_BARRIER;
-    if (!_setjmp(t.jb)) _longjmp(g_sched, 1);  // back to the scheduler; resumed here after the barrier
+    g_thr[g_cur].state = AT_BARRIER;
+    emu_swap(&g_thr[g_cur].sp, g_sched_sp);    // back to the scheduler; resumed here after the barrier
+    g_thr[g_cur].state = RUNNING;
 }
 
 static inline void set_thread(int t)
@@ -134,34 +165,21 @@ static void permute(std::vector<int>& perm, int order, unsigned long long& state
 
 static void run_block_coroutines(int nthreads, int order, unsigned long long& rng)
 {
-    static ucontext_t tmpl;
-    static volatile int k;
     static std::vector<int> perm;
     if ((int)g_thr.size() < nthreads) g_thr.resize(nthreads);
-    if (g_stacks.size() < (size_t)nthreads * STACK) g_stacks.resize((size_t)nthreads * STACK);
-    getcontext(&tmpl);
-    for (int t = 0; t < nthreads; ++t) g_thr[t].state = NOT_STARTED;
+    if (g_stacks.size() * sizeof(StackChunk) < (size_t)nthreads * STACK)
+        g_stacks.resize((size_t)nthreads * STACK / sizeof(StackChunk));
+    for (int t = 0; t < nthreads; ++t) { g_thr[t].state = NOT_STARTED; g_thr[t].sp = fresh_stack(t); }
     perm.assign(nthreads, 0);
-    for (;;) {
+    for (;;) {                                         // one round: every live thread to its next barrier
         permute(perm, order, rng);
-        for (k = 0; k < nthreads; ++k) {
+        for (int k = 0; k < nthreads; ++k) {
             int t = perm[k];
             if (g_thr[t].state == DONE) continue;
             g_cur = t;
             set_thread(t);
-            if (!_setjmp(g_sched)) {
-                if (g_thr[t].state == NOT_STARTED) {
-                    Thread& th = g_thr[t];
-                    th.uc = tmpl;
-                    th.uc.uc_stack.ss_sp = g_stacks.data() + (size_t)t * STACK;
-                    th.uc.uc_stack.ss_size = STACK;
-                    th.uc.uc_link = nullptr;
-                    makecontext(&th.uc, thread_entry, 0);
-                    setcontext(&th.uc);
-                } else {
-                    _longjmp(g_thr[t].jb, 1);
-                }
-            }
+            g_thr[t].state = RUNNING;
+            emu_swap(&g_sched_sp, g_thr[t].sp);            // runs thread t until its barrier or its end
         }
         int waiting = 0, done = 0;
         for (int t = 0; t < nthreads; ++t) {

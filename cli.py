@@ -77,7 +77,7 @@ def parse_steps(ctx, param, text):
     except ValueError:
         steps = []
     if not steps or min(steps) < 1:
-        raise click.BadParameter(f"expected comma-separated step counts >= 1 like 1,2,4,8, got {text!r}")
+        raise click.BadParameter(f"expected comma-separated integers >= 1 like 1,2,4,8, got {text!r}")
     return steps
 
 

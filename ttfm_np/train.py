@@ -19,12 +19,19 @@ Which states are saved (the divergence guard). A state is written only after
 it has been shown to be sane: the loss of the NEXT step is computed with
 exactly those parameters, so a save due at step k happens after step k+1's
 loss is known to be finite and not exploding (at the end of training or on
-Ctrl-C one extra loss evaluation does that check). "Exploding" means the loss
-is more than `explode_factor` times the best smoothed loss seen so far in this
-run (the smoothed loss is an EMA over steps with weight 0.1; its best value is
-stored in the checkpoint, so the test survives a resume). A non-finite loss or
-gradient norm, or an exploding loss, stops training at once with
-TrainingDiverged and nothing of the bad state is written.
+Ctrl-C one extra loss evaluation does that check). "Exploding" means
+
+    loss > explode_factor * max(best smoothed loss so far, EXPLODE_FLOOR)
+
+(the smoothed loss is an EMA over steps with weight 0.1; its best value is
+stored in the checkpoint, so the test survives a resume). The floor keeps
+the test meaningful for distillation, whose loss starts near 0 at the warm
+start (student = teacher) and legitimately grows; with the default factor
+1e4 a run is stopped only when its loss is 10^4 times above its best level
+and above 10, far beyond the noise of a healthy run and far below what an
+exploded network produces (1e10 and more). A non-finite loss or gradient
+norm, or an exploding loss, stops training at once with TrainingDiverged and
+nothing of the bad state is written.
 
 Host synchronisation: one per step for the loss and one for the global
 gradient norm (which is non-finite iff some gradient entry is), whatever the
@@ -51,6 +58,7 @@ from .ckpt import CHECKPOINT_NAME
 from .progress import Progress, format_seconds, log
 
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.h5"
+EXPLODE_FLOOR = 1e-3            # the divergence guard's smallest reference loss (see the module docstring)
 METRICS_NAME = "metrics.jsonl"
 
 # TrainConfig fields that a resume may change: they do not alter what one step computes.
@@ -96,7 +104,7 @@ class TrainConfig:
     ckpt_every: int = 500
     sample_every: int = 0           # 0: samples only at the end
     dtype: str = "float32"
-    explode_factor: float = 1e3     # divergence guard: loss > factor * best smoothed loss stops the run
+    explode_factor: float = 1e4     # divergence guard: loss > factor * max(best smoothed loss, 1e-3) stops the run
 
     def validate(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -206,8 +214,10 @@ class _Guard:
             return f"non-finite loss ({loss})"
         if not math.isfinite(grad_norm):
             return f"non-finite gradient (norm {grad_norm})"
-        if self.best is not None and loss > self.factor * self.best:
-            return f"exploding loss ({loss:.4g}, more than {self.factor:g} x the best smoothed loss {self.best:.4g})"
+        reference = max(self.best, EXPLODE_FLOOR) if self.best is not None else None
+        if reference is not None and loss > self.factor * reference:
+            return (f"exploding loss ({loss:.4g}, more than {self.factor:g} x max(best smoothed loss "
+                    f"{self.best:.4g}, {EXPLODE_FLOOR:g}))")
         return None
 
     def record(self, loss: float):

@@ -261,6 +261,9 @@ def convert_weights(pth_path: str, h5_path: str | None = None) -> str:
     h5_path = h5_path or os.path.join(data_root(), WEIGHTS_H5)
     not_it = f"{pth_path} is not pytorch-fid's Inception weights file {WEIGHTS_PTH}"
     fix = f"download it from {WEIGHTS_URL}"
+    if not os.path.isfile(pth_path):
+        raise FileNotFoundError(f"{pth_path} does not exist; pytorch-fid's weights file {WEIGHTS_PTH} is "
+                                f"published at {WEIGHTS_URL}")
     try:
         state_dict = load_torch_file(pth_path)     # ValueError for an empty, damaged or refused file
         if not isinstance(state_dict, dict):

@@ -513,13 +513,7 @@ def test_a_decompression_bomb_in_an_image_folder(tmp_path, rng):
 
 # ----------------------------------------------------------------------------- 4. file systems that refuse
 
-def _mount_tmpfs(folder, options):
-    if sys.platform != "linux" or shutil.which("mount") is None:
-        pytest.skip("tmpfs mounts need Linux and the mount command")
-    folder.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
+from test_ckpt import _mount_tmpfs  # noqa: E402  (skips with the reason where mounting is not allowed)
 
 
 def test_an_unwritable_out(teacher, tmp_path):

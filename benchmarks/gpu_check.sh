@@ -3,23 +3,24 @@
 #
 #   bash benchmarks/gpu_check.sh            # results in runs/gpu_check/ (OUT=... to change)
 #
-# 1. pytest -m gpu on real CuPy (TTFM_CUPY_STANDIN=0: the stand-in is not used)     <= 120 s
+# 1. pytest -m gpu on real CuPy (TTFM_CUPY_STANDIN=0: the stand-in is not used)     <= 110 s
 # 2. step time of each objective (teacher, ITVM, LFMD, ECD) on the small and cifar10
 #    presets at batch 128 against PyTorch eager fp32/tf32, TFLOP/s, fraction of peak,
-#    the CuPy pool's peak bytes beside the stand-in's figure (benchmarks/gpu_check.py)  <= 200 s
+#    the CuPy pool's peak bytes beside the stand-in's figure (benchmarks/gpu_check.py)  <= 180 s
 # 3. fashion-mnist: a teacher for 55 s, then ITVM distillation from it for 55 s
-#    (stopped by SIGINT, which saves a checkpoint; needs the dataset in the data root)   <= 2 x 60 s
+#    (stopped by SIGINT, which saves a checkpoint; killed 20 s later if still busy;
+#    needs the dataset in the data root)                                              <= 2 x 75 s
 # Everything lands in $OUT/gpu_check_all.json and $OUT/gpu_check.md.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
-export TTFM_CUPY_STANDIN=0 TTFM_DEVICE=gpu PYTHONUNBUFFERED=1
+export TTFM_CUPY_STANDIN=0 PYTHONUNBUFFERED=1          # (every command below names --device gpu itself)
 START=$(date +%s)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 # the stand-in's memory figures are CPU work: computed in the background meanwhile
-( TTFM_CUPY_STANDIN=1 timeout 300 python -c "
+( TTFM_CUPY_STANDIN=1 timeout 100 python -c "
 import sys, json; sys.path[:0] = ['tests/cupy_standin', 'tests']
 import test_gpu_memory as m
 print(json.dumps({k: m.extrapolate(k, 'cifar10', 128)['at_batch'] for k in ('teacher', 'itvm', 'lfmd', 'ecd')}))
@@ -27,23 +28,23 @@ print(json.dumps({k: m.extrapolate(k, 'cifar10', 128)['at_batch'] for k in ('tea
 STANDIN_PID=$!
 
 echo "== 1. pytest -m gpu (real CuPy)"
-timeout 120 python -m pytest -q -m gpu tests/ -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
+timeout 110 python -m pytest -q -m gpu tests/ -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
 echo $? > "$OUT/pytest_gpu.rc"
 tail -3 "$OUT/pytest_gpu.log"
 
 echo "== 2. step times and memory"
 wait $STANDIN_PID
-timeout 200 python benchmarks/gpu_check.py --out "$OUT" --batch 128 --warmup 1 --iters 3 \
+timeout 180 python benchmarks/gpu_check.py --out "$OUT" --batch 128 --warmup 1 --iters 3 \
     --standin-json "$OUT/standin_bytes.json" > "$OUT/gpu_check.log" 2>&1
 echo $? > "$OUT/gpu_check.rc"
 tail -12 "$OUT/gpu_check.log"
 
 echo "== 3. fashion-mnist teacher + ITVM, 55 s each"
 rm -rf "$OUT/fm_teacher" "$OUT/fm_itvm"
-timeout -s INT 55 python cli.py train --data fashion-mnist --device gpu --steps 100000 --log-every 20 \
+timeout -s INT -k 20 55 python cli.py train --data fashion-mnist --device gpu --steps 100000 --log-every 20 \
     --ckpt-every 200 --sample-every 0 --out "$OUT/fm_teacher" > "$OUT/fm_teacher.log" 2>&1
 echo $? > "$OUT/fm_teacher.rc"
-timeout -s INT 55 python cli.py distill --data fashion-mnist --teacher "$OUT/fm_teacher" --loss itvm --device gpu \
+timeout -s INT -k 20 55 python cli.py distill --data fashion-mnist --teacher "$OUT/fm_teacher" --loss itvm --device gpu \
     --steps 100000 --log-every 20 --ckpt-every 200 --sample-every 0 --out "$OUT/fm_itvm" > "$OUT/fm_itvm.log" 2>&1
 echo $? > "$OUT/fm_itvm.rc"
 

@@ -4,7 +4,10 @@ Where no GPU is present this runs on the CuPy stand-in (in-process through
 click's CliRunner, so tests/conftest.py's choice applies): every CuPy branch the
 commands reach runs, including the CUDA kernels through the emulator, and a host
 array slipping into device code is an error. A 2-D toy with the tiny MLP, and a
-16x16 image folder with the tiny U-Net (GroupNorm, conv, attention kernels).
+16x16 image folder with the tiny U-Net (GroupNorm, conv, attention kernels), then
+`fid --ckpt` of that student with a small stand-in feature network on the device
+(the real Inception on the GPU path is tests/test_inception.py's; 299x299 convolutions
+through the emulator are too slow for every run).
 """
 import json
 import math
@@ -90,3 +93,25 @@ def test_image_train_and_distill_on_gpu_with_the_unet(tmp_path, runner, launches
     _ok(runner.invoke(cli.cli, ["distill", "--data", data, "--teacher", str(t),
                                 "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "s"), "--device", "gpu",
                                 "--eval-steps", "1", "--eval-n", "4", "--eval-n-ref", "2"]))
+    # fid: samples and features on the device, statistics summed there (fid.FeatureStats)
+    from ttfm_np import fid, inception
+    monkeypatch.setattr(inception, "load_inception", lambda *a, **k: _DeviceFeatures())
+    ref = tmp_path / "ref.npz"
+    fid.save_stats(str(ref), np.zeros(6), np.eye(6), 100, "test")
+    res = _ok(runner.invoke(cli.cli, ["fid", "--ckpt", str(tmp_path / "s"), "--ref", str(ref), "--n", "8",
+                                      "--batch-size", "4", "--device", "gpu"]))
+    assert "fid" in res.output.lower()
+
+
+class _DeviceFeatures:
+    """6 features per image (in place of Inception's 2048), computed on the GPU, where the network
+    lives: like InceptionV3FID, it moves a host batch there first (sampling.sample returns host arrays)."""
+
+    def device_features(self, x):
+        xp = backend.get_xp()
+        assert backend.is_cupy(xp), "--device gpu: the feature network must live on the GPU"
+        x = backend.to_device(x, xp)
+        return x.reshape(x.shape[0], 3, -1).mean(axis=2).repeat(2, axis=1).astype(xp.float64) * [1, 2, 3, 4, 5, 6]
+
+    def features(self, x):
+        return backend.to_numpy(self.device_features(x))

@@ -25,7 +25,14 @@ random numbers (cupy.random here is NumPy's PCG64, not CuPy's XORWOW/Philox).
 from __future__ import annotations
 
 import builtins as _builtins
+import os as _os
+import sys as _sys
 import weakref
+
+if _os.environ.get("TTFM_CUPY_STANDIN") != "1" and "pytest" not in _sys.modules:
+    raise ImportError("tests/cupy_standin is the test suite's CuPy stand-in, not CuPy: it is only imported under "
+                      "pytest or with TTFM_CUPY_STANDIN=1. Remove tests/cupy_standin from sys.path/PYTHONPATH "
+                      "and install CuPy (pip install -e .[gpu]).")
 
 import numpy as _np
 

@@ -7,6 +7,7 @@ refused, FMA contraction and flush-to-zero behave as under NVRTC.
 """
 import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ import gpu_emulator as emu
 from ttfm_np import cuda
 
 SOURCES = sorted(glob.glob(os.path.join(cuda.KERNEL_DIR, "*.cu")))
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator compiles kernels with g++, "
+                                                                    "which is not on PATH")
 
 REDUCE = r"""
 #define BLOCK 64

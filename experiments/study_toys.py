@@ -46,19 +46,19 @@ TUNE_SEED = 100
 FINAL_SEEDS = (0, 1, 2)
 
 # One grid per loss, the same size for each (equal tuning effort). Keys are DistillLossConfig
-# fields, plus "ema_decay" (the training loop's EMA: ITVM/ECD take their targets from it, every
+# fields (frac_t1 always given, so the grid does not depend on the current defaults), plus "ema_decay" (the training loop's EMA: ITVM/ECD take their targets from it, every
 # loss is evaluated with it).
 GRIDS = {
     "itvm": [
-        dict(delta_mode="absolute", delta=1 / 64, target_solver="euler"),                    # the old default
-        dict(delta_mode="relative", kappa=0.25, target_solver="heun"),
-        dict(delta_mode="relative", kappa=0.5, target_solver="heun"),
+        dict(delta_mode="absolute", delta=1 / 64, target_solver="euler", frac_t1=0.0),       # the old default
+        dict(delta_mode="relative", kappa=0.25, target_solver="heun", frac_t1=0.0),
+        dict(delta_mode="relative", kappa=0.5, target_solver="heun", frac_t1=0.0),
         dict(delta_mode="relative", kappa=0.25, target_solver="heun", frac_t1=0.5, ema_decay=0.95),
         dict(delta_mode="relative", kappa=0.5, target_solver="heun", frac_t1=0.5, ema_decay=0.95),
         dict(delta_mode="relative", kappa=0.5, target_solver="heun", frac_t1=0.5, ema_target=False),
     ],
     "lfmd": [
-        dict(),                                                                              # auto h = 1e-4
+        dict(frac_t1=0.0),                                                                   # auto h = 1e-4
         dict(frac_t1=0.25),
         dict(frac_t1=0.5),
         dict(frac_t1=0.5, fd_step=3e-4),
@@ -66,15 +66,23 @@ GRIDS = {
         dict(frac_t1=0.5, lfmd_teacher_grad=False),
     ],
     "ecd": [
-        dict(delta=1 / 64),
-        dict(delta=1 / 16),
-        dict(delta=1 / 64, ema_decay=0.95),
-        dict(delta=1 / 16, ema_decay=0.95),
+        dict(delta=1 / 64, frac_t1=0.0),
+        dict(delta=1 / 16, frac_t1=0.0),
+        dict(delta=1 / 64, frac_t1=0.0, ema_decay=0.95),
+        dict(delta=1 / 16, frac_t1=0.0, ema_decay=0.95),
         dict(delta=1 / 16, frac_t1=0.5),
         dict(delta=1 / 16, frac_t1=0.5, ema_decay=0.95),
     ],
 }
 BASE_EMA = 0.99
+
+# Ablations of the selected ITVM setting (not part of the equal-effort selection): which of its
+# ingredients does the work? Keyed as the grid configs, stage "ablate".
+ABLATIONS = {
+    "itvm": [
+        dict(delta_mode="relative", kappa=0.25, target_solver="heun", frac_t1=0.5),                  # EMA 0.99
+    ],
+}
 
 
 def cell_key(stage, toy, loss, cfg_id, seed):
@@ -174,7 +182,7 @@ def run_cells(cells, teachers, out, steps, batch, lr, eval_n):
             tkey = f"teacher/{toy}"
             if tkey not in done:
                 append_result(out, dict(key=tkey, toy=toy, rows=evals[toy].teacher_rows()))
-        cfg = GRIDS[loss][cfg_id]
+        cfg = (ABLATIONS if stage == "ablate" else GRIDS)[loss][cfg_id]
         ckpt, spu = run_cell(evals[toy].teacher_ckpt, toy, loss, cfg, seed, steps, batch, lr,
                              os.path.join(out, "runs", key.replace("/", "-")))
         rows = evals[toy].student_rows(ckpt)
@@ -199,9 +207,10 @@ def score(results, loss, cfg_id, stage="tune"):
     return float(np.mean(vals))
 
 
-def best_configs(results):
+def best_configs(results, which=tuple(GRIDS)):
     best = {}
-    for loss, grid in GRIDS.items():
+    for loss in which:
+        grid = GRIDS[loss]
         scored = [(score(results, loss, i), i) for i in range(len(grid))]
         scored = [(s, i) for s, i in scored if s is not None]
         if not scored:
@@ -286,11 +295,12 @@ def tune(o, which):
 
 
 @cli.command()
+@click.option("--losses", "which", default="itvm,lfmd,ecd", help="a loss can start once its own tuning is complete")
 @click.pass_obj
-def final(o):
-    best = best_configs(read_results(o["out"]))
+def final(o, which):
+    best = best_configs(read_results(o["out"]), which.split(","))
     click.echo(f"selected configurations: {best}")
-    cells = [("final", toy, loss, best[loss], seed) for toy in o["toys"] for loss in GRIDS for seed in FINAL_SEEDS]
+    cells = [("final", toy, loss, best[loss], seed) for toy in o["toys"] for loss in best for seed in FINAL_SEEDS]
     run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
 
 
@@ -325,6 +335,14 @@ def gaps(o, stage):
         errs = gap_errors(teacher_path(o["teachers"], r["toy"]), ckpt, r["toy"])
         click.echo(f"| {r['toy']} | {r['loss']} | {r['cfg_id']} | {r['seed']} | " +
                    " | ".join(f"{errs[f'{g:g}']:.2e}" for g in GAPS) + " |")
+
+
+@cli.command()
+@click.pass_obj
+def ablate(o):
+    cells = [("ablate", toy, loss, i, TUNE_SEED) for toy in o["toys"] for loss in ABLATIONS
+             for i in range(len(ABLATIONS[loss]))]
+    run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
 
 
 @cli.command("report")

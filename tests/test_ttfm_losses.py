@@ -62,7 +62,8 @@ def test_sampling_grid_and_reverse(rng):
 
 
 OPTS = [
-    dict(loss="itvm"),
+    dict(loss="itvm"),                                       # the defaults: relative Delta, Heun target
+    dict(loss="itvm", delta_mode="absolute", target_solver="euler"),
     dict(loss="itvm", target_solver="heun", delta_mode="relative"),
     dict(loss="itvm", lambda_init=0.0),
     dict(loss="lfmd"),
@@ -126,9 +127,10 @@ def test_terminal_target_is_stop_gradient_from_ema(rng):
     sp, scfg = ttfm.student_from_teacher(tp, tcfg)
     sp = P.randomize(sp, seed=5, std=0.3)
     x_s, s, t = _batch(rng, (2,), 8)
-    opts = losses.DistillLossConfig(lambda_init=0.0, delta=0.1).validate()
+    opts = losses.DistillLossConfig(lambda_init=0.0, delta=0.1, delta_mode="absolute", target_solver="euler").validate()
     # EMA off (target from the live weights under sg) == EMA equal to a frozen copy
-    off = losses.DistillLossConfig(lambda_init=0.0, delta=0.1, ema_target=False).validate()
+    off = losses.DistillLossConfig(lambda_init=0.0, delta=0.1, delta_mode="absolute", target_solver="euler",
+                                   ema_target=False).validate()
     _, g_off, _ = losses.distill_loss((sp, scfg), (P.randomize(sp, seed=9), scfg), (tp, tcfg), x_s, s, t, off)
     _, g_copy, _ = losses.distill_loss((sp, scfg), (P.copy(sp), scfg), (tp, tcfg), x_s, s, t, opts)
     for k in sp:
@@ -152,7 +154,7 @@ def test_itvm_at_warm_start_is_zero_with_exact_teacher_targets(rng):
     tp, tcfg = _teacher()
     sp, scfg = ttfm.student_from_teacher(tp, tcfg)
     x_s, s, t = _batch(rng, (2,), 6)
-    opts = losses.DistillLossConfig(delta=1.0).validate()
+    opts = losses.DistillLossConfig(delta=1.0, delta_mode="absolute", target_solver="euler").validate()
     loss, grads, m = losses.distill_loss((sp, scfg), (sp, scfg), (tp, tcfg), x_s, s, t, opts)
     assert m["loss_init"] == 0.0 and m["loss_term"] < 1e-25
 
@@ -286,3 +288,18 @@ def test_lfmd_with_dropout_equals_lfmd_with_one_explicit_mask(rng, monkeypatch):
     monkeypatch.setattr(resblock, "dropout_forward", fresh)
     mixed = losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts, 7)[0]
     assert mixed > 100 * fixed_loss
+
+
+def test_per_loss_defaults_are_filled_by_validate():
+    """Shared options left at None take their loss's value (LOSS_DEFAULTS); given values win;
+    validate() returns the filled-in config and distill_loss fills an unvalidated one."""
+    for loss, want in losses.LOSS_DEFAULTS.items():
+        raw = losses.DistillLossConfig(loss=loss)
+        assert raw.frac_t1 is None and raw.delta is None            # the CLI reads these raw defaults
+        got = raw.validate()
+        assert {k: getattr(got, k) for k in want} == want
+        assert got.validate() is got
+    assert losses.DistillLossConfig(loss="lfmd", frac_t1=0.3).validate().frac_t1 == 0.3
+    assert losses.DistillLossConfig(loss="ecd", delta=0.2).validate().delta == 0.2
+    with pytest.raises(ValueError, match="frac_t1"):
+        losses.DistillLossConfig(loss="itvm", frac_t1=1.5).validate()

@@ -19,7 +19,7 @@ plain forwards whose results are constants (that *is* the stop-gradient).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from . import backend
 from .flow import bcast
@@ -28,25 +28,39 @@ from .ttfm import phi_backward, phi_forward
 
 LOSSES = ("itvm", "lfmd", "ecd")
 
+# Options that several losses share but whose best value differs per loss default to None in
+# DistillLossConfig and take their loss's value from here (validate() fills them in). The values
+# are the measured best of experiments/study_toys.py (docs/results.md, "Multi-seed toy study").
+LOSS_DEFAULTS = {
+    "itvm": dict(frac_t1=0.5, delta=1.0 / 64),
+    "lfmd": dict(frac_t1=0.0, delta=1.0 / 64),
+    "ecd":  dict(frac_t1=0.0, delta=1.0 / 64),
+}
+
 
 @dataclass
 class DistillLossConfig:
     loss: str = "itvm"              # itvm | lfmd | ecd
     lambda_init: float = 1.0        # ITVM: weight of the initial-velocity term (0 = ablation)
     lambda_term: float = 1.0        # ITVM: weight of the terminal-velocity term
-    delta: float = 1.0 / 64         # ITVM/ECD: teacher step Delta (absolute)
-    delta_mode: str = "absolute"    # absolute: t' = max(s, t - delta); relative: t' = t - kappa (t - s)
-    kappa: float = 0.25             # relative Delta as a fraction of t - s
-    target_solver: str = "euler"    # ITVM: euler (O(Delta) bias) or heun (O(Delta^2)) for y_hat
+    delta: float | None = None      # ITVM (absolute mode)/ECD: teacher step Delta; None = the loss's LOSS_DEFAULTS
+    delta_mode: str = "relative"    # ITVM: absolute: t' = max(s, t - delta); relative: t' = t - kappa (t - s)
+    kappa: float = 0.25             # ITVM: relative Delta as a fraction of t - s
+    target_solver: str = "heun"     # ITVM: euler (O(Delta) bias) or heun (O(Delta^2)) for y_hat
     ema_target: bool = True         # ITVM/ECD: target from the EMA student (False: the live weights under sg)
     fd_step: float | None = None    # LFMD: finite-difference step h in t; None = 0.1 / time_scale (lfmd_fd_step)
     lfmd_teacher_grad: bool = True  # LFMD: back-propagate through the teacher's input phi (see lfmd_loss)
-    frac_t1: float = 0.0            # time pairs: fraction of pairs with t = 1 (all losses)
+    frac_t1: float | None = None    # time pairs: fraction of pairs with t = 1 (all losses); None = LOSS_DEFAULTS
     max_gap: float | None = None    # time pairs: restrict t - s <= max_gap (None: no restriction)
 
     def validate(self):
+        """Checks every option; returns the config with the per-loss defaults filled in
+        (a copy when an option was None, else self): use the returned object."""
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        missing = {k: v for k, v in LOSS_DEFAULTS[self.loss].items() if getattr(self, k) is None}
+        if missing:
+            return replace(self, **missing).validate()
         if self.delta_mode not in ("absolute", "relative"):
             raise ValueError(f"delta_mode must be 'absolute' or 'relative', got {self.delta_mode!r}")
         if self.target_solver not in ("euler", "heun"):
@@ -270,6 +284,8 @@ def distill_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, drop
 
     dropout_seed: int or None; every student evaluation of one call uses it (same masks);
     the teacher and the EMA target are evaluated without dropout and without caches."""
+    if opts.frac_t1 is None or opts.delta is None:
+        opts = opts.validate()                                 # fill in the loss's own defaults
     if ema is None or not opts.ema_target:
         ema = student
     return LOSS_FUNCTIONS[opts.loss](student, ema, teacher, x_s, s, t, opts, dropout_seed)

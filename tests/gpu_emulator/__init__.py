@@ -27,6 +27,11 @@ Floating point, like NVRTC as CuPy calls it: a*b+c is contracted into an FMA
 float kernels run with subnormals flushed to zero when -ftz=true (CuPy always
 appends -ftz=true). exp/sqrt are glibc's, not CUDA's (a few ulp apart).
 
+Not emulated (no kernel here uses them; add them to cuda_emu.h when one does):
+dynamic `extern __shared__` memory, warp intrinsics (__shfl*, __ballot*,
+__syncwarp), cooperative groups, textures, streams. x86-64 Linux only (the
+coroutine switch is 10 lines of x86-64 assembly).
+
 Thread order: `thread_order("reverse")` / `thread_order("shuffle", seed)` (or
 $TTFM_EMU_ORDER) visits threads and blocks in another order; a kernel whose
 results change with the order has a race.

@@ -149,7 +149,7 @@ def ensure_teacher(data: str, *, model_name: str | None = None, quick: bool = Fa
     else:
         log(f"no trained teacher at {path}: training one with the {recipes.family(data)} recipe "
             f"({model_name}, {steps} steps) first")
-    train_teacher(data, model_name=model_name, out=out, quick=quick, data_dir=data_dir, resume=True,
+    train_teacher(data, model_name=model_name, out=out, quick=quick, data_dir=data_dir, resume=os.path.exists(path),
                   progress=progress, max_cpu_hours=max_cpu_hours, seed=seed, dtype=dtype)
     return path
 

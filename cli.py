@@ -24,7 +24,7 @@ MODEL_CHOICES = ["mlp", "mlp-small", "mlp-tiny", "tiny", "small", "cifar10", "ce
 SOLVERS = click.Choice(["euler", "heun", "rk4"])
 
 
-DATA_PARALLEL = ("train", "distill", "fid_stats", "fid_cmd")  # split over the ranks of `mpiexec -n K`
+DATA_PARALLEL = ("train", "distill", "eval_cmd", "fid_stats", "fid_cmd")  # split over the ranks of `mpiexec -n K`
 
 
 def command(fn):
@@ -44,7 +44,7 @@ def command(fn):
             comm = distributed.setup(dist, device)        # first: NCCL makes the rank's own GPU current
             if comm.size > 1 and fn.__name__ not in DATA_PARALLEL:
                 raise click.UsageError(f"this command runs in one process; start it without mpiexec "
-                                       f"(commands that use {comm.size} ranks: train, distill, fid, fid-stats)")
+                                       f"(commands that use {comm.size} ranks: train, distill, eval, fid, fid-stats)")
             backend.select_device(device)
             with warnings.catch_warnings(), distributed.fail_together(comm):   # one rank failing stops all
                 warnings.simplefilter("always")

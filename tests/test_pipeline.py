@@ -83,3 +83,22 @@ def test_resume_lists_every_changed_setting(tiny_recipes):
     res = pipeline.train_teacher("toy:moons", model_name="mlp-tiny", out=out, steps=8, batch_size=32,
                                  resume=True, progress=False)      # more --steps is a safe change
     assert res.step == 8
+
+
+def test_evaluation_split_over_ranks_equals_one_process(tiny_recipes):
+    """K ranks (threads with a fake communicator) each generate their rows of the noise; the gathered
+    table equals the one-process table, and only rank 0 writes eval.json."""
+    from test_distributed import run_ranks
+    kw = dict(quick=True, eval_steps=(1, 2), eval_n=10, eval_n_ref=4, progress=False)
+    run = pipeline.distill("toy:moons", **kw)
+    one = run.rows
+    results, errors = run_ranks(3, lambda comm: pipeline.evaluate_models(
+        run.teacher, run.checkpoint, steps=(1, 2), n=10, n_ref=4, out=str(tiny_recipes / f"ev{comm.rank}"),
+        comm=comm))
+    assert errors == [None, None, None], errors
+    for rows in results:
+        assert [r["method"] for r in rows] == [r["method"] for r in one]
+        for a, b in zip(rows, one):
+            assert a["mse"] == pytest.approx(b["mse"], rel=1e-6) and a["sw2"] == pytest.approx(b["sw2"], rel=1e-6)
+    assert (tiny_recipes / "ev0" / "eval.json").exists()
+    assert not (tiny_recipes / "ev1").exists() and not (tiny_recipes / "ev2").exists()

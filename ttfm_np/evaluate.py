@@ -62,31 +62,50 @@ def reference_solution(teacher, z, n_ref: int, cache_dir: str | None = None):
     return x_ref
 
 
+def generate_samples(teacher, student, z, steps=(1, 2, 4, 8), n_ref: int = 256, cache_dir: str | None = None):
+    """Every sample set the table compares, from noise z: {name: (N, ...) array}, in table order.
+
+    "reference" (teacher Heun n_ref), "student_N" (N-step student), "euler_N" (teacher Euler N),
+    "heun_N/2" for even N (teacher Heun with N/2 steps: the same N network evaluations).
+    Each sample depends only on its own noise row, so z may be any slice of the noise (data parallel).
+    """
+    samples = {"reference": reference_solution(teacher, z, n_ref, cache_dir)}
+    for n in steps:
+        if student is not None:
+            samples[f"student_{n}"] = student.generate(z, n)
+        samples[f"euler_{n}"] = teacher.generate(z, n, "euler")
+        if n % 2 == 0:
+            samples[f"heun_{n // 2}"] = teacher.generate(z, n // 2, "heun")
+    return samples
+
+
+def table_rows(samples: dict, n_ref: int, heldout=None) -> list:
+    """The rows of the evaluation table from generate_samples' output (MSE/PSNR against the reference)."""
+    x_ref = samples["reference"]
+    rows = []
+    if heldout is not None:
+        rows.append(_row(f"teacher heun {n_ref} (reference)", flow.nfe("heun", n_ref), x_ref, x_ref, heldout))
+    for name, x in samples.items():
+        kind, _, n = name.partition("_")
+        if kind == "student":
+            rows.append(_row(f"student {n}-step", int(n), x, x_ref, heldout))
+        elif kind == "euler":
+            rows.append(_row(f"teacher euler {n}", flow.nfe("euler", int(n)), x, x_ref, heldout))
+        elif kind == "heun":
+            rows.append(_row(f"teacher heun {n}", flow.nfe("heun", int(n)), x, x_ref, heldout))
+    return rows
+
+
 def flow_map_table(teacher, student, z, steps=(1, 2, 4, 8), n_ref: int = 256, heldout=None,
-                   progress: bool = False, cache_dir: str | None = None):
-    """Rows of the evaluation table and the samples behind them.
+                   cache_dir: str | None = None):
+    """Rows of the evaluation table and the samples behind them (one process).
 
     teacher, student: sampling.LoadedModel (student may be None: teacher baselines only).
     heldout: NumPy held-out data (2-D) for sliced-W2, or None.
     cache_dir: where the reference solution is cached (see reference_solution), or None.
     """
-    x_ref = reference_solution(teacher, z, n_ref, cache_dir)   # flow.reference_solution, in chunks
-    rows, samples = [], {}
-    if heldout is not None:
-        rows.append(_row(f"teacher heun {n_ref} (reference)", flow.nfe("heun", n_ref), x_ref, x_ref, heldout))
-    for n in steps:
-        if student is not None:
-            x = student.generate(z, n)
-            rows.append(_row(f"student {n}-step", n, x, x_ref, heldout))
-            samples[f"student_{n}"] = x
-        x = teacher.generate(z, n, "euler")
-        rows.append(_row(f"teacher euler {n}", flow.nfe("euler", n), x, x_ref, heldout))
-        samples[f"euler_{n}"] = x
-        if n % 2 == 0:
-            x = teacher.generate(z, n // 2, "heun")
-            rows.append(_row(f"teacher heun {n // 2}", flow.nfe("heun", n // 2), x, x_ref, heldout))
-    samples["reference"] = x_ref
-    return rows, samples
+    samples = generate_samples(teacher, student, z, steps, n_ref, cache_dir)
+    return table_rows(samples, n_ref, heldout), samples
 
 
 def format_table(rows) -> str:

@@ -31,6 +31,8 @@ import json
 import os
 import shutil
 import warnings
+
+import numpy as np
 from dataclasses import dataclass
 
 from . import backend, ckpt, data as datasets, evaluate as evaluation, images, losses, metrics, model, recipes
@@ -227,7 +229,7 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
                                           run_config=run_config, progress=progress, max_cpu_hours=max_cpu_hours)
     result = RunResult(out=out, checkpoint=os.path.join(out, CHECKPOINT_NAME), step=step, teacher=teacher,
                        reused=reused)
-    if evaluate and distributed.current().is_root:        # the evaluation is not split: rank 0 runs it
+    if evaluate:                                          # split over the ranks under mpiexec
         result.rows = evaluate_models(teacher, result.checkpoint, steps=eval_steps,
                                       n=eval_n or (2000 if ds.kind == "toy" else 256), n_ref=eval_n_ref,
                                       out=os.path.join(out, "eval"), seed=eval_seed, data_dir=data_dir,
@@ -239,8 +241,11 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
 
 def evaluate_models(teacher: str, student: str | None = None, *, steps=(1, 2, 4, 8), n: int = 1024,
                     n_ref: int = 256, out: str = "runs/eval", seed: int = 0, data_dir: str | None = None,
-                    dtype: str = "float32") -> list:
-    """Flow-map error table of N-step sampling against the teacher's reference; writes eval.json + PNGs."""
+                    dtype: str = "float32", comm=None) -> list:
+    """Flow-map error table of N-step sampling against the teacher's reference; writes eval.json + PNGs.
+
+    comm: the data-parallel communicator (default distributed.current()); rank 0 writes the outputs.
+    """
     steps = check_step_counts(steps)
     tm = sampling.load_model(teacher, weights="ema", dtype=dtype, role="teacher")
     sm = sampling.load_model(student, weights="ema", dtype=dtype, role="student") if student else None
@@ -251,13 +256,23 @@ def evaluate_models(teacher: str, student: str | None = None, *, steps=(1, 2, 4,
         if sm.data and tm.data and sm.data != tm.data:
             raise ValueError(f"the student was distilled on {sm.data}, the teacher trained on {tm.data}")
     heldout = _load_data(tm.data, data_dir, split="test", n=n).data if tm.data.startswith("toy:") else None
-    z = tm.noise(n, seed)
-    rows, samples = evaluation.flow_map_table(tm, sm, z, steps, n_ref=n_ref, heldout=heldout,
-                                              cache_dir=os.path.join(os.path.dirname(tm.path), "reference_cache"))
-    for name, x in samples.items():
+    # data parallel: every rank draws the same noise (host, from the seed) and generates its rows [lo, hi);
+    # the samples are gathered on every rank in rank order, so the table equals one process's
+    comm = comm or distributed.current()
+    lo, hi = distributed.shard_range(n, comm.rank, comm.size)
+    z = tm.noise(n, seed)[lo:hi]
+    local = evaluation.generate_samples(tm, sm, z, steps, n_ref=n_ref,
+                                        cache_dir=os.path.join(os.path.dirname(tm.path), "reference_cache"))
+    for name, x in local.items():
         sampling.check_finite(x, f"{'the student' if name.startswith('student') else 'the teacher'} ({name})")
+    parts = comm.allgather_object({k: backend.to_numpy(v) for k, v in local.items()})
+    samples = {k: np.concatenate([part[k] for part in parts]) for k in local}
+    rows = evaluation.table_rows(samples, n_ref, heldout)
+    if not comm.is_root:
+        return rows
     print(evaluation.format_table(rows), flush=True)
-    paths = evaluation.write_outputs(out, rows, samples, image_data=heldout is None, heldout=heldout,
+    shown = {k: v for k, v in samples.items() if not k.startswith("heun_")}   # pictures: reference, student, Euler
+    paths = evaluation.write_outputs(out, rows, shown, image_data=heldout is None, heldout=heldout,
                                      extra=dict(teacher=teacher, student=student, n=n, n_ref=n_ref, seed=seed))
     log(f"wrote {os.path.join(out, 'eval.json')} and {', '.join(paths)}")
     return rows

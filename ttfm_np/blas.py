@@ -84,3 +84,71 @@ def kernel_set() -> str:
                 fn.restype = ctypes.c_char_p
                 return fn().decode()
     return "unknown"
+
+
+# ----------------------------------------------------------------------------- threads
+
+THREAD_ENVS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def _openblas_function(*names):
+    """A function of NumPy's bundled OpenBLAS by the first name that exists, or None."""
+    import numpy as np
+    libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in names:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                return fn
+    return None
+
+
+def get_threads() -> int | None:
+    """OpenBLAS's thread count now, or None where NumPy bundles no OpenBLAS."""
+    fn = _openblas_function("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                            "openblas_get_num_threads64_", "openblas_get_num_threads")
+    return None if fn is None else int(fn())
+
+
+def set_threads(n: int) -> bool:
+    """Ask OpenBLAS for n threads; False where that is not possible (no bundled OpenBLAS)."""
+    fn = _openblas_function("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                            "openblas_set_num_threads64_", "openblas_set_num_threads")
+    if fn is None:
+        return False
+    fn(ctypes.c_int(int(n)))
+    return True
+
+
+class single_threaded_small_gemms:
+    """Run a block with one OpenBLAS thread, unless the user chose a thread count.
+
+    Why: the 2-D toy models (the MLP, at most 256 wide) multiply matrices so small
+    that waking and synchronising BLAS threads costs more than the product. Measured
+    on 2 cores (benchmarks and numbers in docs/performance.md): one ITVM step of
+    `mlp-small` at batch 256 takes 6.8 ms with one thread and 31 ms with two on a busy
+    machine (the threads spin while waiting for a core). A thread count set through
+    OPENBLAS_NUM_THREADS / OMP_NUM_THREADS wins; the previous count is restored on exit.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and not any(os.environ.get(v) for v in THREAD_ENVS)
+        self.previous = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = get_threads()
+            if self.previous is not None and self.previous > 1:
+                set_threads(1)
+            else:
+                self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            set_threads(self.previous)
+        return False

@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 from dataclasses import dataclass
 
-from . import backend, ckpt, data as datasets, evaluate as evaluation, images, losses, metrics, model, recipes
+from . import backend, blas, ckpt, data as datasets, evaluate as evaluation, images, losses, metrics, model, recipes
 from . import jsonio
 from . import params as P
 from . import distributed, sampling, train, ttfm
@@ -123,7 +123,7 @@ def train_teacher(data: str, *, model_name: str | None = None, out: str | None =
         f"of batch {tcfg.batch_size}, device {backend.device_name()}, out {out}")
     run_config = dict(task="teacher", data=data, time_sampling=time_sampling, flip=flip,
                       resolution=ds.shape[-1] if ds.kind == "image" else None)
-    with _locked_run(out):
+    with _locked_run(out), blas.single_threaded_small_gemms(cfg.kind == "mlp"):
         _, _, step = train.train_loop(out, model_cfg=cfg, init_params=model.init_model(cfg, tcfg.seed),
                                       objective=objective, data_iter=batches, tcfg=tcfg, resume=resume,
                                       run_config=run_config, progress=progress, max_cpu_hours=max_cpu_hours)
@@ -223,7 +223,7 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
         objective = DistillObjective(scfg, (tm.params, tm.cfg), loss, sample_kind=ds.kind, heldout=_heldout(ds))
         log(f"distill: {loss.loss} from {teacher} on {data}, {tcfg.steps} steps of batch {tcfg.batch_size}, "
             f"device {backend.device_name()}, out {out}")
-        with _locked_run(out):
+        with _locked_run(out), blas.single_threaded_small_gemms(scfg.kind == "mlp"):
             _, _, step = train.train_loop(out, model_cfg=scfg, init_params=student_params, objective=objective,
                                           data_iter=_batches(ds, tcfg), tcfg=tcfg, resume=resume,
                                           run_config=run_config, progress=progress, max_cpu_hours=max_cpu_hours)
@@ -261,8 +261,9 @@ def evaluate_models(teacher: str, student: str | None = None, *, steps=(1, 2, 4,
     comm = comm or distributed.current()
     lo, hi = distributed.shard_range(n, comm.rank, comm.size)
     z = tm.noise(n, seed)[lo:hi]
-    local = evaluation.generate_samples(tm, sm, z, steps, n_ref=n_ref,
-                                        cache_dir=os.path.join(os.path.dirname(tm.path), "reference_cache"))
+    with blas.single_threaded_small_gemms(tm.cfg.kind == "mlp"):
+        local = evaluation.generate_samples(tm, sm, z, steps, n_ref=n_ref,
+                                            cache_dir=os.path.join(os.path.dirname(tm.path), "reference_cache"))
     for name, x in local.items():
         sampling.check_finite(x, f"{'the student' if name.startswith('student') else 'the teacher'} ({name})")
     parts = comm.allgather_object({k: backend.to_numpy(v) for k, v in local.items()})
@@ -293,7 +294,8 @@ def sample(ckpt_path: str, *, out: str, steps: int = 8, solver: str = "euler", n
     if os.path.splitext(out)[1].lower() != ".png":
         raise ValueError(f"--out {out!r} must be a .png file name (e.g. samples.png)")
     m = sampling.load_model(ckpt_path, weights)
-    x = m.sample(n, steps, solver, seed)
+    with blas.single_threaded_small_gemms(m.cfg.kind == "mlp"):
+        x = m.sample(n, steps, solver, seed)
     kind = "student" if m.is_student else f"teacher/{solver}"
     info = dict(path=out, kind=kind, n=n, steps=steps)
     if x.ndim == 2:

@@ -39,10 +39,10 @@ TEACHER_RECIPES = {
 
 # The no-argument main job (see the module docstring): sizes chosen by measurement.
 QUICK_TEACHER_RECIPES = {
-    "toy":           dict(model="mlp-small", steps=2000, batch_size=256, lr=3e-3, warmup=100, ema_decay=0.995),
+    "toy":           dict(model="mlp-small", steps=4000, batch_size=256, lr=3e-3, warmup=100, ema_decay=0.995),
 }
 QUICK_DISTILL_RECIPES = {
-    "toy":           dict(steps=500, batch_size=256, lr=2e-3, warmup=50, ema_decay=0.99),
+    "toy":           dict(steps=2000, batch_size=256, lr=2e-3, warmup=50, ema_decay=0.99),
 }
 
 DISTILL_RECIPES = {

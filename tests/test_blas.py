@@ -43,3 +43,22 @@ def test_kernel_set_names_the_running_kernels():
         pytest.skip("this NumPy bundles no OpenBLAS (e.g. a conda/MKL build): no kernel set to name")
     out = _run("import ttfm_np.blas as b; print(b.kernel_set())", OPENBLAS_CORETYPE="Haswell")
     assert out == "Haswell"
+
+
+def test_single_threaded_small_gemms_restores_and_respects_the_user():
+    code = ("import ttfm_np.blas as b\n"
+            "before = b.get_threads()\n"
+            "with b.single_threaded_small_gemms():\n"
+            "    inside = b.get_threads()\n"
+            "print(before, inside, b.get_threads())")
+    e = {k: v for k, v in os.environ.items() if k not in blas.THREAD_ENVS}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(e, OPENBLAS_CORETYPE="Haswell"),
+                         capture_output=True, text=True, check=True).stdout.split()
+    if out[0] == "None":
+        pytest.skip("this NumPy bundles no OpenBLAS: no thread count to set")
+    before, inside, after = map(int, out)
+    assert inside == 1 and after == before                  # one thread inside, the old count restored
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                         env=dict(e, OPENBLAS_CORETYPE="Haswell", OPENBLAS_NUM_THREADS="2"),
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["2", "2", "2"]                            # the user's choice wins

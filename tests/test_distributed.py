@@ -659,3 +659,27 @@ def test_my_batches_split_whole_batches():
     assert parts == [range(0, 2), range(2, 4)]
     with pytest.raises(ValueError, match="fewer than the 3 ranks"):
         D.my_batches(4, 2, comm=ThreadComm(0, _Exchange(3)))
+
+
+def test_two_thread_ranks_with_dropout_train_like_one_process(tmp_path):
+    """A tiny U-Net WITH dropout: 2 ranks x B/2 give the parameters of 1 process x B (float64),
+    because each rank's dropout counters start at its rows' place in the global batch."""
+    from ttfm_np import data, model, train
+    from ttfm_np.objectives import FlowMatchingObjective
+    images = np.random.default_rng(0).uniform(-1, 1, (16, 3, 8, 8))
+    cfg = model.make_config("tiny", (3, 8, 8), dropout=0.2)
+    tcfg = train.TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup=0, ema_decay=0.9, seed=5, log_every=1,
+                             ckpt_every=0, dtype="float64")
+
+    def run(out, comm):
+        return train.train_loop(str(out), model_cfg=cfg, init_params=model.init_model(cfg, 5),
+                                objective=FlowMatchingObjective(cfg), tcfg=tcfg, progress=False, comm=comm,
+                                data_iter=data.BatchIterator(images, 4, seed=5), run_config=dict(task="teacher"))
+
+    one, _, _ = run(tmp_path / "one", D.SingleProcess())
+    results, errors = run_ranks(2, lambda comm: run(tmp_path / "two", comm))
+    assert errors == [None, None], errors
+    for rank_params, _, step in results:
+        assert step == 3
+        for k in one:
+            np.testing.assert_allclose(rank_params[k], one[k], rtol=1e-10, atol=1e-13, err_msg=k)

@@ -285,3 +285,16 @@ def test_two_time_embedding_starts_as_one_time(rng):
     e2, _ = embedding.time_embedding_forward(p, "emb", s, t, 8)
     e1, _ = embedding.time_embedding_forward(p, "emb", s, None, 8)
     np.testing.assert_array_equal(e1, e2)                        # W_d = 0 at initialisation
+
+
+def test_dropout_rows_of_a_batch_get_the_masks_of_the_whole_batch(rng):
+    """A data-parallel rank holding rows [lo, hi) passes (seed, lo): its masks equal the whole batch's rows."""
+    x = rng.standard_normal((6, 3, 4, 5))
+    site = dropout.site_id("enc.4x4_block0")
+    y_all, _ = dropout.dropout_forward(x, 0.3, 99, site)
+    for lo, hi in ((0, 2), (2, 5), (5, 6)):
+        y_part, cache = dropout.dropout_forward(x[lo:hi], 0.3, (99, lo), site)
+        np.testing.assert_array_equal(y_part, y_all[lo:hi])
+        dy = rng.standard_normal(y_part.shape)
+        np.testing.assert_allclose(dropout.dropout_backward(dy, cache)[0], np.where(y_part != 0, dy / 0.7, 0), rtol=1e-15)
+    assert not np.array_equal(dropout.dropout_forward(x[2:5], 0.3, 99, site)[0], y_all[2:5])   # no offset: other masks

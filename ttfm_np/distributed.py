@@ -549,18 +549,15 @@ class DataParallel:
         return ShardedGenerator(rng, self.global_batch, self.lo, self.hi) if self.active else rng
 
     def dropout_seed(self, seed):
-        """This rank's dropout seed: rank 0 keeps the step's seed, rank r > 0 gets an independent one.
+        """This rank's dropout seed: (seed, first row of its shard).
 
-        Dropout masks are a hash of (seed, site, element index within the local batch), so
-        one seed on every rank would give sample j of every shard the same mask. With distinct
-        seeds the K-rank masks are independent draws like the 1-process ones (equal in
-        distribution, not bit for bit: exact equality would need the hash to count elements
-        from the shard's offset in the global batch).
+        Dropout masks are a hash of (seed, site, element counter); the counter of this rank's
+        rows starts where they sit in the global batch (dropout.py), so K ranks drop exactly
+        the units one process with the whole batch drops.
         """
-        if not self.active or self.comm.rank == 0 or seed is None:
+        if not self.active or seed is None:
             return seed
-        mixed = np.random.SeedSequence([int(seed), 0x52414E4B, self.comm.rank]).generate_state(2, np.uint64)[0]
-        return int(mixed >> np.uint64(1))                   # 63 bits, like the step seeds
+        return (int(seed), self.lo)
 
     def reduce(self, loss: float, grads: dict, metrics: dict, stop: bool = False):
         """Weighted all-reduce: g = sum_r (n_r / B) g_r, the same for loss and metrics.

@@ -4,7 +4,7 @@ The keep mask is a pure function of (dropout_seed, site, element index), not
 the next draws of a random Generator:
 
     key     = splitmix64(splitmix64(dropout_seed) XOR site)       one stream per (seed, site)
-    z[i]    = splitmix64(key + (i + 1) * GOLDEN)                  i = flat (C-order) index into x
+    z[i]    = splitmix64(key + (first + i + 1) * GOLDEN)          i = flat (C-order) index into x
     u[i]    = (z[i] >> 11) * 2^-53                                uniform in [0, 1), 53 bits
     keep[i] = u[i] >= p
 
@@ -20,6 +20,11 @@ so the mask does not depend on x's dtype either.
 site identifies one dropout layer inside a network: `site_id(prefix)`, the
 CRC-32 of the block's parameter prefix (e.g. "enc.16x16_block0"), stable across
 runs and Python versions (unlike hash()).
+
+`first` is where the counter starts: 0 for a whole batch. A data-parallel rank
+that holds rows [lo, hi) of the global batch passes dropout_seed = (seed, lo)
+and starts at first = lo * (elements per sample), so its rows get exactly the
+masks they would get in one process holding the whole batch.
 """
 from __future__ import annotations
 
@@ -66,12 +71,12 @@ def _check_p(p):
 # NumPy (reference) path
 # ----------------------------------------------------------------------------
 
-def keep_mask_numpy(n: int, p: float, key: int):
-    """keep (n,) bool: u[i] >= p for the counters i = 0 .. n-1 of stream `key` (uint64 arithmetic, in place)."""
+def keep_mask_numpy(n: int, p: float, key: int, first: int = 0):
+    """keep (n,) bool: u[i] >= p for the counters first .. first+n-1 of stream `key` (uint64 arithmetic)."""
     u64 = np.uint64
-    z = np.arange(1, n + 1, dtype=np.uint64)             # i + 1
-    z *= u64(GOLDEN)                                     # (i + 1) * GOLDEN   (mod 2^64: integer arrays wrap)
-    z += u64(key)                                        # key + (i + 1) * GOLDEN
+    z = np.arange(first + 1, first + n + 1, dtype=np.uint64)   # first + i + 1
+    z *= u64(GOLDEN)                                     # (first + i + 1) * GOLDEN   (mod 2^64: arrays wrap)
+    z += u64(key)                                        # key + (first + i + 1) * GOLDEN
     # splitmix64: z ^= z >> 30; z *= M1; z ^= z >> 27; z *= M2; z ^= z >> 31
     z ^= z >> u64(30)
     z *= u64(_MIX1)
@@ -83,9 +88,9 @@ def keep_mask_numpy(n: int, p: float, key: int):
     return z.astype(np.float64) * 2.0 ** -53 >= p
 
 
-def dropout_apply_numpy(x, p: float, key: int):
+def dropout_apply_numpy(x, p: float, key: int, first: int = 0):
     """x * keep / (1 - p); the scale is rounded to x.dtype first, as the kernel does."""
-    keep = keep_mask_numpy(x.size, p, key).reshape(x.shape)
+    keep = keep_mask_numpy(x.size, p, key, first).reshape(x.shape)
     scale = x.dtype.type(1.0 / (1.0 - p))
     return np.where(keep, x * scale, x.dtype.type(0))
 
@@ -94,23 +99,23 @@ def dropout_apply_numpy(x, p: float, key: int):
 # CuPy path (kernels/dropout.cu)
 # ----------------------------------------------------------------------------
 
-def dropout_apply_cupy(x, p: float, key: int):
+def dropout_apply_cupy(x, p: float, key: int, first: int = 0):
     """The CUDA kernel `dropout_apply`: the same hash per element, one grid-stride pass."""
     from . import cuda
     cp = backend.array_module(x)
     x = cp.ascontiguousarray(x)                          # flat index = C-order index, as in NumPy
     y = cp.empty_like(x)
     kernel = cuda.get_kernel("dropout", "dropout_apply", x.dtype)
-    cuda.launch_1d(kernel, x.size, (x, y, np.int64(x.size), np.uint64(key), np.float64(p),
+    cuda.launch_1d(kernel, x.size, (x, y, np.int64(x.size), np.uint64(key), np.uint64(first), np.float64(p),
                                     x.dtype.type(1.0 / (1.0 - p))))
     return y
 
 
-def dropout_apply(x, p: float, key: int):
-    """y = x * keep / (1 - p) for the stream `key`: the one NumPy/CuPy dispatch point."""
+def dropout_apply(x, p: float, key: int, first: int = 0):
+    """y = x * keep / (1 - p) for the stream `key` from counter `first`: the one NumPy/CuPy dispatch point."""
     if backend.is_cupy(backend.array_module(x)):
-        return dropout_apply_cupy(x, p, key)
-    return dropout_apply_numpy(x, p, key)
+        return dropout_apply_cupy(x, p, key, first)
+    return dropout_apply_numpy(x, p, key, first)
 
 
 # ----------------------------------------------------------------------------
@@ -118,20 +123,23 @@ def dropout_apply(x, p: float, key: int):
 # ----------------------------------------------------------------------------
 
 def dropout_forward(x, p: float, dropout_seed, site: int):
-    """x: any shape; p in [0, 1); dropout_seed: int, or None for evaluation mode (y = x);
-    site: the layer's id (site_id(prefix)). Returns (y, cache)."""
+    """x: (N, ...); p in [0, 1); dropout_seed: int, (int, first_row) for rows of a larger batch
+    (see the module docstring), or None for evaluation mode (y = x); site: the layer's id
+    (site_id(prefix)). Returns (y, cache)."""
     _check_p(p)
     if p == 0.0 or dropout_seed is None:
         return x, None
-    key = stream_key(dropout_seed, site)
+    seed, first_row = dropout_seed if isinstance(dropout_seed, tuple) else (dropout_seed, 0)
+    key = stream_key(seed, site)
+    first = int(first_row) * (x.size // max(1, x.shape[0]))     # counters of the rows before ours
     # y = x * keep / (1 - p)        (inverted dropout: E[y] = x)
-    return dropout_apply(x, p, key), (p, key)
+    return dropout_apply(x, p, key, first), (p, key, first)
 
 
 def dropout_backward(dy, cache):
     """-> dx, {} (no parameters). The mask is recomputed from (p, key), not stored."""
     if cache is None:
         return dy, {}
-    p, key = cache
+    p, key, first = cache
     # y = x * keep / (1 - p)   =>  dx = dy * keep / (1 - p): the same map applied to dy
-    return dropout_apply(dy, p, key), {}
+    return dropout_apply(dy, p, key, first), {}

@@ -66,7 +66,7 @@ OPTS = [
     dict(loss="itvm", delta_mode="absolute", target_solver="euler"),
     dict(loss="itvm", target_solver="heun", delta_mode="relative"),
     dict(loss="itvm", lambda_init=0.0),
-    dict(loss="lfmd"),
+    dict(loss="lfmd", lfmd_teacher_grad=True),               # the exact gradient (the default semi-gradient: below)
     dict(loss="ecd"),
 ]
 
@@ -303,3 +303,6 @@ def test_per_loss_defaults_are_filled_by_validate():
     assert losses.DistillLossConfig(loss="ecd", delta=0.2).validate().delta == 0.2
     with pytest.raises(ValueError, match="frac_t1"):
         losses.DistillLossConfig(loss="itvm", frac_t1=1.5).validate()
+    with pytest.raises(ValueError, match="student_ema_decay"):
+        losses.DistillLossConfig(loss="ecd", student_ema_decay=1.0).validate()
+    assert losses.DistillLossConfig(loss="lfmd").validate().student_ema_decay is None    # the recipe's EMA

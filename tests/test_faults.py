@@ -436,7 +436,7 @@ def test_sigterm_stops_train_with_143(tmp_path):
 def test_sigint_during_eval_or_fid_exits_130_and_writes_nothing(teacher, tmp_path, monkeypatch, command):
     """Commands without a training loop: Ctrl-C arriving mid-computation stops them with 130."""
     from ttfm_np import inception
-    target, name = (evaluate, "flow_map_table") if command == "eval" else (inception, "load_inception")
+    target, name = (evaluate, "generate_samples") if command == "eval" else (inception, "load_inception")
     original = getattr(target, name)
 
     def interrupted(*args, **kwargs):

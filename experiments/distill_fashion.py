@@ -26,7 +26,8 @@ from runner import DistillLossConfig, distill_and_collect, ensure_teacher, write
 @click.option("--batch-size", type=click.IntRange(1), default=32)
 @click.option("--lr", type=float, default=2e-4)
 @click.option("--warmup", type=click.IntRange(0), default=20, help="learning-rate warmup steps")
-@click.option("--ema-decay", type=float, default=0.99)
+@click.option("--ema-decay", type=float, default=None,
+              help="student EMA decay (default: each loss's student_ema_decay, else the recipe's)")
 @click.option("--seed", type=int, default=0)
 @click.option("--eval-n", type=int, default=256, help="noise samples in the flow-map evaluation")
 @click.option("--eval-n-ref", type=int, default=64, help="Heun steps of the reference (256 is the default elsewhere; "

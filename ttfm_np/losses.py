@@ -55,7 +55,7 @@ class DistillLossConfig:
     # The EMA decay of the student's EMA weights (ITVM/ECD take their targets from them; every loss
     # is evaluated with them) for runs that do not set --ema-decay; None = the recipe's. Bootstrapped
     # targets move knowledge away from the diagonal one EMA time constant per hop (docs/results.md),
-    # so ITVM and ECD want a fast EMA. Read by pipeline.distill (an explicit --ema-decay wins).
+    # so ITVM and ECD want a fast EMA. For pipeline.distill to apply (an explicit --ema-decay wins).
     student_ema_decay: float | None = None
 
     def validate(self):

@@ -143,6 +143,9 @@ def _few_features(monkeypatch, dims=64):
     from ttfm_np import inception
     full = inception.InceptionV3FID.features
     monkeypatch.setattr(inception.InceptionV3FID, "features", lambda self, x, chunk=32: full(self, x, chunk)[:, :dims])
+    on_device = inception.InceptionV3FID.device_features               # what stats_of_images calls
+    monkeypatch.setattr(inception.InceptionV3FID, "device_features",
+                        lambda self, x, chunk=32: on_device(self, x, chunk)[:, :dims])
 
 
 def _random_inception_in_data_dir(tmp_path, monkeypatch, seed):

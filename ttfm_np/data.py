@@ -210,15 +210,15 @@ def md5sum(path: str) -> str:
 
 def download(url: str, path: str, md5: str):
     """Download with a progress bar to path (via a .part file), then check the md5."""
-    import click
+    from .progress import Progress
     part = path + ".part"
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
-            total = int(r.headers.get("Content-Length") or 0)
-            with open(part, "wb") as f, click.progressbar(length=total or None, label=f"downloading {url}") as bar:
+            total = int(r.headers.get("Content-Length") or 0)               # bytes (0: unknown)
+            with open(part, "wb") as f, Progress(total >> 20, f"downloading {url} (MiB)") as bar:
                 for chunk in iter(lambda: r.read(1 << 20), b""):
                     f.write(chunk)
-                    bar.update(len(chunk))
+                    bar.update(1)
     except OSError as exc:
         if os.path.exists(part):
             os.remove(part)

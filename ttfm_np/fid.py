@@ -190,7 +190,7 @@ def stats_of_images(model, batches, progress_label: str | None = None, n_batches
     Batches are consumed lazily (samples are generated, or files read, as features are taken).
     A progress bar is drawn when progress_label is given.
     """
-    import click
+    from .progress import Progress
     stats = FeatureStats()
     # Inception's device_features keeps the (B, 2048) features on the GPU, where the sums are
     features = getattr(model, "device_features", None) or model.features
@@ -198,9 +198,8 @@ def stats_of_images(model, batches, progress_label: str | None = None, n_batches
         for x in batches:
             stats.update(features(to_unit_range_8bit(x)))
         return stats
-    with click.progressbar(batches, length=n_batches, label=progress_label) as bar:
-        for x in bar:
-            stats.update(features(to_unit_range_8bit(x)))
+    for x in Progress.iterate(batches, progress_label, total=n_batches):
+        stats.update(features(to_unit_range_8bit(x)))
     return stats
 
 

@@ -96,10 +96,9 @@ def solve_ode(velocity_fn, x, grid=None, n_steps=None, method: str = "euler", t0
     g = make_grid(n_steps, grid, t0, t1)
     pairs = list(zip(g[:-1], g[1:]))
     if progress:
-        import click
-        with click.progressbar(pairs, label=f"{method} {len(pairs)} steps") as bar:
-            for a, b in bar:
-                x = _step(velocity_fn, x, float(a), float(b), method)
+        from .progress import Progress
+        for a, b in Progress.iterate(pairs, f"{method} {len(pairs)} steps"):
+            x = _step(velocity_fn, x, float(a), float(b), method)
         return x
     for a, b in pairs:
         x = _step(velocity_fn, x, float(a), float(b), method)

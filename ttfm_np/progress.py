@@ -59,11 +59,12 @@ class Progress:
 
     def eta(self) -> float:
         r = self.rate()
-        return (self.total - self.done) / r if r > 0 else float("inf")
+        return (self.total - self.done) / r if r > 0 and self.total > 0 else float("inf")
 
     def __enter__(self):
         if self.interactive:
-            self._bar = click.progressbar(length=self.total, label=self.label, file=self.stream, show_eta=True,
+            self._bar = click.progressbar(length=self.total or None, label=self.label, file=self.stream,
+                                          show_eta=True,
                                           item_show_func=lambda _: self.status or None)
             self._bar.__enter__()
         return self
@@ -77,12 +78,12 @@ class Progress:
             self._bar.update(n)
             return
         now = time.perf_counter()
-        if now - self._last_line >= self.every_s or self.done >= self.total:
+        if now - self._last_line >= self.every_s or self.done == self.total:
             self._last_line = now
             self._print_line()
 
     def _print_line(self):
-        parts = [self.label, f"{self.done}/{self.total}"]
+        parts = [self.label, f"{self.done}/{self.total}" if self.total > 0 else f"{self.done}"]
         if self.status:
             parts.append(self.status)
         parts += [f"{self.rate():.2f} it/s", f"ETA {format_seconds(self.eta())}"]
@@ -99,7 +100,8 @@ class Progress:
     @classmethod
     def iterate(cls, iterable, label: str, total: int | None = None, enabled: bool = True):
         """Yield from iterable while showing progress (total defaults to len(iterable))."""
-        total = len(iterable) if total is None else total
+        if total is None:
+            total = len(iterable) if hasattr(iterable, "__len__") else 0     # 0: unknown length
         with cls(total, label, enabled) as bar:
             for item in iterable:
                 yield item

@@ -184,11 +184,6 @@ def to_device(a, xp):
     return xp.asarray(a)
 
 
-def default_rng(seed, xp=None):
-    """A seeded random Generator on the device of xp (numpy or cupy)."""
-    xp = get_xp() if xp is None else xp
-    return xp.random.default_rng(seed)
-
 
 _allocator_tuned = False
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import seeds
 from .recipes import data_root
 
 TOYS = ("checkerboard", "moons", "8gaussians", "spirals")
@@ -348,7 +349,7 @@ class BatchIterator:
         self.shard = (lo, hi)
 
     def _permutation(self, epoch):
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+        return seeds.generator(self.seed, "epoch", epoch).permutation(len(self.data))
 
     def next(self) -> np.ndarray:
         if self.pos + self.batch_size > len(self.data):        # drop the ragged tail, start a new epoch
@@ -358,7 +359,7 @@ class BatchIterator:
         lo, hi = self.shard
         batch = self.data[idx[lo:hi]]                           # a rank reads only its rows
         if self.flip and batch.ndim == 4:
-            mask = np.random.default_rng([self.seed, self.epoch, self.pos, 7]).random(len(idx))[lo:hi] < 0.5
+            mask = seeds.generator(self.seed, "flip", self.epoch, self.pos).random(len(idx))[lo:hi] < 0.5
             batch[mask] = batch[mask][..., ::-1]
         self.pos += self.batch_size
         return batch

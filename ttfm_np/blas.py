@@ -71,19 +71,12 @@ def prefer_measured_kernels() -> str | None:
 
 def kernel_set() -> str:
     """The kernel set NumPy's bundled OpenBLAS is running (e.g. 'Haswell'), or 'unknown'."""
-    import numpy as np
-    libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
-    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn.restype = ctypes.c_char_p
-                return fn().decode()
-    return "unknown"
+    fn = _openblas_function("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                            "openblas_get_corename")
+    if fn is None:
+        return "unknown"
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 # ----------------------------------------------------------------------------- threads

@@ -81,6 +81,7 @@ BASE_EMA = 0.99
 ABLATIONS = {
     "itvm": [
         dict(delta_mode="relative", kappa=0.25, target_solver="heun", frac_t1=0.5),                  # EMA 0.99
+        dict(delta_mode="relative", kappa=0.25, target_solver="heun", frac_t1=0.0, ema_decay=0.95),  # no t = 1 pairs
     ],
 }
 
@@ -182,7 +183,7 @@ def run_cells(cells, teachers, out, steps, batch, lr, eval_n):
             tkey = f"teacher/{toy}"
             if tkey not in done:
                 append_result(out, dict(key=tkey, toy=toy, rows=evals[toy].teacher_rows()))
-        cfg = (ABLATIONS if stage == "ablate" else GRIDS)[loss][cfg_id]
+        cfg = (ABLATIONS if stage.endswith("ablate") else GRIDS)[loss][cfg_id]
         ckpt, spu = run_cell(evals[toy].teacher_ckpt, toy, loss, cfg, seed, steps, batch, lr,
                              os.path.join(out, "runs", key.replace("/", "-")))
         rows = evals[toy].student_rows(ckpt)
@@ -247,15 +248,16 @@ def report(results, metric="mse"):
         lines.append("| toy | method | " + " | ".join(f"N={n}" for n in STEPS_N) + " |")
         lines.append("|---|---|" + "---|" * len(STEPS_N))
         for toy in TOYS:
-            for loss in GRIDS:
-                rs = [v for v in results.values() if v.get("stage") == "final" and v["toy"] == toy and v["loss"] == loss]
+            for stage, loss in [("final", loss) for loss in GRIDS] + [("final_ablate", "itvm")]:
+                rs = [v for v in results.values() if v.get("stage") == stage and v["toy"] == toy and v["loss"] == loss]
                 if not rs:
                     continue
                 cells = []
                 for n in STEPS_N:
                     m, se = mean_se([r["rows"][str(n)][metric] for r in rs])
                     cells.append(f"{m:.2e} +- {se:.1e}" if metric == "mse" else f"{m:.3f} +- {se:.3f}")
-                lines.append(f"| {toy} | {loss} (cfg {rs[0]['cfg_id']}, {len(rs)} seeds) | " + " | ".join(cells) + " |")
+                label = f"{loss} (cfg {rs[0]['cfg_id']}" if stage == "final" else f"{loss} (ablation {rs[0]['cfg_id']}"
+                lines.append(f"| {toy} | {label}, {len(rs)} seeds) | " + " | ".join(cells) + " |")
             t = results.get(f"teacher/{toy}")
             if t:
                 rows = t["rows"]
@@ -342,6 +344,14 @@ def gaps(o, stage):
 def ablate(o):
     cells = [("ablate", toy, loss, i, TUNE_SEED) for toy in o["toys"] for loss in ABLATIONS
              for i in range(len(ABLATIONS[loss]))]
+    run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
+
+
+@cli.command("final-ablate")
+@click.option("--index", type=int, required=True, help="which ITVM ablation to rerun with the final seeds")
+@click.pass_obj
+def final_ablate(o, index):
+    cells = [("final_ablate", toy, "itvm", index, seed) for toy in o["toys"] for seed in FINAL_SEEDS]
     run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
 
 

@@ -96,7 +96,7 @@ TRAIN_OPTIONS = options(
     click.option("--lr", type=click.FloatRange(0, 10, min_open=True), default=None, help="learning rate (default: recipe)"),
     click.option("--warmup", type=click.IntRange(0), default=None, help="learning-rate warmup steps"),
     click.option("--grad-clip", type=click.FloatRange(0), default=None, help="gradient-norm clip, 0 = off (default 1)"),
-    click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=None, help="EMA decay mu"),
+    click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=None, help="EMA decay mu (default: distill: the loss's measured best, else the recipe's)"),
     click.option("--seed", type=click.IntRange(0), default=0, help="seed for init, data order, noise, times, dropout"),
     click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32"),
     click.option("--log-every", type=click.IntRange(1), default=None, help="steps between metrics lines (may change on --resume)"),

@@ -80,6 +80,14 @@ def _load_data(data, data_dir=None, split="train", resolution=None, n=None):
     return datasets.load_dataset(data, split=split, data_dir=data_dir, resolution=resolution, n=n)
 
 
+def _heldout_points(data, data_dir, n):
+    """Held-out 2-D points (toys, points: files with d = 2) for sliced-W2 and histogram TV, else None."""
+    if not data.startswith(("toy:", "points:")):
+        return None
+    ds = _load_data(data, data_dir, split="test", n=n)
+    return ds.data if ds.kind == "toy" else None
+
+
 def _heldout(ds):
     return ds.data[:1000] if ds.kind == "toy" else None
 
@@ -187,6 +195,8 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
     one continued, a different one left alone (the new run goes to <folder>-2, -3, ...).
     """
     loss = (loss or losses.DistillLossConfig()).validate()
+    if train_overrides.get("ema_decay") is None and loss.student_ema_decay is not None:
+        train_overrides["ema_decay"] = loss.student_ema_decay      # the loss's measured best EMA rate
     if teacher is None:
         teacher = ensure_teacher(data, model_name=model_name, quick=quick, seed=train_overrides.get("seed") or 0,
                                  dtype=train_overrides.get("dtype") or "float32", data_dir=data_dir,
@@ -255,7 +265,7 @@ def evaluate_models(teacher: str, student: str | None = None, *, steps=(1, 2, 4,
                              f"{tm.sample_shape}: they were not trained on the same data")
         if sm.data and tm.data and sm.data != tm.data:
             raise ValueError(f"the student was distilled on {sm.data}, the teacher trained on {tm.data}")
-    heldout = _load_data(tm.data, data_dir, split="test", n=n).data if tm.data.startswith("toy:") else None
+    heldout = _heldout_points(tm.data, data_dir, n)
     # data parallel: every rank draws the same noise (host, from the seed) and generates its rows [lo, hi);
     # the samples are gathered on every rank in rank order, so the table equals one process's
     comm = comm or distributed.current()
@@ -299,7 +309,7 @@ def sample(ckpt_path: str, *, out: str, steps: int = 8, solver: str = "euler", n
     kind = "student" if m.is_student else f"teacher/{solver}"
     info = dict(path=out, kind=kind, n=n, steps=steps)
     if x.ndim == 2:
-        heldout = _load_data(m.data, split="test", n=n).data if m.data.startswith("toy:") else None
+        heldout = _heldout_points(m.data, None, n)
         images.save_scatter(x, out, reference=heldout, title=f"{kind}, {steps} steps")
         if heldout is not None:
             info["sliced_w2"] = metrics.sliced_w2(x, heldout)

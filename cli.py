@@ -10,7 +10,9 @@ the work is done by ttfm_np.pipeline (callable from Python the same way).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import signal
 import sys
 import warnings
@@ -22,9 +24,7 @@ from ttfm_np.losses import DistillLossConfig
 
 MODEL_CHOICES = ["mlp", "mlp-small", "mlp-tiny", "tiny", "small", "cifar10", "celebahq64"]
 SOLVERS = click.Choice(["euler", "heun", "rk4"])
-
-
-DATA_PARALLEL = ("train", "distill", "eval_cmd", "fid_stats", "fid_cmd")  # split over the ranks of `mpiexec -n K`
+ONE_PROCESS = ("params_cmd", "convert_inception", "plot_metrics")   # the others split their work over mpiexec's ranks
 
 
 def command(fn):
@@ -42,11 +42,11 @@ def command(fn):
         old = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             comm = distributed.setup(dist, device)        # first: NCCL makes the rank's own GPU current
-            if comm.size > 1 and fn.__name__ not in DATA_PARALLEL:
-                raise click.UsageError(f"this command runs in one process; start it without mpiexec "
-                                       f"(commands that use {comm.size} ranks: train, distill, eval, fid, fid-stats)")
+            if comm.size > 1 and fn.__name__ in ONE_PROCESS:
+                raise click.UsageError("this command runs in one process: start it without mpiexec")
             backend.select_device(device)
-            with warnings.catch_warnings(), distributed.fail_together(comm):   # one rank failing stops all
+            stdout = sys.stdout if comm.is_root else open(os.devnull, "w")    # rank 0 alone prints results
+            with warnings.catch_warnings(), distributed.fail_together(comm), contextlib.redirect_stdout(stdout):
                 warnings.simplefilter("always")
                 warnings.showwarning = lambda m, *a, **k: click.echo(f"Warning: {m}", err=True)
                 return fn(*args, **kwargs)

@@ -102,3 +102,17 @@ def test_evaluation_split_over_ranks_equals_one_process(tiny_recipes):
             assert a["mse"] == pytest.approx(b["mse"], rel=1e-6) and a["sw2"] == pytest.approx(b["sw2"], rel=1e-6)
     assert (tiny_recipes / "ev0" / "eval.json").exists()
     assert not (tiny_recipes / "ev1").exists() and not (tiny_recipes / "ev2").exists()
+
+
+def test_sampling_split_over_ranks_equals_one_process(tiny_recipes):
+    """sample under K ranks: each generates its rows of every noise batch; the gathered samples are
+    the one-process samples, and only rank 0 writes the PNG."""
+    from test_distributed import run_ranks
+    run = pipeline.distill("toy:moons", quick=True, eval_steps=(1,), eval_n=8, eval_n_ref=2, progress=False)
+    one = pipeline.sample(run.checkpoint, out=str(tiny_recipes / "one.png"), steps=2, n=300)["samples"]
+    results, errors = run_ranks(3, lambda comm: pipeline.sample(
+        run.checkpoint, out=str(tiny_recipes / f"r{comm.rank}.png"), steps=2, n=300, comm=comm))
+    assert errors == [None, None, None], errors
+    for info in results:
+        np.testing.assert_array_equal(info["samples"], one)
+    assert (tiny_recipes / "r0.png").exists() and not (tiny_recipes / "r1.png").exists()

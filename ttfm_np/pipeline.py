@@ -298,16 +298,38 @@ def check_step_counts(steps) -> list:
     return steps
 
 
+def _generate_split(m, n: int, steps: int, solver: str, seed: int, comm, batch_size: int = 256):
+    """n samples (NumPy), the rows of every noise batch split over the ranks and gathered in order.
+
+    Batch b's noise comes from (seed, b) on every rank (host draws), and each rank generates
+    its rows [lo, hi) of it: the result equals one process's, whatever the number of ranks.
+    """
+    mine = []
+    for b, start in enumerate(range(0, n, batch_size)):
+        z = m.noise(min(batch_size, n - start), seed, b)
+        lo, hi = comm.rank * len(z) // comm.size, (comm.rank + 1) * len(z) // comm.size
+        x = m.generate(z[lo:hi], steps, solver) if hi > lo else None
+        mine.append(None if x is None else sampling.check_finite(backend.to_numpy(x), m.path))
+    per_rank = comm.allgather_object(mine)
+    return np.concatenate([part[b] for b in range(len(mine)) for part in per_rank if part[b] is not None])
+
+
 def sample(ckpt_path: str, *, out: str, steps: int = 8, solver: str = "euler", n: int = 64, seed: int = 0,
-           weights: str = "ema") -> dict:
-    """Draw n samples and write a PNG (image grid, or a scatter plot + sliced-W2 for 2-D data)."""
+           weights: str = "ema", comm=None) -> dict:
+    """Draw n samples and write a PNG (image grid, or a scatter plot + sliced-W2 for 2-D data).
+
+    Under mpiexec every rank generates its rows of each noise batch; rank 0 writes the PNG.
+    """
     if os.path.splitext(out)[1].lower() != ".png":
         raise ValueError(f"--out {out!r} must be a .png file name (e.g. samples.png)")
+    comm = comm or distributed.current()
     m = sampling.load_model(ckpt_path, weights)
     with blas.single_threaded_small_gemms(m.cfg.kind == "mlp"):
-        x = m.sample(n, steps, solver, seed)
+        x = _generate_split(m, n, steps, solver, seed, comm)
     kind = "student" if m.is_student else f"teacher/{solver}"
-    info = dict(path=out, kind=kind, n=n, steps=steps)
+    info = dict(path=out, kind=kind, n=n, steps=steps, samples=x)
+    if not comm.is_root:
+        return info
     if x.ndim == 2:
         heldout = _heldout_points(m.data, None, n)
         images.save_scatter(x, out, reference=heldout, title=f"{kind}, {steps} steps")

@@ -116,3 +116,22 @@ def test_sampling_split_over_ranks_equals_one_process(tiny_recipes):
     for info in results:
         np.testing.assert_array_equal(info["samples"], one)
     assert (tiny_recipes / "r0.png").exists() and not (tiny_recipes / "r1.png").exists()
+
+
+def test_ranks_share_image_data_through_one_memory_mapped_file(tmp_path, monkeypatch, rng):
+    """Under K ranks rank 0 decodes an image folder once into <data root>/cache; every rank maps it."""
+    from PIL import Image
+    from test_distributed import run_ranks
+    monkeypatch.setattr(recipes, "DATA_DIR", str(tmp_path / "data"))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3)).astype(np.uint8)).save(imgs / f"{i}.png")
+    one = pipeline._training_data(f"imagefolder:{imgs}", resolution=8)
+    results, errors = run_ranks(2, lambda comm: pipeline._training_data(f"imagefolder:{imgs}", resolution=8,
+                                                                          comm=comm))
+    assert errors == [None, None], errors
+    for ds in results:
+        assert isinstance(ds.data, np.memmap) and ds.kind == "image"
+        np.testing.assert_array_equal(np.asarray(ds.data), one.data)
+    assert len(os.listdir(tmp_path / "data" / "cache")) == 1

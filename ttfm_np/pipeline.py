@@ -27,6 +27,7 @@ This module owns the run-folder layout:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -80,6 +81,38 @@ def _load_data(data, data_dir=None, split="train", resolution=None, n=None):
     return datasets.load_dataset(data, split=split, data_dir=data_dir, resolution=resolution, n=n)
 
 
+def _training_data(data, data_dir=None, resolution=None, comm=None):
+    """The training set; under K > 1 ranks, image data is shared through a memory-mapped file.
+
+    Rank 0 decodes the images once and writes them (atomically) to
+    <data root>/cache/<data>-<key>.npy, the key covering the source (for an image folder its
+    files' names, sizes and times) and the resolution; every rank then maps that file, so the
+    BatchIterator's `data[rows]` reads only the rows of the rank's shard of each batch instead
+    of every rank decoding and holding the whole set.
+    """
+    comm = comm or distributed.current()
+    if comm.size == 1:
+        return _load_data(data, data_dir, resolution=resolution)
+    ds, path = None, None
+    if comm.is_root:
+        ds = _load_data(data, data_dir, resolution=resolution)
+        if ds.kind == "image":
+            folder = data.split(":", 1)[1] if data.startswith("imagefolder:") else None
+            listing = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)) \
+                if folder else []
+            key = hashlib.sha1(json.dumps([data, resolution, ds.data.shape, listing]).encode()).hexdigest()[:16]
+            path = os.path.join(recipes.data_root(), "cache", f"{recipes.slug(data)}-{key}.npy")
+            if not os.path.exists(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp{os.getpid()}.npy"
+                np.save(tmp, np.ascontiguousarray(ds.data))
+                os.replace(tmp, path)                               # atomic: never a half-written cache
+    path = comm.bcast_object(path)
+    if path is None:                                                # toys and points: small, generated or read
+        return ds if ds is not None else _load_data(data, data_dir, resolution=resolution)
+    return datasets.Dataset(data, np.load(path, mmap_mode="r"), "image")
+
+
 def _heldout_points(data, data_dir, n):
     """Held-out 2-D points (toys, points: files with d = 2) for sliced-W2 and histogram TV, else None."""
     if not data.startswith(("toy:", "points:")):
@@ -123,7 +156,7 @@ def train_teacher(data: str, *, model_name: str | None = None, out: str | None =
     model_name = model_name or recipe["model"]
     tcfg = train_config(recipe, **train_overrides)
     out = out or recipes.default_teacher_dir(data, model_name, quick)
-    ds = _load_data(data, data_dir, resolution=resolution)
+    ds = _training_data(data, data_dir, resolution=resolution)
     cfg = model.make_config(model_name, ds.shape)
     batches = _batches(ds, tcfg, flip)
     objective = FlowMatchingObjective(cfg, time_sampling=time_sampling, sample_kind=ds.kind, heldout=_heldout(ds))
@@ -208,7 +241,7 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
     if loss.loss == "lfmd" and loss.fd_step is not None and loss.fd_step * tm.cfg.time_scale > 1.0:
         warnings.warn(f"--fd-step {loss.fd_step} is coarse for time features of frequency {tm.cfg.time_scale:g}: "
                       "the finite difference will damp them (see docs/method.md)")
-    ds = _load_data(data, data_dir, resolution=tm.config.get("resolution") if data.startswith("imagefolder:")
+    ds = _training_data(data, data_dir, resolution=tm.config.get("resolution") if data.startswith("imagefolder:")
                     else None)
     if tuple(ds.shape) != tuple(tm.sample_shape):
         raise ValueError(f"the teacher {teacher} models samples of shape {tm.sample_shape}, but {data} has "

@@ -19,11 +19,22 @@ def test_select_cpu_and_array_module():
 
 
 def test_gpu_request_without_gpu_is_an_error_not_a_cpu_run():
-    if backend.gpu_available():
-        pytest.skip("a GPU is usable here, so --device gpu legitimately succeeds")
-    with pytest.raises(backend.BackendError, match="--device gpu was requested"):
-        backend.select_device("gpu")
-    assert backend.select_device("auto") is np                 # auto falls back, and says nothing is wrong
+    """Checked in a fresh process that cannot see the tests' CuPy stand-in: there, no GPU means an error."""
+    code = ("import numpy as np\n"
+            "from ttfm_np import backend\n"
+            "if backend.gpu_available():\n"
+            "    print('GPU'); raise SystemExit\n"
+            "try:\n"
+            "    backend.select_device('gpu'); print('RAN')\n"
+            "except backend.BackendError as exc:\n"
+            "    print('ERROR', '--device gpu was requested' in str(exc))\n"
+            "print('AUTO', backend.select_device('auto') is np)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TTFM_CUPY_STANDIN")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    if out == ["GPU"]:
+        pytest.skip("a real GPU is usable here, so --device gpu legitimately succeeds")
+    assert out == ["ERROR", "True", "AUTO", "True"]           # an error, never a silent CPU run; auto falls back
     with pytest.raises(backend.BackendError, match="unknown device"):
         backend.select_device("tpu")
     backend.select_device("cpu")

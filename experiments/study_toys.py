@@ -76,12 +76,22 @@ GRIDS = {
 }
 BASE_EMA = 0.99
 
-# Ablations of the selected ITVM setting (not part of the equal-effort selection): which of its
-# ingredients does the work? Keyed as the grid configs, stage "ablate".
+# Two post-hoc variations of each loss's selected grid setting (stage "ablate"), so that every loss
+# gets 6 + 2 = 8 tuning runs per toy. ITVM's ask which ingredient of its setting does the work; the
+# baselines' move the knobs whose best value sat at an edge of their grid. A variation is adopted
+# (and rerun with the final seeds by `final-ablate`) when it beats the grid's pick on the same score.
 ABLATIONS = {
     "itvm": [
         dict(delta_mode="relative", kappa=0.25, target_solver="heun", frac_t1=0.5),                  # EMA 0.99
         dict(delta_mode="relative", kappa=0.25, target_solver="heun", frac_t1=0.0, ema_decay=0.95),  # no t = 1 pairs
+    ],
+    "lfmd": [   # of grid 5 (frac_t1 0.5, semi-gradient): fewer t = 1 pairs (grid 0 > 2 with the exact gradient)
+        dict(frac_t1=0.0, lfmd_teacher_grad=False),
+        dict(frac_t1=0.25, lfmd_teacher_grad=False),
+    ],
+    "ecd": [    # of grid 5 (Delta 1/16, frac_t1 0.5, EMA 0.95): the fastest EMA and largest Delta were edges
+        dict(delta=1 / 16, frac_t1=0.5, ema_decay=0.9),
+        dict(delta=1 / 8, frac_t1=0.5, ema_decay=0.95),
     ],
 }
 
@@ -226,38 +236,52 @@ def mean_se(vals):
     return float(vals.mean()), float(se)
 
 
-def report(results, metric="mse"):
+def _cells(results, stage, loss, cfg_id, toy=None):
+    return [v for v in results.values() if v.get("stage") == stage and v["loss"] == loss
+            and v["cfg_id"] == cfg_id and (toy is None or v["toy"] == toy)]
+
+
+def _tuning_rows(results, stage, configs):
+    """One markdown row per (loss, configuration) of a tuning stage: the score and N=1 / N=2 per toy."""
     lines = []
-    lines.append("Tuning (seed 100): score = mean over toys of log10 MSE(N=1) + log10 MSE(N=2) (lower is better)\n")
-    lines.append("| loss | config | score | " + " | ".join(f"{t} N=1 / N=2" for t in TOYS) + " |")
-    lines.append("|---|---|---|" + "---|" * len(TOYS))
-    for loss, grid in GRIDS.items():
+    for loss, grid in configs.items():
         for i, cfg in enumerate(grid):
-            s = score(results, loss, i)
+            s = score(results, loss, i, stage)
             cells = []
             for toy in TOYS:
-                r = [v for v in results.values() if v.get("stage") == "tune" and v["toy"] == toy
-                     and v["loss"] == loss and v["cfg_id"] == i]
+                r = _cells(results, stage, loss, i, toy)
                 cells.append(f"{r[0]['rows']['1']['mse']:.2e} / {r[0]['rows']['2']['mse']:.2e}" if r else "-")
             desc = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items()) or "defaults"
-            lines.append(f"| {loss} | {i}: {desc} | {s:.2f} |" if s is not None else f"| {loss} | {i}: {desc} | - |")
-            lines[-1] += " " + " | ".join(cells) + " |"
+            lines.append(f"| {loss} | {stage} {i}: {desc} | " + (f"{s:.2f}" if s is not None else "-") + " | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
+def report(results):
+    lines = ["Tuning (seed 100): score = mean over toys of log10 MSE(N=1) + log10 MSE(N=2) (lower is better)\n",
+             "| loss | config | score | " + " | ".join(f"{t} N=1 / N=2" for t in TOYS) + " |",
+             "|---|---|---|" + "---|" * len(TOYS)]
+    lines += _tuning_rows(results, "tune", GRIDS) + _tuning_rows(results, "ablate", ABLATIONS)
     lines.append("")
+    # every (stage, loss, configuration) that has final-seed runs
+    finals = sorted({(v["stage"], v["loss"], v["cfg_id"]) for v in results.values()
+                     if v.get("stage") in ("final", "final_ablate")},
+                    key=lambda k: (list(GRIDS).index(k[1]), k[0], k[2]))
     for metric in ("mse", "tv"):
         lines.append(f"Final (seeds {', '.join(map(str, FINAL_SEEDS))}): {metric}, mean +- standard error\n")
         lines.append("| toy | method | " + " | ".join(f"N={n}" for n in STEPS_N) + " |")
         lines.append("|---|---|" + "---|" * len(STEPS_N))
         for toy in TOYS:
-            for stage, loss in [("final", loss) for loss in GRIDS] + [("final_ablate", "itvm")]:
-                rs = [v for v in results.values() if v.get("stage") == stage and v["toy"] == toy and v["loss"] == loss]
+            for stage, loss, cfg_id in finals:
+                rs = _cells(results, stage, loss, cfg_id, toy)
                 if not rs:
                     continue
                 cells = []
                 for n in STEPS_N:
                     m, se = mean_se([r["rows"][str(n)][metric] for r in rs])
                     cells.append(f"{m:.2e} +- {se:.1e}" if metric == "mse" else f"{m:.3f} +- {se:.3f}")
-                label = f"{loss} (cfg {rs[0]['cfg_id']}" if stage == "final" else f"{loss} (ablation {rs[0]['cfg_id']}"
-                lines.append(f"| {toy} | {label}, {len(rs)} seeds) | " + " | ".join(cells) + " |")
+                label = f"{loss} ({'cfg' if stage == 'final' else 'ablation'} {cfg_id}, {len(rs)} seeds)"
+                lines.append(f"| {toy} | {label} | " + " | ".join(cells) + " |")
             t = results.get(f"teacher/{toy}")
             if t:
                 rows = t["rows"]
@@ -340,18 +364,20 @@ def gaps(o, stage):
 
 
 @cli.command()
+@click.option("--losses", "which", default="itvm,lfmd,ecd")
 @click.pass_obj
-def ablate(o):
-    cells = [("ablate", toy, loss, i, TUNE_SEED) for toy in o["toys"] for loss in ABLATIONS
+def ablate(o, which):
+    cells = [("ablate", toy, loss, i, TUNE_SEED) for toy in o["toys"] for loss in which.split(",")
              for i in range(len(ABLATIONS[loss]))]
     run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
 
 
 @cli.command("final-ablate")
-@click.option("--index", type=int, required=True, help="which ITVM ablation to rerun with the final seeds")
+@click.option("--loss", type=click.Choice(sorted(ABLATIONS)), default="itvm")
+@click.option("--index", type=int, required=True, help="which ablation of the loss to rerun with the final seeds")
 @click.pass_obj
-def final_ablate(o, index):
-    cells = [("final_ablate", toy, "itvm", index, seed) for toy in o["toys"] for seed in FINAL_SEEDS]
+def final_ablate(o, loss, index):
+    cells = [("final_ablate", toy, loss, index, seed) for toy in o["toys"] for seed in FINAL_SEEDS]
     run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
 
 

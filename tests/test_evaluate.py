@@ -57,6 +57,26 @@ def test_changed_noise_steps_or_checkpoint_recompute(tmp_path):
     assert len(os.listdir(cache)) == 4
 
 
+def test_solver_is_part_of_the_key_and_teacher_rows_are_cached(tmp_path):
+    """Euler 4 and Heun 4 from the same noise are different files; a second student's evaluation
+    reads every teacher solution (reference, Euler N, Heun N/2) from the cache."""
+    tm = _teacher(tmp_path)
+    z = np.random.default_rng(4).standard_normal((8, 2)).astype(np.float32)
+    cache = str(tmp_path / "cache")
+    euler = evaluate.teacher_solution(tm, z, 4, "euler", cache)
+    heun = evaluate.teacher_solution(tm, z, 4, "heun", cache)
+    np.testing.assert_array_equal(euler, tm.generate(z, 4, "euler"))
+    np.testing.assert_array_equal(heun, tm.generate(z, 4, "heun"))
+    assert not np.array_equal(euler, heun) and len(os.listdir(cache)) == 2
+    first = evaluate.generate_samples(tm, None, z, steps=(1, 2), n_ref=8, cache_dir=cache)
+    CountingTeacher.calls = 0
+    second = evaluate.generate_samples(tm, None, z, steps=(1, 2), n_ref=8, cache_dir=cache)
+    assert CountingTeacher.calls == 0                          # reference, euler 1/2, heun 1: all read
+    assert first.keys() == second.keys() == {"reference", "euler_1", "euler_2", "heun_1"}
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name])
+
+
 def test_unwritable_cache_warns_and_still_evaluates(tmp_path):
     tm = _teacher(tmp_path)
     z = np.random.default_rng(3).standard_normal((4, 2)).astype(np.float32)

@@ -31,38 +31,45 @@ def _row(method, nfe, x, x_ref, heldout):
     return r
 
 
-def reference_solution(teacher, z, n_ref: int, cache_dir: str | None = None):
-    """x_ref = the teacher's Heun solution with n_ref steps from noise z.
+def teacher_solution(teacher, z, n_steps: int, solver: str = "heun", cache_dir: str | None = None):
+    """The teacher's ODE solution from noise z with n_steps of `solver` (euler | heun).
 
-    It is the costly part of an evaluation (2 n_ref teacher passes per sample)
-    and the same for every student of a teacher, so with cache_dir it is kept
-    on disk. The key covers everything x_ref depends on: the checkpoint file
-    (size and modification time), n_ref, the dtype and the bytes of z; any
-    change recomputes. A cache that cannot be written costs a warning, never
-    the evaluation.
+    Every student of a teacher is compared with the same teacher solutions (the
+    reference, Euler N, Heun N/2), and the reference is the costly part of an
+    evaluation (2 n_ref teacher passes per sample), so with cache_dir they are
+    kept on disk. The key covers everything the solution depends on: the
+    checkpoint file (size and modification time), the solver, n_steps, the dtype
+    and the bytes of z; any change recomputes. A cache that cannot be written
+    costs a warning, never the evaluation.
     """
     if cache_dir is None:
-        return teacher.generate(z, n_ref, "heun")
+        return teacher.generate(z, n_steps, solver)
     xp = backend.array_module(z)
     z_host = np.ascontiguousarray(backend.to_numpy(z))
     st = os.stat(teacher.path)
-    key = hashlib.sha1(json.dumps([os.path.abspath(teacher.path), st.st_size, st.st_mtime_ns, n_ref,
+    key = hashlib.sha1(json.dumps([os.path.abspath(teacher.path), st.st_size, st.st_mtime_ns, n_steps,
                                    str(z_host.dtype), z_host.shape]).encode())
     key.update(z_host.tobytes())
-    path = os.path.join(cache_dir, f"heun{n_ref}-{key.hexdigest()[:20]}.npy")
+    path = os.path.join(cache_dir, f"{solver}{n_steps}-{key.hexdigest()[:20]}.npy")
     if os.path.exists(path):
-        x_ref = np.load(path)
-        if x_ref.shape == z_host.shape:
-            return xp.asarray(x_ref)
-    x_ref = teacher.generate(z, n_ref, "heun")
+        x = np.load(path)
+        if x.shape == z_host.shape:
+            return xp.asarray(x)
+    x = teacher.generate(z, n_steps, solver)
     try:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}.npy"
-        np.save(tmp, backend.to_numpy(x_ref))
+        np.save(tmp, backend.to_numpy(x))
         os.replace(tmp, path)                                   # atomic: never a half-written cache
     except OSError as exc:
-        warnings.warn(f"could not cache the reference solution in {cache_dir} ({exc}); it will be recomputed")
-    return x_ref
+        warnings.warn(f"could not cache the teacher's {solver} {n_steps}-step solution in {cache_dir} ({exc}); "
+                      "it will be recomputed")
+    return x
+
+
+def reference_solution(teacher, z, n_ref: int, cache_dir: str | None = None):
+    """x_ref = the teacher's Heun solution with n_ref steps from noise z (cached: teacher_solution)."""
+    return teacher_solution(teacher, z, n_ref, "heun", cache_dir)
 
 
 def generate_samples(teacher, student, z, steps=(1, 2, 4, 8), n_ref: int = 256, cache_dir: str | None = None):
@@ -76,9 +83,9 @@ def generate_samples(teacher, student, z, steps=(1, 2, 4, 8), n_ref: int = 256, 
     for n in steps:
         if student is not None:
             samples[f"student_{n}"] = student.generate(z, n)
-        samples[f"euler_{n}"] = teacher.generate(z, n, "euler")
+        samples[f"euler_{n}"] = teacher_solution(teacher, z, n, "euler", cache_dir)
         if n % 2 == 0:
-            samples[f"heun_{n // 2}"] = teacher.generate(z, n // 2, "heun")
+            samples[f"heun_{n // 2}"] = teacher_solution(teacher, z, n // 2, "heun", cache_dir)
     return samples
 
 
@@ -105,7 +112,7 @@ def flow_map_table(teacher, student, z, steps=(1, 2, 4, 8), n_ref: int = 256, he
 
     teacher, student: sampling.LoadedModel (student may be None: teacher baselines only).
     heldout: NumPy held-out data (2-D) for sliced-W2, or None.
-    cache_dir: where the reference solution is cached (see reference_solution), or None.
+    cache_dir: where the teacher's solutions are cached (see teacher_solution), or None.
     """
     samples = generate_samples(teacher, student, z, steps, n_ref, cache_dir)
     return table_rows(samples, n_ref, heldout), samples

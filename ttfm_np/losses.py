@@ -238,12 +238,16 @@ def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout
     w_t = bcast(xp.where(inside, 0.0, 3.0).astype(x_s.dtype) / (2 * h), x_s)
     # phi(t) needs a backward only through the teacher's input or the one-sided stencil
     phi_t_grad = opts.lfmd_teacher_grad or not bool(inside.all())
-    # Memory: phi(t_a) and phi(t_b) are first evaluated for their values only (no cache); each is
-    # evaluated again with its cache right before its backward (same dropout_seed: same masks,
-    # same values). So at most two network caches (phi_t's and the teacher's) are alive at once,
-    # not four, for two extra student forwards (on the cifar10 preset: 358 -> ~230 MiB per sample).
-    dphi_dt = w_a * phi_forward(params, cfg, x_s, s, t_a, dropout_seed, need_grad=False)[0]
-    dphi_dt += w_b * phi_forward(params, cfg, x_s, s, t_b, dropout_seed, need_grad=False)[0]
+    # Memory on a GPU: phi(t_a) and phi(t_b) are first evaluated for their values only (no cache);
+    # each is evaluated again with its cache right before its backward (same dropout_seed: same
+    # masks, same values). So at most two network caches (phi_t's and the teacher's) are alive at
+    # once, not four, for two extra student forwards (cifar10 preset: 358 -> ~230 MiB per sample).
+    # On the CPU, memory is plentiful and compute is not: the caches are kept (12 -> 10 passes).
+    recompute = backend.is_cupy(xp)
+    phi_a, c_a = phi_forward(params, cfg, x_s, s, t_a, dropout_seed, need_grad=not recompute)
+    phi_b, c_b = phi_forward(params, cfg, x_s, s, t_b, dropout_seed, need_grad=not recompute)
+    dphi_dt = w_a * phi_a + w_b * phi_b
+    del phi_a, phi_b
     phi_t, c_t = phi_forward(params, cfg, x_s, s, t, dropout_seed, need_grad=phi_t_grad)
     dphi_dt += w_t * phi_t
     # the teacher's cache is kept only when its input gradient is needed
@@ -259,10 +263,12 @@ def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout
     if phi_t_grad:
         _add_grads(grads, phi_backward(dphi_t, c_t)[1])
     del c_t, dphi_t
-    for t_k, w_k in ((t_a, w_a), (t_b, w_b)):                  # phi(t_a), phi(t_b) again, with caches
-        _, c_k = phi_forward(params, cfg, x_s, s, t_k, dropout_seed)
+    for t_k, w_k, c_k in ((t_a, w_a, c_a), (t_b, w_b, c_b)):
+        if recompute:                                          # phi(t_a), phi(t_b) again, with caches
+            c_k = phi_forward(params, cfg, x_s, s, t_k, dropout_seed)[1]
         _add_grads(grads, phi_backward(w_k * dres, c_k)[1])
         del c_k
+    del c_a, c_b
     return loss, grads, {"loss": loss, "fd_step": h}
 
 

@@ -1,55 +1,134 @@
 #!/usr/bin/env python
 """The image experiment on a CPU: one fashion-mnist teacher (`small` U-Net),
 the same student budget for ITVM, LFMD and ECD, flow-map MSE/PSNR at
-N = 1, 2, 4, 8 against the teacher's Heun reference solution, wall time per update.
+N = 1, 2, 4, 8 against the teacher's Heun reference solution (next to the
+teacher's own Euler N and Heun N/2), wall time per update.
 
-    python experiments/distill_fashion.py                    # writes runs/fashion/summary.json
-    python experiments/distill_fashion.py --steps 100 --losses itvm --out runs/fashion-quick
+    python experiments/distill_fashion.py run --losses itvm,lfmd,ecd     # one after another
+    python experiments/distill_fashion.py run --losses itvm &             # or one process per loss
+    python experiments/distill_fashion.py run --losses lfmd &
+    python experiments/distill_fashion.py run --losses ecd &
+    python experiments/distill_fashion.py report                          # table + comparison figure
 
-Costly on a CPU: one ITVM update of the small U-Net at batch 32 is about
-2 student forward+backward + 3 forwards (~7-10 s on 2 cores), and the Heun
-reference solution costs 2 U-Net passes per step (64 steps by default here, 256 elsewhere). The teacher is
-trained first (fashion-mnist recipe) if data/teachers/fashion-mnist-small has none.
+Every run resumes where it stopped (`--resume`), and the teacher's solutions
+(reference, Euler N, Heun N/2) are cached next to the teacher, so they are
+computed once for all students. Cost on a CPU, per update of batch B, in
+network passes of B images: ITVM 10 (2 student forward+backward, 1 EMA
+forward, 3 teacher forwards), LFMD 10 (3 student forwards, up to 3
+backwards, 1 teacher forward), ECD 5; the 64-step Heun reference is 128
+passes per evaluation image. The teacher is trained first (fashion-mnist
+recipe) if data/teachers/fashion-mnist-small has none.
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
 
 import click
+import numpy as np
 
-from runner import DistillLossConfig, distill_and_collect, ensure_teacher, write_summary
+from runner import ROOT, DistillLossConfig, distill_and_collect, ensure_teacher, write_summary
+from ttfm_np import images, sampling
+
+STEPS_N = (1, 2, 4, 8)
 
 
-@click.command(context_settings={"show_default": True})
+@click.group(context_settings={"show_default": True})
+def cli():
+    pass
+
+
+@cli.command()
 @click.option("--losses", default="itvm,lfmd,ecd")
 @click.option("--steps", type=click.IntRange(1), default=1000, help="student updates (same for every loss)")
-@click.option("--batch-size", type=click.IntRange(1), default=32)
+@click.option("--batch-size", type=click.IntRange(1), default=8)
 @click.option("--lr", type=float, default=2e-4)
-@click.option("--warmup", type=click.IntRange(0), default=20, help="learning-rate warmup steps")
+@click.option("--warmup", type=click.IntRange(0), default=100, help="learning-rate warmup steps")
 @click.option("--ema-decay", type=float, default=None,
               help="student EMA decay (default: each loss's student_ema_decay, else the recipe's)")
 @click.option("--seed", type=int, default=0)
-@click.option("--eval-n", type=int, default=256, help="noise samples in the flow-map evaluation")
-@click.option("--eval-n-ref", type=int, default=64, help="Heun steps of the reference (256 is the default elsewhere; "
-              "64 keeps the CPU cost of 128 U-Net passes per image manageable)")
+@click.option("--eval-n", type=click.IntRange(1), default=256, help="noise samples in the flow-map evaluation")
+@click.option("--eval-n-ref", type=click.IntRange(1), default=64,
+              help="Heun steps of the reference (256 is the default elsewhere; 64 keeps the CPU cost at "
+                   "128 U-Net passes per image)")
 @click.option("--out", default="runs/fashion")
-def main(losses, steps, batch_size, lr, warmup, ema_decay, seed, eval_n, eval_n_ref, out):
-    """Every loss runs with its defaults in losses.DistillLossConfig (the measured best of
-    experiments/study_toys.py, docs/results.md) and the same training budget."""
+def run(losses, steps, batch_size, lr, warmup, ema_decay, seed, eval_n, eval_n_ref, out):
+    """Distil and evaluate each loss with its defaults (losses.DistillLossConfig: the measured best
+    of experiments/study_toys.py, docs/results.md) and the same training budget; writes
+    OUT/LOSS/summary.json."""
     teacher = ensure_teacher("fashion-mnist", seed)
-    summary = []
     for loss in losses.split(","):
-        summary.append(distill_and_collect(
+        result = distill_and_collect(
             os.path.join(out, loss), data="fashion-mnist", teacher=teacher, loss=DistillLossConfig(loss=loss),
             eval_n=eval_n, eval_n_ref=eval_n_ref, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-            ema_decay=ema_decay, seed=seed, ckpt_every=50))
-    write_summary(out, summary)
-    for s in summary:
-        r = {row["method"]: row for row in s["rows"]}
-        cells = "  ".join(f"N={n}: psnr {r[f'student {n}-step']['psnr']:.2f}" for n in (1, 2, 4, 8)
-                          if f"student {n}-step" in r)
-        click.echo(f"{s['loss']:5s} {s['seconds_per_update']:6.2f} s/update  {cells}")
+            ema_decay=ema_decay, seed=seed, ckpt_every=50)
+        result.update(run_dir=os.path.join(out, loss), teacher=teacher, steps=steps, batch_size=batch_size, seed=seed, eval_n=eval_n,
+                      eval_n_ref=eval_n_ref)
+        write_summary(os.path.join(out, loss), [result])
+        click.echo(f"{loss}: {result['seconds_per_update']:.2f} s/update")
+
+
+def read_summaries(out):
+    summaries = []
+    for path in sorted(glob.glob(os.path.join(ROOT, out, "*", "summary.json"))):
+        summaries += json.load(open(path))
+    if not summaries:
+        raise click.ClickException(f"no OUT/LOSS/summary.json under {out}: run `distill_fashion.py run` first")
+    return summaries
+
+
+def markdown_table(summaries):
+    """MSE (PSNR) against the reference per method and N, the teacher's rows once."""
+    order = {"itvm": 0, "lfmd": 1, "ecd": 2}
+    summaries = sorted(summaries, key=lambda s: order.get(s["loss"], 9))
+    lines = ["| method | s/update | " + " | ".join(f"N={n}" for n in STEPS_N) + " |",
+             "|---|---|" + "---|" * len(STEPS_N)]
+
+    def cell(row):
+        return f"{row['mse']:.2e} ({row['psnr']:.1f} dB)" if row else "-"
+
+    for s in summaries:
+        rows = {r["method"]: r for r in s["rows"]}
+        lines.append(f"| {s['loss']} | {s['seconds_per_update']:.2f} | "
+                     + " | ".join(cell(rows.get(f"student {n}-step")) for n in STEPS_N) + " |")
+    rows = {r["method"]: r for r in summaries[0]["rows"]}
+    lines.append("| teacher Euler N | - | " + " | ".join(cell(rows.get(f"teacher euler {n}")) for n in STEPS_N) + " |")
+    lines.append("| teacher Heun N/2 | - | - | "
+                 + " | ".join(cell(rows.get(f"teacher heun {n // 2}")) for n in STEPS_N[1:]) + " |")
+    return "\n".join(lines)
+
+
+def comparison_figure(summaries, path, n_images=10, seed=12345):
+    """Rows: the teacher's reference, then per N in (1, 2) the teacher's Euler N and every student's
+    N-step samples, all from the same noise; columns: n_images noise draws."""
+    teacher = sampling.load_model(summaries[0]["teacher"], role="teacher")
+    z = teacher.noise(n_images, seed=seed)
+    rows = [teacher.generate(z, summaries[0]["eval_n_ref"], "heun")]
+    labels = [f"teacher Heun {summaries[0]['eval_n_ref']}"]
+    for n in (1, 2):
+        rows.append(teacher.generate(z, n, "euler"))
+        labels.append(f"teacher Euler {n}")
+        for s in summaries:
+            student = sampling.load_model(os.path.join(ROOT, s["run_dir"]), role="student")
+            rows.append(student.generate(z, n))
+            labels.append(f"{s['loss']} {n}-step")
+    images.save_image_grid(np.concatenate(rows), path, nrow=n_images, upscale=2)
+    return labels
+
+
+@cli.command()
+@click.option("--out", default="runs/fashion")
+@click.option("--figure", default="docs/img/fashion_students.png", help="comparison figure (PNG)")
+def report(out, figure):
+    """The markdown table of every OUT/LOSS/summary.json and the comparison figure."""
+    summaries = read_summaries(out)
+    click.echo(markdown_table(summaries))
+    labels = comparison_figure(summaries, os.path.join(ROOT, figure))
+    click.echo(f"\n{figure}: rows top to bottom: " + ", ".join(labels))
+    for s in summaries:
+        click.echo(f"$ {s['command']}")
 
 
 if __name__ == "__main__":
-    main()
+    cli()

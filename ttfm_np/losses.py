@@ -33,8 +33,8 @@ LOSSES = ("itvm", "lfmd", "ecd")
 # are the measured best of experiments/study_toys.py (docs/results.md, "Multi-seed toy study").
 LOSS_DEFAULTS = {
     "itvm": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=0.95),    # delta: absolute mode only
-    "lfmd": dict(frac_t1=0.5, delta=1.0 / 64, student_ema_decay=None),    # delta unused; EMA: the recipe's
-    "ecd":  dict(frac_t1=0.5, delta=1.0 / 16, student_ema_decay=0.95),
+    "lfmd": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=None),    # delta unused; EMA: the recipe's
+    "ecd":  dict(frac_t1=0.5, delta=1.0 / 16, student_ema_decay=0.9),
 }
 
 

@@ -20,7 +20,7 @@ import warnings
 import click
 
 from ttfm_np import backend, pipeline, recipes
-from ttfm_np.losses import DistillLossConfig
+from ttfm_np.losses import PAIR_SAMPLINGS, DistillLossConfig
 
 MODEL_CHOICES = ["mlp", "mlp-small", "mlp-tiny", "tiny", "small", "cifar10", "celebahq64"]
 SOLVERS = click.Choice(["euler", "heun", "rk4"])
@@ -173,6 +173,7 @@ LOSS_OPTIONS = options(
                  help="LFMD finite-difference step in t (default: 0.1 / the time-feature frequency)"),
     click.option("--lfmd-teacher-grad/--no-lfmd-teacher-grad", default=d.lfmd_teacher_grad,
                  help="LFMD: back-propagate through the teacher's input"),
+    click.option("--pairs", type=click.Choice(PAIR_SAMPLINGS), default=d.pairs, help="time-pair sampling (docs/method.md §4)"),
     click.option("--frac-t1", type=click.FloatRange(0, 1), default=d.frac_t1, help="fraction of time pairs with t = 1"),
     click.option("--max-gap", type=click.FloatRange(0, 1, min_open=True), default=d.max_gap, help="restrict t - s"),
 )

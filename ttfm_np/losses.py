@@ -27,6 +27,7 @@ from .model import model_backward, model_forward
 from .ttfm import phi_backward, phi_forward
 
 LOSSES = ("itvm", "lfmd", "ecd")
+PAIR_SAMPLINGS = ("minmax", "uniform-gap")     # objectives.sample_time_pairs
 
 # Options that several losses share but whose best value differs per loss default to None in
 # DistillLossConfig and take their loss's value from here (validate() fills them in). The values
@@ -50,6 +51,7 @@ class DistillLossConfig:
     ema_target: bool = True         # ITVM/ECD: target from the EMA student (False: the live weights under sg)
     fd_step: float | None = None    # LFMD: finite-difference step h in t; None = 0.1 / time_scale (lfmd_fd_step)
     lfmd_teacher_grad: bool = False  # LFMD: back-propagate through the teacher's input phi (see lfmd_loss)
+    pairs: str = "minmax"           # time pairs: minmax (s, t = min, max of two uniforms) | uniform-gap
     frac_t1: float | None = None    # time pairs: fraction of pairs with t = 1 (all losses); None = LOSS_DEFAULTS
     max_gap: float | None = None    # time pairs: restrict t - s <= max_gap (None: no restriction)
     # The EMA decay of the student's EMA weights (ITVM/ECD take their targets from them; every loss
@@ -77,6 +79,8 @@ class DistillLossConfig:
         if self.fd_step is not None and not 0.0 < self.fd_step < 0.5:
             raise ValueError(f"fd_step must be in (0, 0.5) or None (auto: 0.1 / the student's time_scale), "
                              f"got {self.fd_step}")
+        if self.pairs not in PAIR_SAMPLINGS:
+            raise ValueError(f"pairs must be one of {', '.join(PAIR_SAMPLINGS)}, got {self.pairs!r}")
         if not 0.0 <= self.frac_t1 <= 1.0:
             raise ValueError(f"frac_t1 must be in [0, 1], got {self.frac_t1}")
         if self.max_gap is not None and not 0.0 < self.max_gap <= 1.0:

@@ -65,15 +65,25 @@ class FlowMatchingObjective:
         _save_samples(x, path, self.sample_kind, self.heldout, f"teacher heun {self.sample_steps}")
 
 
-def sample_time_pairs(rng, n, frac_t1=0.0, max_gap=None):
-    """s = min(a, b), t = max(a, b) with a, b ~ U[0, 1], on the host (float64 numpy).
+def sample_time_pairs(rng, n, frac_t1=0.0, max_gap=None, pairs="minmax"):
+    """n time pairs 0 <= s <= t <= 1, on the host (float64 numpy).
 
+    pairs="minmax":      s = min(a, b), t = max(a, b), a, b ~ U[0, 1]: the gap g = t - s has
+                         density 2 (1 - g), so few pairs train the long jumps few-step sampling makes.
+    pairs="uniform-gap": g ~ U[0, 1], s ~ U[0, 1 - g], t = s + g: every gap equally often (the
+                         long ones then start near s = 0, like the 1-step jump (0, 1)).
     frac_t1: fraction of pairs whose t is set to 1 (trains the jumps sampling uses).
     max_gap: restrict t - s <= max_gap by shrinking the gap (t = s + min(t - s, max_gap)).
     """
     a = rng.random(n)
     b = rng.random(n)
-    s, t = np.minimum(a, b), np.maximum(a, b)
+    if pairs == "minmax":
+        s, t = np.minimum(a, b), np.maximum(a, b)
+    elif pairs == "uniform-gap":
+        s = (1.0 - a) * b                      # a = gap
+        t = s + a
+    else:
+        raise ValueError(f"unknown time-pair sampling {pairs!r}; choose minmax or uniform-gap")
     if frac_t1 > 0:
         t = np.where(rng.random(n) < frac_t1, 1.0, t)
     if max_gap is not None:
@@ -91,7 +101,7 @@ class DistillObjective:
 
     def loss_and_grads(self, params, ema, x1, rng, dropout_seed):
         x0 = _noise(rng, x1)
-        s, t = sample_time_pairs(rng, x1.shape[0], self.opts.frac_t1, self.opts.max_gap)
+        s, t = sample_time_pairs(rng, x1.shape[0], self.opts.frac_t1, self.opts.max_gap, self.opts.pairs)
         s, t = _to_device_like(s, x1), _to_device_like(t, x1)
         x_s = flow.interpolate(x0, x1, s)
         return losses.distill_loss((params, self.cfg), (ema, self.cfg), self.teacher, x_s, s, t, self.opts,

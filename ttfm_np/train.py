@@ -55,6 +55,7 @@ import numpy as np
 from . import backend, ckpt, distributed, optim, progress as _progress, seeds
 from . import params as P
 from .ckpt import CHECKPOINT_NAME
+from .losses import DistillLossConfig
 from .progress import Progress, format_seconds, log
 
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.h5"
@@ -180,6 +181,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _added_at_default(key: str, value) -> bool:
+    """True for 'train.X' / 'loss.X' at the default of TrainConfig / DistillLossConfig field X."""
+    section, _, name = key.partition(".")
+    owner = {"train": TrainConfig, "loss": DistillLossConfig}.get(section)
+    fields = getattr(owner, "__dataclass_fields__", {})
+    return name in fields and value == fields[name].default
+
+
 def config_differences(saved: dict, requested: dict) -> list:
     """['train.lr: 0.001 -> 0.002', ...] for every run-defining setting that differs."""
     safe = {f"train.{k}" for k in RESUME_SAFE_FIELDS}
@@ -188,7 +197,7 @@ def config_differences(saved: dict, requested: dict) -> list:
     for key in sorted(set(a) | set(b)):
         if key in safe:
             continue
-        if key not in a and key.startswith("train.") and b[key] == getattr(TrainConfig, key[6:], None):
+        if key not in a and _added_at_default(key, b[key]):
             continue                 # a setting added after the checkpoint was written, at its default
         old, new = a.get(key, "(not set)"), b.get(key, "(not set)")
         if isinstance(old, list):

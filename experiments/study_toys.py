@@ -259,7 +259,8 @@ def _tuning_rows(results, stage, configs):
                 r = _cells(results, stage, loss, i, toy)
                 cells.append(f"{r[0]['rows']['1']['mse']:.2e} / {r[0]['rows']['2']['mse']:.2e}" if r else "-")
             desc = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items()) or "defaults"
-            lines.append(f"| {loss} | {stage} {i}: {desc} | " + (f"{s:.2f}" if s is not None else "-") + " | "
+            label = {"tune": "grid", "ablate": "variation"}[stage]
+            lines.append(f"| {loss} | {label} {i}: {desc} | " + (f"{s:.2f}" if s is not None else "-") + " | "
                          + " | ".join(cells) + " |")
     return lines
 
@@ -287,7 +288,7 @@ def report(results):
                 for n in STEPS_N:
                     m, se = mean_se([r["rows"][str(n)][metric] for r in rs])
                     cells.append(f"{m:.2e} +- {se:.1e}" if metric == "mse" else f"{m:.3f} +- {se:.3f}")
-                label = f"{loss} ({'cfg' if stage == 'final' else 'ablation'} {cfg_id}, {len(rs)} seeds)"
+                label = f"{loss} ({'grid' if stage == 'final' else 'variation'} {cfg_id}, {len(rs)} seeds)"
                 lines.append(f"| {toy} | {label} | " + " | ".join(cells) + " |")
             t = results.get(f"teacher/{toy}")
             if t:
@@ -315,7 +316,8 @@ def verdicts(results, ns=(1, 2)):
     """Cell by cell: ITVM's selected setting against each baseline's (flow-map MSE, seeds 0-2);
     z = (baseline - ITVM) / sqrt(SE_ITVM^2 + SE_baseline^2); a win or loss where |z| > 2."""
     picks = {loss: selected(results, loss) for loss in GRIDS}
-    lines = ["Selected settings: " + ", ".join(f"{loss} {st} {i}" for loss, (st, i) in picks.items()) + "\n",
+    names = {"final": "grid", "final_ablate": "variation"}
+    lines = ["Selected settings: " + ", ".join(f"{loss} {names[st]} {i}" for loss, (st, i) in picks.items()) + "\n",
              "| toy | N | ITVM | LFMD | z | verdict vs LFMD | ECD | z | verdict vs ECD |",
              "|---|---|---|---|---|---|---|---|---|"]
     for toy in TOYS:

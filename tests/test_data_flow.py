@@ -120,6 +120,20 @@ def test_fashion_mnist_idx_loader(tmp_path, rng):
         data.load_fashion_mnist("train", str(bad))
 
 
+def test_source_files_name_what_load_dataset_decodes(tmp_path, rng):
+    """The files a cache key is built from are the ones the loader reads; none for toys, and
+    None (not an empty key) where the files are missing, so the loader's error is raised."""
+    imgs = rng.integers(0, 256, (5, 28, 28))
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", imgs)
+    assert data.source_files("fashion-mnist", data_dir=str(tmp_path)) == [str(tmp_path / "train-images-idx3-ubyte.gz")]
+    assert data.source_files("toy:moons") is None
+    assert data.source_files(f"imagefolder:{tmp_path / 'missing'}") is None
+    assert data.source_files(f"imagefolder:{tmp_path}") is None            # a folder without images
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"not decoded here")
+    assert data.source_files(f"imagefolder:{tmp_path}") == [str(tmp_path / "a" / "x.png")]
+
+
 def test_real_fashion_mnist_if_installed():
     if not os.path.exists(os.path.join(data.FASHION_DEBIAN_DIR, "t10k-images-idx3-ubyte.gz")):
         pytest.skip("Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")

@@ -135,3 +135,20 @@ def test_ranks_share_image_data_through_one_memory_mapped_file(tmp_path, monkeyp
         assert isinstance(ds.data, np.memmap) and ds.kind == "image"
         np.testing.assert_array_equal(np.asarray(ds.data), one.data)
     assert len(os.listdir(tmp_path / "data" / "cache")) == 1
+    # a second start maps the cached file without decoding a single image
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded the images although the cache holds them")
+    monkeypatch.setattr(pipeline.datasets, "load_imagefolder", no_decoding)
+    results, errors = run_ranks(2, lambda comm: pipeline._training_data(f"imagefolder:{imgs}", resolution=8,
+                                                                          comm=comm))
+    assert errors == [None, None], errors
+    np.testing.assert_array_equal(np.asarray(results[1].data), one.data)
+    # a changed file (here in a subfolder: the listing is recursive, like the decoder) is a new key
+    (imgs / "sub").mkdir()
+    Image.fromarray(rng.integers(0, 256, (12, 12, 3)).astype(np.uint8)).save(imgs / "sub" / "5.png")
+    monkeypatch.undo()
+    monkeypatch.setattr(recipes, "DATA_DIR", str(tmp_path / "data"))
+    results, errors = run_ranks(2, lambda comm: pipeline._training_data(f"imagefolder:{imgs}", resolution=8,
+                                                                          comm=comm))
+    assert errors == [None, None], errors
+    assert len(results[0].data) == 6 and len(os.listdir(tmp_path / "data" / "cache")) == 2

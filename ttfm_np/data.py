@@ -159,12 +159,18 @@ def _find(names, folders):
     return None
 
 
-def load_fashion_mnist(split: str = "train", data_dir: str | None = None) -> np.ndarray:
-    """(N, 1, 32, 32) float32 in [-1, 1]: 28x28 padded by 2 background pixels per side."""
+def _fashion_mnist_path(split: str, data_dir: str | None):
+    """(the IDX image file of the split or None, the folders searched)."""
     folders = [d for d in (data_dir, os.path.join(data_dir or "", "fashion-mnist") if data_dir else None,
                            os.path.join(data_root(), "fashion-mnist"), FASHION_DEBIAN_DIR) if d]
     stem = FASHION_FILES[split][0]
-    path = _find([stem + ".gz", stem], folders)
+    return _find([stem + ".gz", stem], folders), folders
+
+
+def load_fashion_mnist(split: str = "train", data_dir: str | None = None) -> np.ndarray:
+    """(N, 1, 32, 32) float32 in [-1, 1]: 28x28 padded by 2 background pixels per side."""
+    path, folders = _fashion_mnist_path(split, data_dir)
+    stem = FASHION_FILES[split][0]
     if path is None:
         raise FileNotFoundError(
             f"Fashion-MNIST {split} images ({stem}.gz) not found in: {', '.join(folders)}. "
@@ -276,7 +282,7 @@ def load_imagefolder(folder: str, resolution: int = 64, n: int | None = None) ->
     from .images import open_rgb
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    files = _imagefolder_files(folder)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found under {folder} (subfolders included); "
                                 "put image files there or check the path given to imagefolder:")
@@ -292,7 +298,28 @@ def load_imagefolder(folder: str, resolution: int = 64, n: int | None = None) ->
     return out
 
 
+def _imagefolder_files(folder: str) -> list:
+    return sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
+
+
 # ----------------------------------------------------------------------------- entry point
+
+def source_files(name: str, split: str = "train", data_dir: str | None = None) -> list | None:
+    """The files an image dataset is decoded from, to key a cache of the decoded array on
+    (their names, sizes and times) without decoding it. None for toys and points files
+    (generated, or small and read directly) and where the files are not found (load_dataset
+    then raises the error that names the fix)."""
+    if name == "fashion-mnist":
+        path = _fashion_mnist_path(split, data_dir)[0]
+        return [path] if path else None
+    if name == "cifar10":
+        path = _find([CIFAR10_FILE], [d for d in (data_dir, data_root()) if d])
+        return [path] if path else None
+    if name.startswith("imagefolder:"):
+        folder = name.split(":", 1)[1]
+        return (_imagefolder_files(folder) or None) if os.path.isdir(folder) else None
+    return None
+
 
 def load_dataset(name: str, split: str = "train", data_dir: str | None = None, resolution: int | None = None,
                  n: int | None = None, seed: int = 0) -> Dataset:

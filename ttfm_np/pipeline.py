@@ -85,31 +85,32 @@ def _training_data(data, data_dir=None, resolution=None, comm=None):
     """The training set; under K > 1 ranks, image data is shared through a memory-mapped file.
 
     Rank 0 decodes the images once and writes them (atomically) to
-    <data root>/cache/<data>-<key>.npy, the key covering the source (for an image folder its
-    files' names, sizes and times) and the resolution; every rank then maps that file, so the
-    BatchIterator's `data[rows]` reads only the rows of the rank's shard of each batch instead
-    of every rank decoding and holding the whole set.
+    <data root>/cache/<data>-<key>.npy, the key covering the source files (names, sizes and
+    times: data.source_files) and the resolution, so a later start finds the file without
+    decoding anything; every rank then maps that file, so the BatchIterator's `data[rows]`
+    reads only the rows of the rank's shard of each batch instead of every rank decoding and
+    holding the whole set.
     """
     comm = comm or distributed.current()
     if comm.size == 1:
         return _load_data(data, data_dir, resolution=resolution)
-    ds, path = None, None
+    path = None
     if comm.is_root:
-        ds = _load_data(data, data_dir, resolution=resolution)
-        if ds.kind == "image":
-            folder = data.split(":", 1)[1] if data.startswith("imagefolder:") else None
-            listing = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)) \
-                if folder else []
-            key = hashlib.sha1(json.dumps([data, resolution, ds.data.shape, listing]).encode()).hexdigest()[:16]
+        files = datasets.source_files(data, data_dir=data_dir)
+        if files:                                                   # image data
+            listing = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+            key = hashlib.sha1(json.dumps([data, resolution, listing]).encode()).hexdigest()[:16]
             path = os.path.join(recipes.data_root(), "cache", f"{recipes.slug(data)}-{key}.npy")
             if not os.path.exists(path):
+                decoded = _load_data(data, data_dir, resolution=resolution).data
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 tmp = f"{path}.tmp{os.getpid()}.npy"
-                np.save(tmp, np.ascontiguousarray(ds.data))
+                np.save(tmp, np.ascontiguousarray(decoded))
                 os.replace(tmp, path)                               # atomic: never a half-written cache
+                del decoded
     path = comm.bcast_object(path)
     if path is None:                                                # toys and points: small, generated or read
-        return ds if ds is not None else _load_data(data, data_dir, resolution=resolution)
+        return _load_data(data, data_dir, resolution=resolution)
     return datasets.Dataset(data, np.load(path, mmap_mode="r"), "image")
 
 

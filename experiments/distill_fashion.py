@@ -29,7 +29,7 @@ import click
 import numpy as np
 
 from runner import ROOT, DistillLossConfig, distill_and_collect, ensure_teacher, write_summary
-from ttfm_np import images, sampling
+from ttfm_np import evaluate as evaluation, images, sampling
 
 STEPS_N = (1, 2, 4, 8)
 
@@ -75,13 +75,12 @@ def read_summaries(out):
         summaries += json.load(open(path))
     if not summaries:
         raise click.ClickException(f"no OUT/LOSS/summary.json under {out}: run `distill_fashion.py run` first")
-    return summaries
+    order = {"itvm": 0, "lfmd": 1, "ecd": 2}
+    return sorted(summaries, key=lambda s: order.get(s["loss"], 9))
 
 
 def markdown_table(summaries):
     """MSE (PSNR) against the reference per method and N, the teacher's rows once."""
-    order = {"itvm": 0, "lfmd": 1, "ecd": 2}
-    summaries = sorted(summaries, key=lambda s: order.get(s["loss"], 9))
     lines = ["| method | s/update | " + " | ".join(f"N={n}" for n in STEPS_N) + " |",
              "|---|---|" + "---|" * len(STEPS_N)]
 
@@ -117,13 +116,48 @@ def comparison_figure(summaries, path, n_images=10, seed=12345):
     return labels
 
 
+def paired_differences(summaries, ns=(1, 2)):
+    """Evaluation noise of one seed's table: on the same eval_n noise draws as the runs' evaluation,
+    the per-sample MSE to the (cached) reference of each student, and for every baseline
+    d_i = MSE_baseline,i - MSE_itvm,i: mean +- standard error over the samples (paired, so the
+    spread of sample difficulty cancels). It says how sure the ranking is for these weights;
+    it does not measure seed-to-seed variation."""
+    first = summaries[0]
+    teacher = sampling.load_model(first["teacher"], role="teacher")
+    z = teacher.noise(first["eval_n"], seed=0)                  # pipeline.evaluate_models' noise (eval seed 0)
+    x_ref = evaluation.reference_solution(teacher, z, first["eval_n_ref"],
+                                          os.path.join(os.path.dirname(teacher.path), "reference_cache"))
+    per_sample = {}
+    for s in summaries:
+        student = sampling.load_model(os.path.join(ROOT, s["run_dir"]), role="student")
+        rows = {r["method"]: r for r in s["rows"]}
+        for n in ns:
+            err = ((student.generate(z, n) - x_ref) ** 2).reshape(len(z), -1).mean(axis=1).astype(np.float64)
+            # the same numbers as the run's own table (a check that the noise and reference match)
+            assert abs(err.mean() - rows[f"student {n}-step"]["mse"]) <= 1e-4 * err.mean(), (s["loss"], n)
+            per_sample[s["loss"], n] = err
+    lines = ["| N | baseline | MSE baseline - MSE ITVM (mean +- SE over samples) | z | ITVM lower on |",
+             "|---|---|---|---|---|"]
+    for n in ns:
+        for base in [s["loss"] for s in summaries if s["loss"] != "itvm"]:
+            d = per_sample[base, n] - per_sample["itvm", n]
+            se = d.std(ddof=1) / np.sqrt(len(d))
+            lines.append(f"| {n} | {base} | {d.mean():+.2e} +- {se:.1e} | {d.mean() / se:+.1f} | "
+                         f"{(d > 0).mean() * 100:.0f} % of samples |")
+    return "\n".join(lines)
+
+
 @cli.command()
 @click.option("--out", default="runs/fashion")
 @click.option("--figure", default="docs/img/fashion_students.png", help="comparison figure (PNG)")
-def report(out, figure):
-    """The markdown table of every OUT/LOSS/summary.json and the comparison figure."""
+@click.option("--paired/--no-paired", default=True, help="per-sample paired differences at N = 1, 2 "
+              "(3 student passes per evaluation sample)")
+def report(out, figure, paired):
+    """The markdown table of every OUT/LOSS/summary.json, paired differences and the comparison figure."""
     summaries = read_summaries(out)
     click.echo(markdown_table(summaries))
+    if paired:
+        click.echo("\n" + paired_differences(summaries))
     labels = comparison_figure(summaries, os.path.join(ROOT, figure))
     click.echo(f"\n{figure}: rows top to bottom: " + ", ".join(labels))
     for s in summaries:

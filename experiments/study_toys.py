@@ -6,12 +6,16 @@ Protocol
   1. tune   every loss gets a grid of the same size (GRIDS, 6 configurations each)
             over its own knobs and the time-pair sampling, run once per toy with the
             tuning seed (100, not one of the reported seeds);
-  2. select per loss, the configuration with the best score = mean over the four toys
+  2. ablate every loss gets 3 post-hoc variations (ABLATIONS) with the same seed, so the
+            tuning effort is 9 runs per loss per toy;
+  3. select per loss, the setting with the best score = mean over the four toys
             of log10(MSE at N = 1) + log10(MSE at N = 2) (flow-map error to the
-            teacher's 256-step Heun solution);
-  3. final  the selected configuration of every loss with seeds 0, 1, 2 on every toy;
-  4. report mean +- standard error over the seeds at N = 1, 2, 4, 8, next to the
-            teacher's own Euler N and Heun N/2 on the same noise.
+            teacher's 256-step Heun solution), over its grid and its variations;
+  4. final  the selected setting of every loss with seeds 0, 1, 2 on every toy
+            (`final` for a grid configuration, `final-ablate --loss L --index I` for a variation);
+  5. report mean +- standard error over the seeds at N = 1, 2, 4, 8, next to the
+            teacher's own Euler N and Heun N/2 on the same noise, and the cell-by-cell
+            verdicts of ITVM against each baseline (`report`).
 
 Every cell: the same teacher per toy (the default teacher of the toy recipe, or --teachers DIR),
 a student warm-started from it and trained by pipeline.distill for STEPS updates of batch BATCH,

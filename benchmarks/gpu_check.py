@@ -58,8 +58,9 @@ def _sync(xp):
         xp.cuda.Device().synchronize()
 
 
-def time_ours(kind, preset, batch, warmup, iters, xp):
-    tcfg = model.make_config(preset, (3, 32, 32))
+def time_ours(kind, preset, batch, warmup, iters, xp, shape=(3, 32, 32)):
+    """(median seconds of one full step, the CuPy pool's bytes or None on the CPU) for one objective."""
+    tcfg = model.make_config(preset, shape)
     host = model.init_model(tcfg, 0)
     teacher = (P.to_device(host, xp), tcfg)
     if kind == "teacher":
@@ -69,7 +70,7 @@ def time_ours(kind, preset, batch, warmup, iters, xp):
         objective = objectives.DistillObjective(scfg, teacher, losses.DistillLossConfig(loss=kind))
         params, ema = P.to_device(shost, xp), P.to_device(shost, xp)
     state = optim.adam_init(params)
-    x1 = xp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, 3, 32, 32)).astype(np.float32))
+    x1 = xp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch,) + tuple(shape)).astype(np.float32))
     pool = xp.get_default_memory_pool() if backend.is_cupy(xp) else None
     _sync(xp)
     if pool is not None:

@@ -103,15 +103,15 @@ def comparison_figure(summaries, path, n_images=10, seed=12345):
     N-step samples, all from the same noise; columns: n_images noise draws."""
     teacher = sampling.load_model(summaries[0]["teacher"], role="teacher")
     z = teacher.noise(n_images, seed=seed)
+    students = {s["loss"]: sampling.load_model(os.path.join(ROOT, s["run_dir"]), role="student") for s in summaries}
     rows = [teacher.generate(z, summaries[0]["eval_n_ref"], "heun")]
     labels = [f"teacher Heun {summaries[0]['eval_n_ref']}"]
     for n in (1, 2):
         rows.append(teacher.generate(z, n, "euler"))
         labels.append(f"teacher Euler {n}")
-        for s in summaries:
-            student = sampling.load_model(os.path.join(ROOT, s["run_dir"]), role="student")
+        for loss, student in students.items():
             rows.append(student.generate(z, n))
-            labels.append(f"{s['loss']} {n}-step")
+            labels.append(f"{loss} {n}-step")
     images.save_image_grid(np.concatenate(rows), path, nrow=n_images, upscale=2)
     return labels
 

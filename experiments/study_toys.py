@@ -357,13 +357,22 @@ def cli(ctx, teachers, out, toys, steps, batch_size, lr, eval_n):
                    eval_n=eval_n)
 
 
+def run_stage(o, cells):
+    """run_cells with the group's options (teachers, out, budget, evaluation size)."""
+    run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
+
+
+def tuning_cells(o, stage, configs, which):
+    """Every configuration of `configs` (GRIDS or ABLATIONS) of the chosen losses, per toy, tuning seed."""
+    return [(stage, toy, loss, i, TUNE_SEED) for toy in o["toys"] for loss in which.split(",")
+            for i in range(len(configs[loss]))]
+
+
 @cli.command()
 @click.option("--losses", "which", default="itvm,lfmd,ecd")
 @click.pass_obj
 def tune(o, which):
-    cells = [("tune", toy, loss, i, TUNE_SEED) for toy in o["toys"] for loss in which.split(",")
-             for i in range(len(GRIDS[loss]))]
-    run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
+    run_stage(o, tuning_cells(o, "tune", GRIDS, which))
 
 
 @cli.command()
@@ -372,8 +381,7 @@ def tune(o, which):
 def final(o, which):
     best = best_configs(read_results(o["out"]), which.split(","))
     click.echo(f"selected configurations: {best}")
-    cells = [("final", toy, loss, best[loss], seed) for toy in o["toys"] for loss in best for seed in FINAL_SEEDS]
-    run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
+    run_stage(o, [("final", toy, loss, best[loss], seed) for toy in o["toys"] for loss in best for seed in FINAL_SEEDS])
 
 
 GAPS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
@@ -413,9 +421,7 @@ def gaps(o, stage):
 @click.option("--losses", "which", default="itvm,lfmd,ecd")
 @click.pass_obj
 def ablate(o, which):
-    cells = [("ablate", toy, loss, i, TUNE_SEED) for toy in o["toys"] for loss in which.split(",")
-             for i in range(len(ABLATIONS[loss]))]
-    run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
+    run_stage(o, tuning_cells(o, "ablate", ABLATIONS, which))
 
 
 @cli.command("final-ablate")
@@ -423,8 +429,7 @@ def ablate(o, which):
 @click.option("--index", type=int, required=True, help="which ablation of the loss to rerun with the final seeds")
 @click.pass_obj
 def final_ablate(o, loss, index):
-    cells = [("final_ablate", toy, loss, index, seed) for toy in o["toys"] for seed in FINAL_SEEDS]
-    run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
+    run_stage(o, [("final_ablate", toy, loss, index, seed) for toy in o["toys"] for seed in FINAL_SEEDS])
 
 
 @cli.command("report")

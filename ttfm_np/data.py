@@ -238,10 +238,15 @@ def download(url: str, path: str, md5: str):
     os.replace(part, path)
 
 
+def _cifar10_path(data_dir: str | None):
+    """(the python tarball or None, the folders searched)."""
+    folders = [d for d in (data_dir, data_root()) if d]
+    return _find([CIFAR10_FILE], folders), folders
+
+
 def load_cifar10(split: str = "train", data_dir: str | None = None, allow_download: bool = True) -> np.ndarray:
     """(N, 3, 32, 32) float32 in [-1, 1] from the official python tarball."""
-    folders = [d for d in (data_dir, data_root()) if d]
-    path = _find([CIFAR10_FILE], folders)
+    path, folders = _cifar10_path(data_dir)
     if path is None:
         if not allow_download:
             raise FileNotFoundError(f"{CIFAR10_FILE} not found in {', '.join(folders)}; get it from {CIFAR10_URL}")
@@ -313,7 +318,7 @@ def source_files(name: str, split: str = "train", data_dir: str | None = None) -
         path = _fashion_mnist_path(split, data_dir)[0]
         return [path] if path else None
     if name == "cifar10":
-        path = _find([CIFAR10_FILE], [d for d in (data_dir, data_root()) if d])
+        path = _cifar10_path(data_dir)[0]
         return [path] if path else None
     if name.startswith("imagefolder:"):
         folder = name.split(":", 1)[1]

@@ -98,7 +98,7 @@ def _training_data(data, data_dir=None, resolution=None, comm=None):
     if comm.is_root:
         files = datasets.source_files(data, data_dir=data_dir)
         if files:                                                   # image data
-            listing = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+            listing = [(os.path.abspath(f), st.st_size, st.st_mtime_ns) for f, st in zip(files, map(os.stat, files))]
             key = hashlib.sha1(json.dumps([data, resolution, listing]).encode()).hexdigest()[:16]
             path = os.path.join(recipes.data_root(), "cache", f"{recipes.slug(data)}-{key}.npy")
             if not os.path.exists(path):

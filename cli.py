@@ -99,6 +99,9 @@ TRAIN_OPTIONS = options(
     click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=None, help="EMA decay mu (default: distill: the loss's measured best, else the recipe's)"),
     click.option("--seed", type=click.IntRange(0), default=0, help="seed for init, data order, noise, times, dropout"),
     click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32"),
+    click.option("--precision", type=click.Choice(["fp32", "tf32"]), default=None,
+                 help="matrix products (convolutions, linears, attention): fp32, or tf32 = inputs rounded to "
+                 "TF32, fp32 accumulation (GPU tensor cores; emulated on the CPU). Default fp32"),
     click.option("--log-every", type=click.IntRange(1), default=None, help="steps between metrics lines (may change on --resume)"),
     click.option("--ckpt-every", type=click.IntRange(0), default=None, help="steps between checkpoints (may change on --resume)"),
     click.option("--sample-every", type=click.IntRange(0), default=None, help="steps between sample PNGs, 0: end only"),

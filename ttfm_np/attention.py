@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
+from .precision import matmul as gemm, tensordot   # fp32, or TF32 inputs with --precision tf32
 
 
 def softmax_lastaxis(S):
@@ -35,13 +36,13 @@ def attention_forward(x, W_qkv, b_qkv, W_out, b_out, heads: int):
         raise ValueError(f"attention: {C} channels cannot be split into {heads} heads")
     L, d = H * W, C // heads
     x3 = x.reshape(N, C, L)
-    qkv = xp.matmul(W_qkv, x3) + b_qkv.reshape(1, 3 * C, 1)          # (N, 3C, L)
+    qkv = gemm(W_qkv, x3) + b_qkv.reshape(1, 3 * C, 1)               # (N, 3C, L)
     q, k, v = (qkv[:, i * C:(i + 1) * C].reshape(N, heads, d, L) for i in range(3))
     scale = float(1.0 / np.sqrt(d))
-    S = xp.matmul(q.transpose(0, 1, 3, 2), k) * scale                 # (N, h, L, L)
+    S = gemm(q.transpose(0, 1, 3, 2), k) * scale                      # (N, h, L, L)
     P = softmax_lastaxis(S)
-    o = xp.matmul(v, P.transpose(0, 1, 3, 2)).reshape(N, C, L)        # (N, C, L)
-    y = xp.matmul(W_out, o) + b_out.reshape(1, C, 1)
+    o = gemm(v, P.transpose(0, 1, 3, 2)).reshape(N, C, L)             # (N, C, L)
+    y = gemm(W_out, o) + b_out.reshape(1, C, 1)
     cache = (x3, q, k, v, P, o, W_qkv, W_out, heads, x.shape)
     return y.reshape(N, C, H, W), cache
 
@@ -57,21 +58,21 @@ def attention_backward(dy, cache):
     scale = float(1.0 / np.sqrt(d))
     dy3 = dy.reshape(N, C, L)
     # y = W_out @ o + b_out
-    dW_out = xp.tensordot(dy3, o, axes=((0, 2), (0, 2)))              # (C, C)
+    dW_out = tensordot(dy3, o, axes=((0, 2), (0, 2)))                 # (C, C)
     db_out = dy3.sum(axis=(0, 2))
-    do = xp.matmul(W_out.T, dy3).reshape(N, heads, d, L)
+    do = gemm(W_out.T, dy3).reshape(N, heads, d, L)
     # o = v @ P^T  =>  dv = do @ P,  dP = do^T @ v
-    dv = xp.matmul(do, P)                                            # (N, h, d, L)
-    dP = xp.matmul(do.transpose(0, 1, 3, 2), v)                      # (N, h, L, L)
+    dv = gemm(do, P)                                                 # (N, h, d, L)
+    dP = gemm(do.transpose(0, 1, 3, 2), v)                           # (N, h, L, L)
     # P = softmax(S)  =>  dS = P * (dP - sum_j dP * P)
     dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
     dS *= scale
     # S = scale * q^T k  =>  dq = k @ dS^T,  dk = q @ dS
-    dq = xp.matmul(k, dS.transpose(0, 1, 3, 2))
-    dk = xp.matmul(q, dS)
+    dq = gemm(k, dS.transpose(0, 1, 3, 2))
+    dk = gemm(q, dS)
     dqkv = xp.concatenate([dq.reshape(N, C, L), dk.reshape(N, C, L), dv.reshape(N, C, L)], axis=1)
     # qkv = W_qkv @ x + b_qkv
-    dW_qkv = xp.tensordot(dqkv, x3, axes=((0, 2), (0, 2)))          # (3C, C)
+    dW_qkv = tensordot(dqkv, x3, axes=((0, 2), (0, 2)))             # (3C, C)
     db_qkv = dqkv.sum(axis=(0, 2))
-    dx = xp.matmul(W_qkv.T, dqkv).reshape(x_shape)
+    dx = gemm(W_qkv.T, dqkv).reshape(x_shape)
     return dx, {"qkv.weight": dW_qkv, "qkv.bias": db_qkv, "proj.weight": dW_out, "proj.bias": db_out}

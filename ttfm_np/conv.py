@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
+from .precision import matmul as gemm   # fp32, or TF32 inputs with --precision tf32 (precision.py)
 
 
 def conv_output_size(size: int, k: int, stride: int, pad: int) -> int:
@@ -196,7 +197,7 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
         cols = xc if pointwise else im2col_cnhw_numpy(xc.reshape(C, N, H, Wd), kh, kw, stride, padding)
     else:
         xc, cols = None, im2col(x, kh, kw, stride, padding)          # (C*kh*kw, N*Ho*Wo)
-    Y = W.reshape(O, C * kh * kw) @ cols              # (O, N*Ho*Wo): one GEMM
+    Y = gemm(W.reshape(O, C * kh * kw), cols)         # (O, N*Ho*Wo): one GEMM
     if b is not None:
         Y += b[:, None]
     y = xp.ascontiguousarray(Y.reshape(O, N, Ho, Wo).transpose(1, 0, 2, 3))
@@ -230,23 +231,23 @@ def conv2d_backward(dy, cache):
         ph, pw = as_pair(padding)
         dy_cols = im2col_cnhw_numpy(dY.reshape(O, N, Ho, Wo), kh, kw, 1, (kh - 1 - ph, kw - 1 - pw))
         Wf = xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, O * kh * kw)
-        dX = Wf @ dy_cols                                # (C, N*H*W)
+        dX = gemm(Wf, dy_cols)                           # (C, N*H*W)
         # dW[o,c,p,q] = sum_{n,i,j} dy[n,o,i,j] x[n,c,i+p-ph,j+q-pw] = sum_{n,a,b} dy_cols[(o,kh-1-p,kw-1-q),(n,a,b)] x[n,c,a,b]
-        dWf = dy_cols @ xc.T                             # (O*kh*kw, C), rows (o, p', q')
+        dWf = gemm(dy_cols, xc.T)                        # (O*kh*kw, C), rows (o, p', q')
         dW = dWf.reshape(O, kh, kw, C)[:, ::-1, ::-1, :].transpose(0, 3, 1, 2)
     else:
         # CuPy: the forward kept x, not cols, so unfold it again here (kernels/im2col.cu)
         cols = im2col(saved, kh, kw, stride, padding) if _recomputes_cols(xp, kh, kw, stride, padding) else saved
         # Y = Wm @ cols   =>  dWm = dY @ cols^T   (one GEMM over all samples and pixels), computed as
         # (cols @ dY^T)^T: OpenBLAS runs that orientation 10-35% faster here (docs/performance.md)
-        dW = (cols @ dY.T).T.reshape(W.shape)
+        dW = gemm(cols, dY.T).T.reshape(W.shape)
         del cols                                         # (CuPy: the recomputed unfold is freed before dcols)
         if _is_pointwise(kh, kw, stride, padding):
             # Y = Wm @ x  =>  dx = Wm^T @ dY
-            dX = W.reshape(O, C).T @ dY
+            dX = gemm(W.reshape(O, C).T, dY)
         else:
             # Y = Wm @ cols   =>  dcols = Wm^T @ dY, then gather back to pixels (col2im)
-            dcols = W.reshape(O, C * kh * kw).T @ dY     # (C*kh*kw, N*Ho*Wo)
+            dcols = gemm(W.reshape(O, C * kh * kw).T, dY)   # (C*kh*kw, N*Ho*Wo)
             grads["weight"] = dW
             return col2im(dcols, x_shape, kh, kw, stride, padding), grads
     dx = xp.ascontiguousarray(dX.reshape(C, N, H, Wd).transpose(1, 0, 2, 3))

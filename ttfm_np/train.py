@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import backend, ckpt, distributed, optim, progress as _progress, seeds
+from . import backend, ckpt, distributed, optim, precision, progress as _progress, seeds
 from . import params as P
 from .ckpt import CHECKPOINT_NAME
 from .losses import DistillLossConfig
@@ -105,6 +105,7 @@ class TrainConfig:
     ckpt_every: int = 500
     sample_every: int = 0           # 0: samples only at the end
     dtype: str = "float32"
+    precision: str = "fp32"        # GEMM inputs: fp32, or tf32 (rounded to TF32, fp32 accumulation; precision.py)
     explode_factor: float = 1e4     # divergence guard: loss > factor * max(best smoothed loss, 1e-3) stops the run
 
     def validate(self):
@@ -119,6 +120,10 @@ class TrainConfig:
             raise ValueError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        precision.check_mode(self.precision)
+        if self.precision == "tf32" and self.dtype != "float32":
+            raise ValueError(f"--precision tf32 rounds float32 matrix products; with --dtype {self.dtype} "
+                             "use --precision fp32")
         if not self.explode_factor > 1:
             raise ValueError(f"explode_factor must be > 1, got {self.explode_factor}")
         return self
@@ -358,7 +363,8 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
     first_timed = None
     stopping = False                     # a stop request on any rank, agreed after every step
     with Progress(tcfg.steps - step, "train", enabled=progress and comm.is_root) as bar, \
-            _StopRequest() as stop, open(metrics_path if comm.is_root else os.devnull, "a") as mlog:
+            _StopRequest() as stop, precision.using(tcfg.precision), \
+            open(metrics_path if comm.is_root else os.devnull, "a") as mlog:
         while step < tcfg.steps:
             loss, grads, metrics = loss_at(step)
             grad_norm = optim.clip_grad_norm(grads, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))

@@ -143,3 +143,21 @@ def dropout_backward(dy, cache):
     p, key, first = cache
     # y = x * keep / (1 - p)   =>  dx = dy * keep / (1 - p): the same map applied to dy
     return dropout_apply(dy, p, key, first), {}
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+
+def dropout_jvp(x, x_dot, p: float, dropout_seed, site: int):
+    """y = x * keep / (1 - p) is linear in x for a fixed mask, and the mask is a function of
+    (dropout_seed, site, element), so the tangent uses the SAME mask:
+        y_dot = x_dot * keep / (1 - p)            -> (y, y_dot, cache)."""
+    y, cache = dropout_forward(x, p, dropout_seed, site)
+    y_dot, _ = dropout_forward(x_dot, p, dropout_seed, site)
+    return y, y_dot, cache
+
+
+def dropout_jvp_backward(dy, dy_dot, cache):
+    """-> (dx, dx_dot, {}): the same masked map applied to both cotangents."""
+    return dropout_backward(dy, cache)[0], dropout_backward(dy_dot, cache)[0], {}

@@ -187,3 +187,76 @@ def groupnorm_backward(dy, cache):
     else:
         dx, dgamma, dbeta = groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups, silu)
     return dx, {"gamma": dgamma, "beta": dbeta}
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+# Per sample n and group g (K entries), with r = rstd = (var + eps)^(-1/2), c = x - mu:
+#     c_dot    = x_dot - mean(x_dot)
+#     var_dot  = 2 mean(c c_dot),   r_dot = -r^3 mean(c c_dot) = -r^2 m,   m = mean(xhat c_dot)
+#     xhat_dot = c_dot r + c r_dot = r (c_dot - xhat m)
+#     z_dot    = gamma xhat_dot,    y_dot = silu'(z) z_dot  (with SiLU)  or  z_dot
+# Written with array operations only (the primal comes from groupnorm_forward, kernel or NumPy),
+# so the same code runs on NumPy and CuPy.
+
+def _group_view(a, groups):
+    """(N, C, ...) -> (N, G, C/G, HW): a view of the groups (reshape copies only a strided input)."""
+    N, C = a.shape[:2]
+    return a.reshape(N, groups, C // groups, -1)
+
+
+def _tangent_terms(x, x_dot, gamma, beta, mean, rstd, groups):
+    """xhat, c_dot, m, xhat_dot, z, each (N, G, C/G, HW) (m: (N, G, 1, 1)); r (N, G, 1, 1)."""
+    xg, xdg = _group_view(x, groups), _group_view(x_dot, groups)
+    r = rstd.reshape(rstd.shape + (1, 1))
+    xhat = (xg - mean.reshape(mean.shape + (1, 1))) * r
+    c_dot = xdg - xdg.mean(axis=(2, 3), keepdims=True)              # c_dot = x_dot - mean(x_dot)
+    m = (xhat * c_dot).mean(axis=(2, 3), keepdims=True)            # m = mean(xhat c_dot)
+    xhat_dot = r * (c_dot - xhat * m)                               # xhat_dot = r (c_dot - xhat m)
+    gamma4 = gamma.reshape(1, groups, -1, 1)
+    z = gamma4 * xhat + beta.reshape(1, groups, -1, 1)              # z = gamma xhat + beta
+    return xhat, c_dot, m, xhat_dot, z, r, gamma4
+
+
+def groupnorm_jvp(x, gamma, beta, groups: int, x_dot, eps: float = 1e-5, silu: bool = False):
+    """(y, y_dot, cache): y = [silu](GroupNorm(x)) and its tangent along x_dot (formulas above)."""
+    from .activations import silu_derivative
+    y, (_, _, _, mean, rstd, _, _) = groupnorm_forward(x, gamma, beta, groups, eps, silu)
+    xhat, c_dot, m, xhat_dot, z, r, gamma4 = _tangent_terms(x, x_dot, gamma, beta, mean, rstd, groups)
+    z_dot = gamma4 * xhat_dot                                       # z_dot = gamma xhat_dot
+    y_dot = silu_derivative(z) * z_dot if silu else z_dot           # y_dot = silu'(z) z_dot
+    return y, y_dot.reshape(x.shape), (x, x_dot, gamma, beta, mean, rstd, groups, silu)
+
+
+def groupnorm_jvp_backward(dy, dy_dot, cache):
+    """Backward of (y, y_dot) = groupnorm_jvp(...) -> (dx, dx_dot, {"gamma", "beta"})."""
+    from .activations import silu_derivative, silu_second_derivative
+    x, x_dot, gamma, beta, mean, rstd, groups, silu = cache
+    xhat, c_dot, m, xhat_dot, z, r, gamma4 = _tangent_terms(x, x_dot, gamma, beta, mean, rstd, groups)
+    K = xhat.shape[2] * xhat.shape[3]
+    gz, gz_dot = _group_view(dy, groups), _group_view(dy_dot, groups)
+    if silu:
+        # y = silu(z), y_dot = silu'(z) z_dot  =>  gz = dy silu'(z) + dy_dot silu''(z) z_dot,  gz_dot = dy_dot silu'(z)
+        d1 = silu_derivative(z)
+        gz, gz_dot = gz * d1 + gz_dot * silu_second_derivative(z) * (gamma4 * xhat_dot), gz_dot * d1
+    # z = gamma xhat + beta,  z_dot = gamma xhat_dot
+    dgamma = (gz * xhat + gz_dot * xhat_dot).sum(axis=(0, 3)).reshape(-1)
+    dbeta = gz.sum(axis=(0, 3)).reshape(-1)
+    g_xhat, a = gamma4 * gz, gamma4 * gz_dot                         # a = d / d xhat_dot
+    # xhat_dot = r (c_dot - xhat m)
+    g_cdot = r * a
+    g_m = -r * (a * xhat).sum(axis=(2, 3), keepdims=True)
+    g_xhat = g_xhat - (r * m) * a
+    g_r = (a * (c_dot - xhat * m)).sum(axis=(2, 3), keepdims=True)
+    # m = mean(xhat c_dot)
+    g_xhat = g_xhat + (g_m / K) * c_dot
+    g_cdot = g_cdot + (g_m / K) * xhat
+    # c_dot = x_dot - mean(x_dot)
+    dx_dot = g_cdot - g_cdot.mean(axis=(2, 3), keepdims=True)
+    # xhat = (x - mu) r(x):  dx = r (g_xhat - mean(g_xhat) - xhat mean(g_xhat xhat));
+    # r = (var + eps)^(-1/2), d r / d x = -r^3 (x - mu) / K = -r^2 xhat / K  carries g_r
+    dx = r * (g_xhat - g_xhat.mean(axis=(2, 3), keepdims=True)
+              - xhat * (g_xhat * xhat).mean(axis=(2, 3), keepdims=True))
+    dx = dx - (g_r * r * r / K) * xhat
+    return dx.reshape(x.shape), dx_dot.reshape(x.shape), {"gamma": dgamma, "beta": dbeta}

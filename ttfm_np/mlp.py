@@ -113,3 +113,55 @@ def mlp_backward(du, cache):
     # silu(e), e = E(s) [+ W_d E(t - s)]   (no gradient w.r.t. the times)
     back("emb", back("emb_act", de_act, silu_backward), time_embedding_backward, full_names=True)
     return dx, grads
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+
+def mlp_jvp(params, cfg: MLPConfig, x, s, t, x_dot, s_dot, t_dot=None, dropout_seed=None, need_grad: bool = True):
+    """(u, u_dot, cache): u(x, s[, t]) and its tangent along (x_dot, s_dot[, t_dot]); every line of
+    mlp_forward with each layer replaced by its jvp. s_dot, t_dot: (N,) arrays."""
+    from .activations import silu_jvp
+    from .embedding import time_embedding_jvp
+    from .linear import linear_jvp
+    from .tape import jvp_recorder
+    if x.ndim != 2 or x.shape[1] != cfg.dim or x_dot.shape != x.shape:
+        raise ValueError(f"MLP built for inputs (N, {cfg.dim}) and tangents of the same shape, "
+                         f"got {tuple(x.shape)} and {tuple(x_dot.shape)}")
+    if (t is not None) != cfg.two_time:
+        raise ValueError("a two-time model needs both s and t; a one-time model takes only t"
+                         if cfg.two_time else "this is a one-time (teacher) MLP: call it with one time")
+    caches = {}
+    run = jvp_recorder(caches, need_grad)
+    e, ed = run("emb", time_embedding_jvp(params, "emb", s, s_dot, t, t_dot, cfg.emb_features, cfg.time_scale))
+    ea, ead = run("emb_act", silu_jvp(e, ed))
+    a, ad = run("in", linear_jvp(x, params["in.weight"], params["in.bias"], x_dot))
+    b, bd = run("in_emb", linear_jvp(ea, params["in_emb.weight"], None, ead))
+    h, hd = run("act0", silu_jvp(a + b, ad + bd))
+    for k in range(1, cfg.depth):
+        z, zd = run(f"hidden{k}", linear_jvp(h, params[f"hidden{k}.weight"], params[f"hidden{k}.bias"], hd))
+        h, hd = run(f"act{k}", silu_jvp(z, zd))
+    u, ud = run("out", linear_jvp(h, params["out.weight"], params["out.bias"], hd))
+    if not need_grad:
+        return u, ud, None
+    return u, ud, dict(layers=caches, depth=cfg.depth)
+
+
+def mlp_jvp_backward(du, du_dot, cache):
+    """-> (dx, dx_dot, grads): gradients of a loss of (u, u_dot) w.r.t. x, x_dot and the parameters."""
+    from .activations import silu_jvp_backward
+    from .embedding import time_embedding_jvp_backward
+    from .linear import linear_jvp_backward
+    from .tape import jvp_backprop
+    caches = cache["layers"]
+    grads = {}
+    back = jvp_backprop(caches, grads)
+    dh, dh_dot = back("out", du, du_dot, linear_jvp_backward)
+    for k in reversed(range(1, cache["depth"])):
+        dh, dh_dot = back(f"hidden{k}", *back(f"act{k}", dh, dh_dot, silu_jvp_backward), linear_jvp_backward)
+    dz, dz_dot = back("act0", dh, dh_dot, silu_jvp_backward)
+    dx, dx_dot = back("in", dz, dz_dot, linear_jvp_backward)
+    de, de_dot = back("in_emb", dz, dz_dot, linear_jvp_backward)
+    back("emb", *back("emb_act", de, de_dot, silu_jvp_backward), time_embedding_jvp_backward, full_names=True)
+    return dx, dx_dot, grads

@@ -1,6 +1,7 @@
-"""One interface over the two network families (U-Net for images, MLP for 2-D data).
+"""One interface over the network families (the DDPM++ U-Net and the ADM U-Net for images,
+the MLP for 2-D data).
 
-    cfg    = config_from_dict(d)           # d["kind"] is "unet" or "mlp"
+    cfg    = config_from_dict(d)           # d["kind"] is "unet", "adm" or "mlp"
     params = init_model(cfg, seed)
     u, cache = model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad=True)
     dx, grads = model_backward(du, cache)
@@ -18,16 +19,24 @@ every evaluation given the same dropout_seed drops the same units.
 """
 from __future__ import annotations
 
-from . import mlp, unet
+from . import adm_unet, mlp, unet
+
+# kind -> (config class, init, forward, backward): the network families
+FAMILIES = {
+    "unet": (unet.UNetConfig, unet.init_unet, unet.unet_forward, unet.unet_backward),
+    "adm": (adm_unet.ADMConfig, adm_unet.init_adm_unet, adm_unet.adm_unet_forward, adm_unet.adm_unet_backward),
+    "mlp": (mlp.MLPConfig, mlp.init_mlp, mlp.mlp_forward, mlp.mlp_backward),
+}
+
+
+def _family(kind):
+    if kind not in FAMILIES:
+        raise ValueError(f"unknown model kind {kind!r} in config (expected one of {', '.join(FAMILIES)})")
+    return FAMILIES[kind]
 
 
 def config_from_dict(d: dict):
-    kind = d.get("kind")
-    if kind == "unet":
-        return unet.UNetConfig.from_dict(d)
-    if kind == "mlp":
-        return mlp.MLPConfig.from_dict(d)
-    raise ValueError(f"unknown model kind {kind!r} in config (expected 'unet' or 'mlp')")
+    return _family(d.get("kind"))[0].from_dict(d)
 
 
 def make_config(model: str, data_shape: tuple, two_time: bool = False, **overrides):
@@ -53,12 +62,12 @@ def make_config(model: str, data_shape: tuple, two_time: bool = False, **overrid
 
 
 def init_model(cfg, seed: int = 0):
-    return unet.init_unet(cfg, seed) if cfg.kind == "unet" else mlp.init_mlp(cfg, seed)
+    return _family(cfg.kind)[1](cfg, seed)
 
 
 def model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad: bool = True):
     """u(x, s[, t]) -> (u, cache), or (u, None) when need_grad is False."""
-    forward = unet.unet_forward if cfg.kind == "unet" else mlp.mlp_forward
+    forward = _family(cfg.kind)[2]
     u, cache = forward(params, cfg, x, s, t, dropout_seed, need_grad)
     return u, (None if cache is None else (cfg.kind, cache))
 
@@ -69,5 +78,46 @@ def model_backward(du, cache):
         raise ValueError("this evaluation kept no cache: call model_forward with need_grad=True "
                          "for evaluations that need a backward")
     kind, net_cache = cache
-    backward = unet.unet_backward if kind == "unet" else mlp.mlp_backward
+    backward = _family(kind)[3]
     return backward(du, net_cache)
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+
+def time_tangent(value, like):
+    """A time tangent as an (N,) array of like's dtype: None -> 0, a number -> that number for every row."""
+    from . import backend
+    xp = backend.array_module(like)
+    if value is None:
+        return xp.zeros(like.shape, dtype=like.dtype)
+    if isinstance(value, (int, float)):
+        return xp.full(like.shape, value, dtype=like.dtype)
+    if value.shape != like.shape:
+        raise ValueError(f"a time tangent must have one entry per sample, shape {like.shape}, got {value.shape}")
+    return value.astype(like.dtype, copy=False)
+
+
+def model_jvp(params, cfg, x, s, t, x_dot, s_dot, t_dot=None, dropout_seed=None, need_grad: bool = True):
+    """(u, u_dot, cache): u(x, s[, t]) and its directional derivative
+        u_dot = du/dx x_dot + du/ds s_dot [+ du/dt t_dot]
+    (parameters fixed). s_dot, t_dot: (N,) arrays or numbers (None = 0). cache None when need_grad is False."""
+    from . import mlp, unet
+    s_dot = time_tangent(s_dot, s)
+    t_dot = None if t is None else time_tangent(t_dot, t)
+    jvp = unet.unet_jvp if cfg.kind == "unet" else mlp.mlp_jvp
+    u, u_dot, cache = jvp(params, cfg, x, s, t, x_dot, s_dot, t_dot, dropout_seed, need_grad)
+    return u, u_dot, (None if cache is None else (cfg.kind, cache))
+
+
+def model_jvp_backward(du, du_dot, cache):
+    """Reverse over forward: for a loss L(u, u_dot) with dL/du = du, dL/du_dot = du_dot
+    -> (dL/dx, dL/dx_dot, dL/dparams)."""
+    from . import mlp, unet
+    if cache is None:
+        raise ValueError("this evaluation kept no cache: call model_jvp with need_grad=True "
+                         "for evaluations that need a backward")
+    kind, net_cache = cache
+    backward = unet.unet_jvp_backward if kind == "unet" else mlp.mlp_jvp_backward
+    return backward(du, du_dot, net_cache)

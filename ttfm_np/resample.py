@@ -38,3 +38,18 @@ def avgpool2x2_backward(dy, cache):
     # y = mean of a 2x2 block  =>  each block entry gets dy / 4
     d = xp.broadcast_to(dy[:, :, :, None, :, None] * 0.25, (N, C, H // 2, 2, W // 2, 2))
     return d.reshape(N, C, H, W), {}
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+
+def upsample_nearest2x_jvp(x, x_dot):
+    """Linear in x: y_dot = upsample(x_dot) -> (y, y_dot, cache)."""
+    y, cache = upsample_nearest2x_forward(x)
+    return y, upsample_nearest2x_forward(x_dot)[0], cache
+
+
+def upsample_nearest2x_jvp_backward(dy, dy_dot, cache):
+    """-> (dx, dx_dot, {}): the block sums of both cotangents."""
+    return upsample_nearest2x_backward(dy, cache)[0], upsample_nearest2x_backward(dy_dot, cache)[0], {}

@@ -124,3 +124,79 @@ def resblock_backward(dy, cache):
     dh = back("conv0", dh, conv2d_backward)
     dh = back("norm0", dh, groupnorm_backward)
     return (dx + dh, d_emb_act), grads
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+
+def resblock_jvp(params, prefix: str, x, emb_act, x_dot, emb_act_dot, *, attention: bool, head_channels: int,
+                 dropout: float = 0.0, dropout_seed=None, need_grad: bool = True):
+    """(y, y_dot, cache): the block of resblock_forward and its tangent along (x_dot, emb_act_dot).
+    Every line is the forward's line with each layer replaced by its jvp; the sums and the
+    skip scale are linear, so their tangents are the same sums of tangents."""
+    from .attention import attention_jvp
+    from .conv import conv2d_jvp
+    from .dropout import dropout_jvp
+    from .groupnorm import groupnorm_jvp
+    from .linear import linear_jvp
+    from .tape import jvp_recorder
+    param = lambda name: params[f"{prefix}.{name}"]
+    cache = {}
+    run = jvp_recorder(cache, need_grad)
+    cin, cout = x.shape[1], param("conv0.weight").shape[0]
+    h, hd = run("norm0", groupnorm_jvp(x, param("norm0.gamma"), param("norm0.beta"), norm_groups(cin), x_dot,
+                                       silu=True))
+    h, hd = run("conv0", conv2d_jvp(h, param("conv0.weight"), param("conv0.bias"), hd, 1, 1))
+    a, ad = run("affine", linear_jvp(emb_act, param("affine.weight"), param("affine.bias"), emb_act_dot))
+    h, hd = h + a[:, :, None, None], hd + ad[:, :, None, None]
+    h, hd = run("norm1", groupnorm_jvp(h, param("norm1.gamma"), param("norm1.beta"), norm_groups(cout), hd,
+                                       silu=True))
+    h, hd = run("dropout", dropout_jvp(h, hd, dropout, dropout_seed, site_id(prefix)))
+    h, hd = run("conv1", conv2d_jvp(h, param("conv1.weight"), param("conv1.bias"), hd, 1, 1))
+    if cin != cout:
+        skip, skip_d = run("skip", conv2d_jvp(x, param("skip.weight"), param("skip.bias"), x_dot, 1, 0))
+    else:
+        skip, skip_d = x, x_dot
+    y, yd = (h + skip) * SKIP_SCALE, (hd + skip_d) * SKIP_SCALE
+    if attention:
+        a, ad = run("attn_norm", groupnorm_jvp(y, param("attn_norm.gamma"), param("attn_norm.beta"),
+                                               norm_groups(cout), yd))
+        a, ad = run("attn", attention_jvp(a, param("attn.qkv.weight"), param("attn.qkv.bias"),
+                                          param("attn.proj.weight"), param("attn.proj.bias"),
+                                          attention_heads(cout, head_channels), ad))
+        y, yd = (y + a) * SKIP_SCALE, (yd + ad) * SKIP_SCALE
+    if not need_grad:
+        return y, yd, None
+    cache["prefix"] = prefix
+    return y, yd, cache
+
+
+def resblock_jvp_backward(dy, dy_dot, cache):
+    """-> ((dx, d_emb_act), (dx_dot, d_emb_act_dot), grads): resblock_backward's steps, in pairs."""
+    from .attention import attention_jvp_backward
+    from .conv import conv2d_jvp_backward
+    from .dropout import dropout_jvp_backward
+    from .groupnorm import groupnorm_jvp_backward
+    from .linear import linear_jvp_backward
+    from .tape import jvp_backprop
+    grads = {}
+    back = jvp_backprop(cache, grads, cache["prefix"])
+    if "attn" in cache:
+        # y = (y + attn(attn_norm(y))) * SKIP_SCALE
+        dy, dy_dot = dy * SKIP_SCALE, dy_dot * SKIP_SCALE
+        da, da_dot = back("attn_norm", *back("attn", dy, dy_dot, attention_jvp_backward), groupnorm_jvp_backward)
+        dy, dy_dot = dy + da, dy_dot + da_dot
+    # y = (h + skip(x)) * SKIP_SCALE
+    dh, dh_dot = dy * SKIP_SCALE, dy_dot * SKIP_SCALE
+    dx, dx_dot = back("skip", dh, dh_dot, conv2d_jvp_backward) if "skip" in cache else (dh, dh_dot)
+    # h = conv1(dropout(silu(norm1(h))))
+    dh, dh_dot = back("conv1", dh, dh_dot, conv2d_jvp_backward)
+    dh, dh_dot = back("dropout", dh, dh_dot, dropout_jvp_backward)
+    dh, dh_dot = back("norm1", dh, dh_dot, groupnorm_jvp_backward)
+    # h = h + affine(emb_act)[:, :, None, None]
+    de, de_dot = back("affine", dh.sum(axis=(2, 3)), dh_dot.sum(axis=(2, 3)), linear_jvp_backward)
+    # h = conv0(silu(norm0(x)))
+    dh, dh_dot = back("conv0", dh, dh_dot, conv2d_jvp_backward)
+    dh, dh_dot = back("norm0", dh, dh_dot, groupnorm_jvp_backward)
+    return (dx + dh, de), (dx_dot + dh_dot, de_dot), grads

@@ -45,3 +45,28 @@ def backprop(caches: dict, grads: dict, prefix: str = ""):
             accumulate_all(grads, layer_grads, f"{prefix}.{name}" if prefix else name)
         return d_input
     return back
+
+
+# The same bookkeeping for forward-mode passes: a layer's jvp returns (y, y_dot, cache) and
+# its jvp_backward(dy, dy_dot, cache) -> (dx, dx_dot, local grads).
+
+def jvp_recorder(caches: dict, need_grad: bool):
+    """run(name, (y, y_dot, cache)) -> (y, y_dot); stores cache in caches[name] only when need_grad."""
+    def run(name: str, layer_output):
+        y, y_dot, cache = layer_output
+        if need_grad:
+            caches[name] = cache
+        return y, y_dot
+    return run
+
+
+def jvp_backprop(caches: dict, grads: dict, prefix: str = ""):
+    """back(name, d, d_dot, layer_jvp_backward, full_names=False) -> (d_input, d_input_dot)."""
+    def back(name: str, d, d_dot, layer_jvp_backward, full_names: bool = False):
+        d_input, d_input_dot, layer_grads = layer_jvp_backward(d, d_dot, caches[name])
+        if full_names:
+            accumulate_all(grads, layer_grads)
+        else:
+            accumulate_all(grads, layer_grads, f"{prefix}.{name}" if prefix else name)
+        return d_input, d_input_dot
+    return back

@@ -66,3 +66,32 @@ def sample(params, cfg, x, n_steps: int | None = None, grid=None):
         t = xp.full((x.shape[0],), b, dtype=x.dtype)
         x, _ = phi_forward(params, cfg, x, s, t, need_grad=False)
     return x
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+
+def phi_jvp(params, cfg, x, s, t, x_dot, s_dot, t_dot, dropout_seed=None, need_grad: bool = True):
+    """(phi, phi_dot, cache): phi(x, s, t) = x + (t - s) u(x, s, t) and its tangent
+        phi_dot = x_dot + (t_dot - s_dot) u + (t - s) u_dot,    u_dot = model_jvp's tangent.
+    E.g. (x_dot, s_dot, t_dot) = (0, 0, 1) gives d/dt phi exactly. Times' tangents: (N,) or numbers."""
+    from .model import model_jvp, time_tangent
+    s_dot, t_dot = time_tangent(s_dot, s), time_tangent(t_dot, t)
+    u, u_dot, cache = model_jvp(params, cfg, x, s, t, x_dot, s_dot, t_dot, dropout_seed, need_grad)
+    gap, gap_dot = bcast(t - s, x), bcast(t_dot - s_dot, x)
+    phi = x + gap * u
+    phi_dot = x_dot + gap_dot * u + gap * u_dot
+    return phi, phi_dot, ((cache, gap, gap_dot) if need_grad else None)
+
+
+def phi_jvp_backward(dphi, dphi_dot, cache):
+    """-> (dx, dx_dot, grads) for a loss of (phi, phi_dot):
+        phi = x + gap u           =>  du  = gap dphi,  dx = dphi + ...
+        phi_dot = x_dot + gap_dot u + gap u_dot   =>  du += gap_dot dphi_dot,  du_dot = gap dphi_dot"""
+    from .model import model_jvp_backward
+    if cache is None:
+        raise ValueError("this evaluation kept no cache: call phi_jvp with need_grad=True")
+    net_cache, gap, gap_dot = cache
+    dx_net, dx_dot_net, grads = model_jvp_backward(gap * dphi + gap_dot * dphi_dot, gap * dphi_dot, net_cache)
+    return dphi + dx_net, dphi_dot + dx_dot_net, grads

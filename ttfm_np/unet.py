@@ -243,3 +243,102 @@ def unet_backward(dout, cache):
     # emb_act = silu(emb); emb = E(s) [+ W_d E(t - s)]   (no gradient w.r.t. the times)
     back("emb", back("emb_act", d_emb_act, silu_backward), time_embedding_backward, full_names=True)
     return dh, grads
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+
+def unet_jvp(params, cfg: UNetConfig, x, s, t, x_dot, s_dot, t_dot=None, dropout_seed=None, need_grad: bool = True):
+    """(u, u_dot, cache): u(x, s[, t]) and its tangent along (x_dot, s_dot[, t_dot]); unet_forward
+    line by line with every layer replaced by its jvp (a concat's tangent is the concat of tangents)."""
+    from .activations import silu_jvp
+    from .conv import conv2d_jvp
+    from .embedding import time_embedding_jvp
+    from .groupnorm import groupnorm_jvp
+    from .resample import upsample_nearest2x_jvp
+    from .resblock import resblock_jvp
+    from .tape import jvp_recorder
+    if x.shape[1:] != (cfg.in_channels, cfg.resolution, cfg.resolution) or x_dot.shape != x.shape:
+        raise ValueError(f"U-Net built for inputs (N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}) "
+                         f"and tangents of the same shape, got {tuple(x.shape)} and {tuple(x_dot.shape)}")
+    if (t is not None) != cfg.two_time:
+        raise ValueError("a two-time model needs both s and t; a one-time model takes only t"
+                         if cfg.two_time else "this is a one-time (teacher) U-Net: call it with one time")
+    enc, dec, _ = layout(cfg)
+    caches = {}
+    run = jvp_recorder(caches, need_grad)
+    block = dict(head_channels=cfg.head_channels, dropout=cfg.dropout, dropout_seed=dropout_seed,
+                 need_grad=need_grad)
+    emb, emb_d = run("emb", time_embedding_jvp(params, "emb", s, s_dot, t, t_dot, cfg.model_channels,
+                                               cfg.time_scale))
+    ea, ead = run("emb_act", silu_jvp(emb, emb_d))
+    h, hd = x, x_dot
+    skips = []
+    for e in enc:
+        n = e["name"]
+        if e["kind"] == "block":
+            h, hd = run(n, resblock_jvp(params, n, h, ea, hd, ead, attention=e["attention"], **block))
+        else:
+            stride = 2 if e["kind"] == "down" else 1
+            h, hd = run(n, conv2d_jvp(h, params[f"{n}.weight"], params[f"{n}.bias"], hd, stride, 1))
+        skips.append((n, h, hd))
+    xp = backend.array_module(x)
+    concats = {}
+    for e in dec:
+        n = e["name"]
+        if e["kind"] == "up":
+            h, hd = run(f"{n}.upsample", upsample_nearest2x_jvp(h, hd))
+            h, hd = run(n, conv2d_jvp(h, params[f"{n}.weight"], params[f"{n}.bias"], hd, 1, 1))
+            continue
+        if e["skip"]:
+            skip_name, skip, skip_d = skips.pop()
+            concats[n] = (h.shape[1], skip_name)
+            h, hd = xp.concatenate([h, skip], axis=1), xp.concatenate([hd, skip_d], axis=1)
+        h, hd = run(n, resblock_jvp(params, n, h, ea, hd, ead, attention=e["attention"], **block))
+    h, hd = run("out.norm", groupnorm_jvp(h, params["out.norm.gamma"], params["out.norm.beta"],
+                                          norm_groups(h.shape[1]), hd, silu=True))
+    out, out_d = run("out.conv", conv2d_jvp(h, params["out.conv.weight"], params["out.conv.bias"], hd, 1, 1))
+    if not need_grad:
+        return out, out_d, None
+    return out, out_d, dict(layers=caches, concats=concats, cfg=cfg)
+
+
+def unet_jvp_backward(dout, dout_dot, cache):
+    """-> (dx, dx_dot, grads): unet_backward's steps on (cotangent, tangent's cotangent) pairs."""
+    from .activations import silu_jvp_backward
+    from .conv import conv2d_jvp_backward
+    from .embedding import time_embedding_jvp_backward
+    from .groupnorm import groupnorm_jvp_backward
+    from .resample import upsample_nearest2x_jvp_backward
+    from .resblock import resblock_jvp_backward
+    from .tape import jvp_backprop
+    caches, concats = cache["layers"], cache["concats"]
+    enc, dec, _ = layout(cache["cfg"])
+    grads = {}
+    back = jvp_backprop(caches, grads)
+    dh, dhd = back("out.norm", *back("out.conv", dout, dout_dot, conv2d_jvp_backward), groupnorm_jvp_backward)
+    de, ded = 0, 0
+    d_skips = {}
+    for e in reversed(dec):
+        n = e["name"]
+        if e["kind"] == "up":
+            dh, dhd = back(f"{n}.upsample", *back(n, dh, dhd, conv2d_jvp_backward), upsample_nearest2x_jvp_backward)
+            continue
+        (dh, de_k), (dhd, ded_k) = back(n, dh, dhd, resblock_jvp_backward, full_names=True)
+        de, ded = de + de_k, ded + ded_k
+        if e["skip"]:
+            split, skip_name = concats[n]
+            d_skips[skip_name] = (dh[:, split:], dhd[:, split:])
+            dh, dhd = dh[:, :split], dhd[:, :split]
+    for e in reversed(enc):
+        n = e["name"]
+        g, gd = d_skips.pop(n)
+        dh, dhd = dh + g, dhd + gd
+        if e["kind"] == "block":
+            (dh, de_k), (dhd, ded_k) = back(n, dh, dhd, resblock_jvp_backward, full_names=True)
+            de, ded = de + de_k, ded + ded_k
+        else:
+            dh, dhd = back(n, dh, dhd, conv2d_jvp_backward)
+    back("emb", *back("emb_act", de, ded, silu_jvp_backward), time_embedding_jvp_backward, full_names=True)
+    return dh, dhd, grads

@@ -11,10 +11,14 @@ the work is done by ttfm_np.pipeline (callable from Python the same way).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import math
 import os
 import signal
 import sys
+import tempfile
+import traceback
 import warnings
 
 import click
@@ -33,6 +37,10 @@ def command(fn):
     def wrapper(*args, device=None, dist="auto", **kwargs):
         from ttfm_np import ckpt, distributed, runlock, train
         from ttfm_np.train import Interrupted
+        for name, value in kwargs.items():          # NaN passes click's ranges (its comparisons are all false)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise click.BadParameter(f"must be a finite number, got {value}",
+                                         param_hint="--" + name.replace("_", "-"))
         # the library's exceptions that mean bad input or a failed run (not a bug): one line, no traceback
         errors = (ValueError, OSError, ckpt.CheckpointError, train.TrainingDiverged, train.NeedsConfirmation,
                   runlock.RunLocked)
@@ -57,8 +65,13 @@ def command(fn):
                     "to continue" if exc.checkpoint else "; nothing of this command's output is complete")
             click.echo(f"Error: interrupted by {signal.Signals(exc.signum).name}{hint}", err=True)
             sys.exit(exc.exit_code)
-        except errors as exc:
-            raise click.ClickException(str(exc).strip() or exc.__class__.__name__) from None
+        except (click.ClickException, click.Abort):
+            raise
+        except Exception as exc:
+            if isinstance(exc, errors) and _is_bad_input(exc):
+                raise click.ClickException(_one_line(exc)) from None
+            # a bug (or an error no check of ours anticipated): keep its traceback, in a file
+            raise click.ClickException(_internal_error(exc, kwargs.get("out"))) from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -68,6 +81,54 @@ def command(fn):
                            help="data parallelism under mpiexec: auto = NCCL on GPUs, MPI on CPUs when "
                                 "started with K > 1 ranks, else one process")(wrapper)
     return wrapper
+
+
+def _is_bad_input(exc) -> bool:
+    """True for the library's own errors: raised by a `raise` line of ttfm_np / cli.py, or its own classes.
+
+    A ValueError that numpy (or any other library) raises from inside our code, like "axes don't
+    match array", is a bug of ours and is reported as an internal error (_internal_error).
+    OSErrors (missing files, full disks, permissions) are always about the environment.
+    """
+    if isinstance(exc, OSError) or type(exc).__module__.startswith("ttfm_np"):
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return False
+    last = frames[-1]
+    ours = os.path.abspath(last.filename).startswith((os.path.dirname(os.path.abspath(backend.__file__)) + os.sep,
+                                                      os.path.abspath(__file__)))
+    return ours and (last.line or "").lstrip().startswith("raise")
+
+
+def _one_line(exc) -> str:
+    """The message of a library error; full disks get the path and the fix (not a bare "[Errno 28]")."""
+    text = str(exc).strip() or exc.__class__.__name__
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) and text.startswith("[Errno"):
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        text = (f"no space left on the device{where} ({exc.strerror}): free space on that disk (or write to "
+                "another one with --out) and run the same command again (a training run: with --resume; "
+                "its last checkpoint is intact)")
+    return text
+
+
+def _internal_error(exc, out) -> str:
+    """Write the traceback to <run folder>/error.log (else a temp file); the one line says where it is."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        if out and os.path.isdir(out):
+            log_path = os.path.join(out, "error.log")
+            with open(log_path, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            fd, log_path = tempfile.mkstemp(prefix="ttfm-error-", suffix=".log")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        where = f"the traceback is in {log_path}"
+    except OSError:
+        where = "the traceback could not be saved:\n" + text
+    return (f"internal error ({exc.__class__.__name__}: {str(exc).strip()[:300]}); {where}. This is a bug in "
+            "ttfm_np, not in your input: please report it with that file")
 
 
 def parse_steps(ctx, param, text):

@@ -30,3 +30,34 @@ def silu_backward(dy, cache):
     s = sigmoid(x)
     # y = x * s(x)  =>  dy/dx = s + x s (1 - s) = s (1 + x (1 - s))
     return dy * (s * (1.0 + x * (1.0 - s))), {}          # no parameters: an empty grads dict
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+
+def silu_derivative(x):
+    """silu'(x) = s (1 + x (1 - s)),  s = sigmoid(x)."""
+    s = sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+def silu_second_derivative(x):
+    """silu''(x) = s (1 - s) (2 + x (1 - 2 s)): d/dx of s + x s (1 - s), with s' = s (1 - s)."""
+    s = sigmoid(x)
+    return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+
+
+def silu_jvp(x, x_dot):
+    """y = silu(x),  y_dot = silu'(x) x_dot  (element-wise) -> (y, y_dot, cache)."""
+    y, cache = silu_forward(x)
+    return y, silu_derivative(x) * x_dot, (x, x_dot)
+
+
+def silu_jvp_backward(dy, dy_dot, cache):
+    """Backward of (y, y_dot) = silu_jvp(x, x_dot) -> (dx, dx_dot, {}):
+        y = silu(x)              =>  dx     = dy silu'(x)
+        y_dot = silu'(x) x_dot   =>  dx    += dy_dot silu''(x) x_dot,   dx_dot = dy_dot silu'(x)"""
+    x, x_dot = cache
+    d1 = silu_derivative(x)
+    return dy * d1 + dy_dot * silu_second_derivative(x) * x_dot, dy_dot * d1, {}

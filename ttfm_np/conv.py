@@ -253,3 +253,25 @@ def conv2d_backward(dy, cache):
     dx = xp.ascontiguousarray(dX.reshape(C, N, H, Wd).transpose(1, 0, 2, 3))
     grads["weight"] = xp.ascontiguousarray(dW)
     return dx, grads
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+
+def conv2d_jvp(x, W, b, x_dot, stride: int = 1, padding=0):
+    """The convolution is linear in x, so its tangent is the same convolution without the bias:
+        y_dot = conv(x_dot, W)                    -> (y, y_dot, cache)."""
+    y, cache = conv2d_forward(x, W, b, stride, padding)
+    y_dot, cache_dot = conv2d_forward(x_dot, W, None, stride, padding)
+    return y, y_dot, (cache, cache_dot)
+
+
+def conv2d_jvp_backward(dy, dy_dot, cache):
+    """Backward of (y, y_dot) = conv2d_jvp(...) -> (dx, dx_dot, grads).
+    y = conv(x, W) + b  and  y_dot = conv(x_dot, W): both use W, so dW adds up."""
+    cache, cache_dot = cache
+    dx, grads = conv2d_backward(dy, cache)
+    dx_dot, g_dot = conv2d_backward(dy_dot, cache_dot)
+    grads["weight"] = grads["weight"] + g_dot["weight"]
+    return dx, dx_dot, grads

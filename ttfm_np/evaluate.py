@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from . import backend, flow, jsonio, metrics
+from . import atomic, backend, flow, jsonio, metrics
 from .images import save_image_grid, save_panels, scatter_image
 
 
@@ -57,10 +57,8 @@ def teacher_solution(teacher, z, n_steps: int, solver: str = "heun", cache_dir: 
             return xp.asarray(x)
     x = teacher.generate(z, n_steps, solver)
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npy"
-        np.save(tmp, backend.to_numpy(x))
-        os.replace(tmp, path)                                   # atomic: never a half-written cache
+        with atomic.write(path, "wb") as f:                    # atomic: never a half-written cache
+            np.save(f, backend.to_numpy(x))
     except OSError as exc:
         warnings.warn(f"could not cache the teacher's {solver} {n_steps}-step solution in {cache_dir} ({exc}); "
                       "it will be recomputed")
@@ -135,12 +133,12 @@ def format_table(rows) -> str:
 
 
 def write_outputs(out_dir: str, rows, samples, image_data: bool, heldout=None, extra: dict | None = None):
-    """eval.json (rows + extra) and PNGs of the samples (grids or scatter panels)."""
+    """PNGs of the samples (grids or scatter panels), then eval.json (rows + extra).
+
+    Every file is written atomically (atomic.py); eval.json comes last, so a failed write
+    leaves the previous eval.json beside whichever PNGs were already replaced.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        # strict JSON: an infinite PSNR becomes null, listed under "non_finite_as_null" (see jsonio)
-        jsonio.dump_json(dict(rows=rows, **(extra or {})), f, indent=2,
-                         note="psnr is +inf where the samples equal the reference exactly")
     paths = []
     if image_data:
         for name, x in samples.items():
@@ -152,4 +150,8 @@ def write_outputs(out_dir: str, rows, samples, image_data: bool, heldout=None, e
         p = os.path.join(out_dir, "samples.png")
         save_panels(panels, p)
         paths.append(p)
+    with atomic.write(os.path.join(out_dir, "eval.json"), "w") as f:     # all or nothing (atomic.py)
+        # strict JSON: an infinite PSNR becomes null, listed under "non_finite_as_null" (see jsonio)
+        jsonio.dump_json(dict(rows=rows, **(extra or {})), f, indent=2,
+                         note="psnr is +inf where the samples equal the reference exactly")
     return paths

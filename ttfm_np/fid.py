@@ -146,10 +146,9 @@ def warn_if_few(n: int, dim: int = 2048):
 
 def save_stats(path: str, mu, sigma, n: int, source: str):
     """mu (D,), sigma (D, D), sample count and a description, as .npz (written atomically)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, n=n, source=source)
-    os.replace(tmp, path)
+    from . import atomic
+    with atomic.write(path, "wb") as f:          # temp file, fsync, rename: a failed write keeps the old file
+        np.savez(f, mu=mu, sigma=sigma, n=n, source=source)
 
 
 def load_stats(path: str):

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import backend
+from . import atomic, backend
 
 
 def to_uint8(images):
@@ -119,9 +119,12 @@ def save_panels(images, path: str):
 
 
 def save_image(img: Image.Image, path: str):
-    """Write a pillow image, creating the folder (the format follows the file name)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    """Write a pillow image atomically (atomic.py), creating the folder; the format follows the file name."""
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None:
+        raise ValueError(f"cannot tell an image format from the file name {path!r}: end it in .png")
+    atomic.save_with(path, lambda tmp: img.save(tmp, format=fmt))
 
 
 # ----------------------------------------------------------------------------- reading image files

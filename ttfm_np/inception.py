@@ -277,15 +277,15 @@ def convert_weights(pth_path: str, h5_path: str | None = None) -> str:
 def save_units(units: dict, h5_path: str, source: str = "") -> str:
     """Folded units {name: (W', b')} -> HDF5 groups name/weight, name/bias (written atomically)."""
     import h5py
-    os.makedirs(os.path.dirname(os.path.abspath(h5_path)), exist_ok=True)
-    tmp = h5_path + ".tmp"
-    with h5py.File(tmp, "w") as f:
-        f.attrs["source"] = source
-        for name, (W, b) in units.items():
-            f[f"{name}/weight"] = W
-            f[f"{name}/bias"] = b
-    os.replace(tmp, h5_path)
-    return h5_path
+    from . import atomic
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.attrs["source"] = source
+            for name, (W, b) in units.items():
+                f[f"{name}/weight"] = W
+                f[f"{name}/bias"] = b
+    return atomic.save_with(h5_path, write)         # temp file, fsync, rename: a failed write keeps the old file
 
 
 def load_inception(h5_path: str | None = None, xp=None) -> InceptionV3FID:

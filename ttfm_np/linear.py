@@ -29,3 +29,26 @@ def linear_backward(dy, cache):
         # y += b           =>  db = sum of dy over every leading dim
         grads["bias"] = dy2.sum(axis=0)
     return dx, grads
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+
+def linear_jvp(x, W, b, x_dot):
+    """Tangent of y = x W^T + b along x_dot (the weights are not perturbed):
+        y_dot = x_dot W^T                          (the bias is a constant: no tangent)
+    x, x_dot: (..., in) -> (y, y_dot (..., out), cache)."""
+    y, cache = linear_forward(x, W, b)
+    y_dot, cache_dot = linear_forward(x_dot, W)
+    return y, y_dot, (cache, cache_dot)
+
+
+def linear_jvp_backward(dy, dy_dot, cache):
+    """Backward of (y, y_dot) = linear_jvp(x, W, b, x_dot) -> (dx, dx_dot, grads).
+    y = x W^T + b  and  y_dot = x_dot W^T  share W:  dW = dy^T x + dy_dot^T x_dot."""
+    cache, cache_dot = cache
+    dx, grads = linear_backward(dy, cache)
+    dx_dot, g_dot = linear_backward(dy_dot, cache_dot)
+    grads["weight"] = grads["weight"] + g_dot["weight"]
+    return dx, dx_dot, grads

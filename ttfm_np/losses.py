@@ -65,6 +65,10 @@ class DistillLossConfig:
         (a copy when an option was None, else self): use the returned object."""
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        # NaN passes every range test below (all comparisons with NaN are false): refuse it first
+        nonfinite = {k: v for k, v in asdict(self).items() if isinstance(v, float) and not abs(v) < float("inf")}
+        if nonfinite:
+            raise ValueError(f"loss settings must be finite numbers, got {nonfinite}")
         missing = {k: v for k, v in LOSS_DEFAULTS[self.loss].items() if getattr(self, k) is None and v is not None}
         if missing:
             return replace(self, **missing).validate()

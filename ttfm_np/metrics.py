@@ -24,7 +24,11 @@ def sliced_w2(a, b, n_proj: int = 256, seed: int = 0) -> float:
     """Sliced Wasserstein-2: sqrt(mean over random directions w of W2^2(a.w, b.w)).
 
     In 1-D, W2 between empirical measures matches quantiles: with equal sizes
-    the sorted projections pair up; otherwise both are read at common quantile levels.
+    the sorted projections pair up; otherwise both are read at the common quantile
+    levels q_i = (i + 1/2) / M, i < M = max(Na, Nb), by linear interpolation between
+    order statistics (sorted_quantiles: numpy's default "linear" quantile, done with one
+    gather for all directions, so unequal sizes cost what equal sizes cost).
+    Works in any dimension d (samples are flattened to vectors).
     """
     a, b = backend.to_numpy(a).astype(np.float64), backend.to_numpy(b).astype(np.float64)
     a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
@@ -34,9 +38,24 @@ def sliced_w2(a, b, n_proj: int = 256, seed: int = 0) -> float:
     pa, pb = np.sort(a @ w, axis=0), np.sort(b @ w, axis=0)     # (Na, P), (Nb, P)
     if pa.shape[0] != pb.shape[0]:
         q = (np.arange(max(len(pa), len(pb))) + 0.5) / max(len(pa), len(pb))
-        pa = np.quantile(pa, q, axis=0)
-        pb = np.quantile(pb, q, axis=0)
+        pa, pb = sorted_quantiles(pa, q), sorted_quantiles(pb, q)
     return float(np.sqrt(((pa - pb) ** 2).mean()))
+
+
+def sorted_quantiles(s, q):
+    """np.quantile(s, q, axis=0) (method "linear") of columns that are already sorted: (M, P).
+
+    s (N, P) sorted along axis 0, q (M,) in [0, 1]. With h = q (N - 1), j = floor(h):
+        Q(q) = s[j] + (h - j) (s[j + 1] - s[j])
+    (numpy's np.quantile partitions every column again for each call, which made the
+    unequal-size sliced-W2 two orders of magnitude slower than this gather.)
+    """
+    n = s.shape[0]
+    h = np.asarray(q, np.float64) * (n - 1)                      # (M,) fractional positions
+    j = np.clip(np.floor(h).astype(np.int64), 0, n - 1)
+    frac = (h - j)[:, None]                                     # (M, 1)
+    upper = s[np.minimum(j + 1, n - 1)]
+    return s[j] + frac * (upper - s[j])
 
 
 def energy_distance(a, b) -> float:

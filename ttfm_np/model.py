@@ -1,7 +1,6 @@
-"""One interface over the network families (the DDPM++ U-Net and the ADM U-Net for images,
-the MLP for 2-D data).
+"""One interface over the two network families (U-Net for images, MLP for 2-D data).
 
-    cfg    = config_from_dict(d)           # d["kind"] is "unet", "adm" or "mlp"
+    cfg    = config_from_dict(d)           # d["kind"] is "unet" or "mlp"
     params = init_model(cfg, seed)
     u, cache = model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad=True)
     dx, grads = model_backward(du, cache)
@@ -19,24 +18,16 @@ every evaluation given the same dropout_seed drops the same units.
 """
 from __future__ import annotations
 
-from . import adm_unet, mlp, unet
-
-# kind -> (config class, init, forward, backward): the network families
-FAMILIES = {
-    "unet": (unet.UNetConfig, unet.init_unet, unet.unet_forward, unet.unet_backward),
-    "adm": (adm_unet.ADMConfig, adm_unet.init_adm_unet, adm_unet.adm_unet_forward, adm_unet.adm_unet_backward),
-    "mlp": (mlp.MLPConfig, mlp.init_mlp, mlp.mlp_forward, mlp.mlp_backward),
-}
-
-
-def _family(kind):
-    if kind not in FAMILIES:
-        raise ValueError(f"unknown model kind {kind!r} in config (expected one of {', '.join(FAMILIES)})")
-    return FAMILIES[kind]
+from . import mlp, unet
 
 
 def config_from_dict(d: dict):
-    return _family(d.get("kind"))[0].from_dict(d)
+    kind = d.get("kind")
+    if kind == "unet":
+        return unet.UNetConfig.from_dict(d)
+    if kind == "mlp":
+        return mlp.MLPConfig.from_dict(d)
+    raise ValueError(f"unknown model kind {kind!r} in config (expected 'unet' or 'mlp')")
 
 
 def make_config(model: str, data_shape: tuple, two_time: bool = False, **overrides):
@@ -62,12 +53,12 @@ def make_config(model: str, data_shape: tuple, two_time: bool = False, **overrid
 
 
 def init_model(cfg, seed: int = 0):
-    return _family(cfg.kind)[1](cfg, seed)
+    return unet.init_unet(cfg, seed) if cfg.kind == "unet" else mlp.init_mlp(cfg, seed)
 
 
 def model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad: bool = True):
     """u(x, s[, t]) -> (u, cache), or (u, None) when need_grad is False."""
-    forward = _family(cfg.kind)[2]
+    forward = unet.unet_forward if cfg.kind == "unet" else mlp.mlp_forward
     u, cache = forward(params, cfg, x, s, t, dropout_seed, need_grad)
     return u, (None if cache is None else (cfg.kind, cache))
 
@@ -78,7 +69,7 @@ def model_backward(du, cache):
         raise ValueError("this evaluation kept no cache: call model_forward with need_grad=True "
                          "for evaluations that need a backward")
     kind, net_cache = cache
-    backward = _family(kind)[3]
+    backward = unet.unet_backward if kind == "unet" else mlp.mlp_backward
     return backward(du, net_cache)
 
 
@@ -99,14 +90,23 @@ def time_tangent(value, like):
     return value.astype(like.dtype, copy=False)
 
 
+def _jvp_family(kind):
+    """(jvp, jvp_backward) of a network family; the families without a tangent pass are named in the error."""
+    from . import mlp, unet
+    families = {"unet": (unet.unet_jvp, unet.unet_jvp_backward), "mlp": (mlp.mlp_jvp, mlp.mlp_jvp_backward)}
+    if kind not in families:
+        raise ValueError(f"no forward-mode (jvp) pass for model kind {kind!r} yet (only {', '.join(families)}): "
+                         "use --lfmd-derivative fd, or another loss than meanflow, with this network")
+    return families[kind]
+
+
 def model_jvp(params, cfg, x, s, t, x_dot, s_dot, t_dot=None, dropout_seed=None, need_grad: bool = True):
     """(u, u_dot, cache): u(x, s[, t]) and its directional derivative
         u_dot = du/dx x_dot + du/ds s_dot [+ du/dt t_dot]
     (parameters fixed). s_dot, t_dot: (N,) arrays or numbers (None = 0). cache None when need_grad is False."""
-    from . import mlp, unet
     s_dot = time_tangent(s_dot, s)
     t_dot = None if t is None else time_tangent(t_dot, t)
-    jvp = unet.unet_jvp if cfg.kind == "unet" else mlp.mlp_jvp
+    jvp = _jvp_family(cfg.kind)[0]
     u, u_dot, cache = jvp(params, cfg, x, s, t, x_dot, s_dot, t_dot, dropout_seed, need_grad)
     return u, u_dot, (None if cache is None else (cfg.kind, cache))
 
@@ -114,10 +114,9 @@ def model_jvp(params, cfg, x, s, t, x_dot, s_dot, t_dot=None, dropout_seed=None,
 def model_jvp_backward(du, du_dot, cache):
     """Reverse over forward: for a loss L(u, u_dot) with dL/du = du, dL/du_dot = du_dot
     -> (dL/dx, dL/dx_dot, dL/dparams)."""
-    from . import mlp, unet
     if cache is None:
         raise ValueError("this evaluation kept no cache: call model_jvp with need_grad=True "
                          "for evaluations that need a backward")
     kind, net_cache = cache
-    backward = unet.unet_jvp_backward if kind == "unet" else mlp.mlp_jvp_backward
+    backward = _jvp_family(kind)[1]
     return backward(du, du_dot, net_cache)

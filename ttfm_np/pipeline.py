@@ -37,7 +37,7 @@ import numpy as np
 from dataclasses import dataclass
 
 from . import backend, blas, ckpt, data as datasets, evaluate as evaluation, images, losses, metrics, model, recipes
-from . import jsonio
+from . import atomic, jsonio
 from . import params as P
 from . import distributed, sampling, train, ttfm
 from .ckpt import CHECKPOINT_NAME
@@ -103,10 +103,8 @@ def _training_data(data, data_dir=None, resolution=None, comm=None):
             path = os.path.join(recipes.data_root(), "cache", f"{recipes.slug(data)}-{key}.npy")
             if not os.path.exists(path):
                 decoded = _load_data(data, data_dir, resolution=resolution).data
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp{os.getpid()}.npy"
-                np.save(tmp, np.ascontiguousarray(decoded))
-                os.replace(tmp, path)                               # atomic: never a half-written cache
+                with atomic.write(path, "wb") as f:                # atomic: never a half-written cache
+                    np.save(f, np.ascontiguousarray(decoded))
                 del decoded
     path = comm.bcast_object(path)
     if path is None:                                                # toys and points: small, generated or read

@@ -136,6 +136,23 @@ def _resolve(obj):
     return obj
 
 
+# Bounds on what a weights file may make us inflate (checked against the zip's central directory
+# BEFORE anything is decompressed; zipfile never inflates an entry beyond its declared size):
+MAX_PICKLE_BYTES = 64 << 20          # data.pkl of a state dict is kilobytes
+MAX_TOTAL_BYTES = 4 << 30            # all storages together (the FID Inception is 95 MB)
+MAX_COMPRESSION_RATIO = 50           # torch stores tensors uncompressed; real weights deflate < 2x
+
+
+def _check_entry(path, info, expected: int | None = None):
+    """Refuse an entry whose declared (inflated) size is not the expected one or is a bomb's."""
+    if expected is not None and info.file_size != expected:
+        raise ValueError(f"{path}: {info.filename} declares {info.file_size} bytes, but its tensor storage "
+                         f"needs {expected}: corrupt or hostile file")
+    if info.file_size > (1 << 20) and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+        raise ValueError(f"{path}: {info.filename} would inflate {info.compress_size} bytes to {info.file_size} "
+                         f"(more than {MAX_COMPRESSION_RATIO}x; weights barely compress): refused as a zip bomb")
+
+
 def _load_zip(path):
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
@@ -143,6 +160,15 @@ def _load_zip(path):
         if not pkl:
             raise ValueError(f"{path} is a zip file but has no data.pkl: not a PyTorch checkpoint")
         prefix = pkl[0][: -len("data.pkl")]
+        info = zf.getinfo(pkl[0])
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise ValueError(f"{path}: data.pkl declares {info.file_size} bytes (a state dict's is kilobytes; "
+                             f"limit {MAX_PICKLE_BYTES}): refused")
+        _check_entry(path, info)
+        total = sum(i.file_size for i in zf.infolist() if i.filename.startswith(f"{prefix}data/"))
+        if total > MAX_TOTAL_BYTES:
+            raise ValueError(f"{path}: its tensors declare {total / 2**30:.1f} GiB in all (limit "
+                             f"{MAX_TOTAL_BYTES / 2**30:.0f} GiB): refused before inflating anything")
         if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder") != b"little":
             raise ValueError(f"{path} was written on a big-endian machine; only little-endian files are supported")
         storages = {}
@@ -152,9 +178,11 @@ def _load_zip(path):
             if key not in storages:
                 st = LazyStorage(key, stype.dtype, numel)
                 try:
-                    raw = zf.read(f"{prefix}data/{key}")
+                    entry = zf.getinfo(f"{prefix}data/{key}")
                 except KeyError:
                     raise ValueError(f"{path} has no data file for storage {key}: corrupt file") from None
+                _check_entry(path, entry, expected=numel * _itemsize(stype.dtype))
+                raw = zf.read(entry)
                 st.array = _storage_bytes_to_array(raw, stype.dtype)
                 storages[key] = st
             return storages[key]
@@ -163,7 +191,12 @@ def _load_zip(path):
         return _resolve(obj)
 
 
+def _itemsize(dtype) -> int:
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
+
 def _load_legacy(path):
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         plain = lambda: RestrictedTorchUnpickler(f, lambda pid: (_ for _ in ()).throw(
             pickle.UnpicklingError("persistent id outside the object pickle"))).load()
@@ -201,7 +234,10 @@ def _load_legacy(path):
             st = storages[key]
             if numel != st.numel:
                 raise ValueError(f"{path}: storage {key} holds {numel} elements, the pickle says {st.numel}")
-            nbytes = numel * (2 if st.dtype == "bfloat16" else np.dtype(st.dtype).itemsize)
+            nbytes = numel * _itemsize(st.dtype)
+            if nbytes > size - f.tell():                 # before read(): never allocate what the file lacks
+                raise ValueError(f"{path} is truncated: storage {key} needs {nbytes} bytes, the file has "
+                                 f"{size - f.tell()} left")
             raw = f.read(nbytes)
             if len(raw) != nbytes:
                 raise ValueError(f"{path} is truncated: storage {key} needs {nbytes} bytes, found {len(raw)}")

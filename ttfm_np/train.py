@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import backend, ckpt, distributed, optim, precision, progress as _progress, seeds
+from . import atomic, backend, ckpt, distributed, optim, precision, progress as _progress, seeds
 from . import params as P
 from .ckpt import CHECKPOINT_NAME
 from .losses import DistillLossConfig
@@ -109,6 +109,9 @@ class TrainConfig:
     explode_factor: float = 1e4     # divergence guard: loss > factor * max(best smoothed loss, 1e-3) stops the run
 
     def validate(self):
+        nonfinite = {k: v for k, v in asdict(self).items() if isinstance(v, float) and not math.isfinite(v)}
+        if nonfinite:                    # NaN passes every range test (its comparisons are all false)
+            raise ValueError(f"training settings must be finite numbers, got {nonfinite}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch size must be >= 1")
         if self.steps > 10**9:
@@ -118,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"learning rate must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+        if not (self.grad_clip >= 0 and self.weight_decay >= 0):
+            raise ValueError(f"grad_clip and weight_decay must be >= 0, got {self.grad_clip}, {self.weight_decay}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         precision.check_mode(self.precision)
@@ -170,8 +175,7 @@ def _truncate_metrics(path: str, step: int):
         return
     with open(path) as f:
         lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic.write(path, "w") as f:          # temp file, fsync, rename (atomic.py)
         f.writelines(lines)
     os.replace(tmp, path)
 

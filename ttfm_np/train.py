@@ -177,7 +177,6 @@ def _truncate_metrics(path: str, step: int):
         lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
     with atomic.write(path, "w") as f:          # temp file, fsync, rename (atomic.py)
         f.writelines(lines)
-    os.replace(tmp, path)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -61,6 +61,14 @@ def forward_flops(cfg, batch: int) -> float:
     return total
 
 
+def simd_levels() -> str:
+    """What NumPy's ufuncs dispatch to (np.show_runtime's 'found') and the sigmoid form chosen from it."""
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    from ttfm_np import activations
+    found = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+    return f"numpy {' '.join(found) or 'baseline only'} (sigmoid form {activations.SIGMOID_FORM})"
+
+
 def sgemm_peak(xp, n: int = 2048, reps: int = 3) -> float:
     a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
     b = a.copy()
@@ -175,8 +183,13 @@ def time_torch(cfg, batch, warmup, iters, device):
 @click.option("--torch-only", is_flag=True, help="time only PyTorch (benchmarks/scaling.py measures each "
               "implementation's memory in a process of its own)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="append a JSON line here")
-def main(model_name, batch, resolution, channels, warmup, iters, device, against, torch_only, json_out):
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for BOTH sides: OpenBLAS's (ttfm_np/blas.py) and torch.set_num_threads "
+              "(default: each library's own, OpenBLAS and torch both take every core)")
+def main(model_name, batch, resolution, channels, warmup, iters, device, against, torch_only, json_out, threads):
     xp = backend.select_device(device)
+    if threads is not None and not blas.set_threads(threads):
+        raise click.UsageError("--threads: NumPy bundles no OpenBLAS here, so its thread count cannot be set")
     if model_name == "mlp":
         batch = batch or 4096
         cfg = model.make_config("mlp", (2,))
@@ -187,8 +200,11 @@ def main(model_name, batch, resolution, channels, warmup, iters, device, against
     flops = 3 * forward_flops(cfg, batch)
     rec = dict(model=model_name, batch=batch, resolution=resolution if model_name != "mlp" else None,
                params=int(n_params), device=device, step_gflop=flops / 1e9,
-               machine=platform.processor() or platform.machine(), threads=os.cpu_count())
+               machine=platform.processor() or platform.machine(), threads=os.cpu_count(),
+               blas_threads=None if backend.is_cupy(xp) else blas.get_threads(),
+               simd=simd_levels())
     click.echo(f"{model_name} ({n_params:,} params), batch {batch}, {device}: step = {flops / 1e9:.1f} GFLOP")
+    click.echo(f"  SIMD: {rec['simd']}, OpenBLAS threads {rec['blas_threads']}")
     if not torch_only:
         ours, ours_mem = time_ours(cfg, batch, warmup, iters, xp)   # first: freed buffers would hide memory
         peak = sgemm_peak(xp)
@@ -202,6 +218,11 @@ def main(model_name, batch, resolution, channels, warmup, iters, device, against
     if against == "torch" or torch_only:
         import torch
         tdev = "cuda" if device == "gpu" else "cpu"
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if tdev == "cpu":
+            click.echo(f"  torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+                       f"{torch.get_num_threads()} threads")
         theirs, torch_mem = time_torch(cfg, batch, warmup, iters, tdev)
         if tdev == "cpu" and not torch_only:
             torch_mem = None        # our steps already raised this process's peak RSS: not measurable here

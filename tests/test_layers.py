@@ -131,6 +131,63 @@ def test_silu_no_overflow_warning():
     np.testing.assert_allclose(y, [0.0, 1000.0])
 
 
+@pytest.mark.parametrize("form", ["tanh", "exp"])
+def test_sigmoid_forms_match_scipy(rng, form):
+    from scipy.special import expit
+    x = np.concatenate([rng.standard_normal(1000) * 8, [-1000.0, -89.0, -30.0, 0.0, 30.0, 1000.0]])
+    with np.errstate(all="raise"):
+        s64 = activations.sigmoid(x, form)
+        s32 = activations.sigmoid(x.astype(np.float32), form)
+    # float64: a few roundings of 1.1e-16 each (relative); the tanh form's 1 + tanh(x/2) cancels for
+    # x << 0, which leaves an absolute error of about one rounding of 1.0 (2.2e-16): 2x margin each
+    np.testing.assert_allclose(s64, expit(x), rtol=1e-15, atol=4.5e-16)
+    assert s32.dtype == np.float32
+    # float32 against the float64 value: the same bounds with float32's rounding (6e-8 relative, 1.2e-7 at 1.0)
+    np.testing.assert_allclose(s32, expit(x), rtol=5e-7, atol=2.4e-7)
+
+
+@pytest.mark.parametrize("form", ["tanh", "exp"])
+def test_silu_grad_with_each_sigmoid_form(rng, monkeypatch, form):
+    monkeypatch.setattr(activations, "SIGMOID_FORM", form)
+    x = rng.standard_normal((5, 7)) * 3
+    R = rng.standard_normal(x.shape)
+    dx, _ = activations.silu_backward(R, activations.silu_forward(x)[1])
+    check_gradients(weighted_sum_loss(lambda: activations.silu_forward(x)[0], R), {"x": x}, {"x": dx}, tol=TOL)
+    with np.errstate(all="raise"):
+        y, _ = activations.silu_forward(np.array([-1000.0, 1000.0], np.float32))
+    np.testing.assert_allclose(y, [0.0, 1000.0])
+
+
+def test_silu_overwrite_x_writes_y_into_x_and_keeps_the_gradient(rng):
+    x = rng.standard_normal((6, 5)).astype(np.float32) * 3
+    R = rng.standard_normal(x.shape).astype(np.float32)
+    y_ref, cache_ref = activations.silu_forward(x)
+    buf = x.copy()
+    y, cache = activations.silu_forward(buf, overwrite_x=True)
+    assert y is buf
+    # the same float32 operations in the same order (s = sigmoid(x), y = x * s): exactly equal
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(activations.silu_backward(R, cache)[0], activations.silu_backward(R, cache_ref)[0])
+
+
+def test_sigmoid_rejects_unknown_form():
+    with pytest.raises(ValueError, match="'tanh' or 'exp'"):
+        activations.sigmoid(np.zeros(3), "erf")
+
+
+def test_sigmoid_form_follows_numpy_simd_level():
+    """The form is picked from the SIMD loops NumPy reports: in a process with AVX-512 disabled it is 'exp'."""
+    import os
+    import subprocess
+    import sys
+    assert activations.SIGMOID_FORM == ("tanh" if activations.numpy_uses_avx512() else "exp")
+    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR")
+    code = "from ttfm_np import activations as a; print(a.numpy_uses_avx512(), a.SIGMOID_FORM)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "exp"]
+
+
 # ---------------------------------------------------------------------------- attention
 
 def attention_reference(x, Wqkv, bqkv, Wo, bo, heads):

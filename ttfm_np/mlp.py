@@ -84,11 +84,12 @@ def mlp_forward(params, cfg: MLPConfig, x, s, t=None, dropout_seed=None, need_gr
     e = run("emb", time_embedding_forward(params, "emb", s, t, cfg.emb_features, cfg.time_scale))
     e_act = run("emb_act", silu_forward(e))
     a = run("in", linear_forward(x, params["in.weight"], params["in.bias"]))
-    b = run("in_emb", linear_forward(e_act, params["in_emb.weight"]))
-    h = run("act0", silu_forward(a + b))
+    a += run("in_emb", linear_forward(e_act, params["in_emb.weight"]))
+    # the pre-activations a and z are fresh temporaries that no cache holds: SiLU overwrites them
+    h = run("act0", silu_forward(a, overwrite_x=True))
     for k in range(1, cfg.depth):
         z = run(f"hidden{k}", linear_forward(h, params[f"hidden{k}.weight"], params[f"hidden{k}.bias"]))
-        h = run(f"act{k}", silu_forward(z))
+        h = run(f"act{k}", silu_forward(z, overwrite_x=True))
     u = run("out", linear_forward(h, params["out.weight"], params["out.bias"]))
     if not need_grad:
         return u, None

@@ -252,3 +252,58 @@ def test_too_many_bytes_in_all_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(torch_reader, "MAX_TOTAL_BYTES", 3999)
     with pytest.raises(torch_reader.TorchFileError, match="refused before inflating"):
         torch_reader.load_torch_file(str(path))
+
+
+# ----------------------------------------------------------------------------- inputs: contents, not paths
+
+def _points(path, seed, n=200):
+    np.save(path, np.random.default_rng(seed).standard_normal((n, 2)).astype(np.float32))
+    return f"points:{path}"
+
+
+def test_resume_refuses_a_changed_points_file(tmp_path):
+    data = _points(tmp_path / "p.npy", 0)
+    run = ["train", "--data", data, "--model", "mlp-tiny", "--batch-size", 16, "--out", tmp_path / "t"]
+    assert_ok(invoke(*run, "--steps", 4))
+    _points(tmp_path / "p.npy", 1)                           # same path, other rows
+    assert_error(invoke(*run, "--steps", 8, "--resume"), "the data file(s): sha256", "->", "Restore the original")
+    _points(tmp_path / "p.npy", 0)                           # the original contents again: resumes
+    assert_ok(invoke(*run, "--steps", 8, "--resume"))
+
+
+def test_resume_refuses_a_replaced_teacher(teacher, tmp_path):
+    import shutil
+    t = tmp_path / "teacher"
+    shutil.copytree(teacher, t)
+    run = ["distill", "--data", "toy:moons", "--teacher", t, "--batch-size", 16, "--ckpt-every", 2,
+           "--out", tmp_path / "s", *EVAL_FAST]
+    assert_ok(invoke(*run, "--steps", 2))
+    assert_ok(invoke("train", *TEACHER, "--steps", 12, "--out", t, "--resume"))    # the teacher trains on in place
+    assert_error(invoke(*run, "--steps", 4, "--resume"), "the teacher checkpoint: sha256", "->")
+
+
+def test_eval_warns_when_the_teacher_is_not_the_students(teacher, tmp_path):
+    import shutil
+    t = tmp_path / "teacher"
+    shutil.copytree(teacher, t)
+    s = tmp_path / "s"
+    assert_ok(invoke("distill", "--data", "toy:moons", "--teacher", t, "--batch-size", 16, "--steps", 2,
+                     "--out", s, *EVAL_FAST))
+    ev = ["eval", "--student", s, "--steps", "1", "--n", 16, "--n-ref", 4, "--out", tmp_path / "ev"]
+    out = assert_ok(invoke(*ev, "--teacher", t))
+    assert "Warning" not in out
+    copy = tmp_path / "copy"
+    shutil.copytree(t, copy)                                 # the same contents elsewhere: no warning
+    assert "Warning" not in assert_ok(invoke(*ev, "--teacher", copy))
+    other = tmp_path / "other"
+    assert_ok(invoke("train", *TEACHER, "--steps", 10, "--seed", 3, "--out", other))
+    out = assert_ok(invoke(*ev, "--teacher", other))
+    assert "Warning: the student" in out and "another teacher" in out
+
+
+def test_distill_model_with_teacher_is_checked_not_ignored(teacher, tmp_path):
+    run = ["distill", "--data", "toy:moons", "--teacher", teacher, "--batch-size", 16, "--steps", 1, *EVAL_FAST]
+    assert_error(invoke(*run, "--model", "mlp", "--out", tmp_path / "a"), "--model mlp is not the network",
+                 "omit --model")
+    assert_error(invoke(*run, "--model", "small", "--out", tmp_path / "b"), "--model small is not the network")
+    assert_ok(invoke(*run, "--model", "mlp-tiny", "--out", tmp_path / "c"))          # the teacher's own: honoured

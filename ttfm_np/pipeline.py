@@ -37,7 +37,7 @@ import numpy as np
 from dataclasses import dataclass
 
 from . import backend, blas, ckpt, data as datasets, evaluate as evaluation, images, losses, metrics, model, recipes
-from . import atomic, jsonio
+from . import atomic, inputs, jsonio
 from . import params as P
 from . import distributed, sampling, train, ttfm
 from .ckpt import CHECKPOINT_NAME
@@ -131,6 +131,13 @@ def _batches(ds, tcfg, flip=False):
     return datasets.BatchIterator(ds.data, tcfg.batch_size, seed=tcfg.seed, flip=flip)
 
 
+def _check_inputs_unchanged(out: str, hashes: dict, resume: bool):
+    """On --resume, refuse inputs whose contents changed since the run started (inputs.py: old -> new)."""
+    path = os.path.join(out, CHECKPOINT_NAME)
+    if resume and os.path.exists(path):
+        inputs.check_unchanged(ckpt.load_checkpoint(path)["config"].get("inputs"), hashes, path)
+
+
 @contextlib.contextmanager
 def _locked_run(out: str):
     """Hold the run folder's lock while training; a run that saved nothing leaves no folder behind."""
@@ -162,7 +169,9 @@ def train_teacher(data: str, *, model_name: str | None = None, out: str | None =
     log(f"teacher: {model_name} on {data} ({len(ds.data)} samples of shape {ds.shape}), {tcfg.steps} steps "
         f"of batch {tcfg.batch_size}, device {backend.device_name()}, out {out}")
     run_config = dict(task="teacher", data=data, time_sampling=time_sampling, flip=flip,
-                      resolution=ds.shape[-1] if ds.kind == "image" else None)
+                      resolution=ds.shape[-1] if ds.kind == "image" else None,
+                      inputs=inputs.input_hashes(data, data_dir))             # content, not just paths
+    _check_inputs_unchanged(out, run_config["inputs"], resume)
     with _locked_run(out), blas.single_threaded_small_gemms(cfg.kind == "mlp"):
         _, _, step = train.train_loop(out, model_cfg=cfg, init_params=model.init_model(cfg, tcfg.seed),
                                       objective=objective, data_iter=batches, tcfg=tcfg, resume=resume,
@@ -198,6 +207,14 @@ def ensure_teacher(data: str, *, model_name: str | None = None, quick: bool = Fa
 
 # ----------------------------------------------------------------------------- distillation
 
+def _is_preset(cfg, model_name: str) -> bool:
+    """True when the network config `cfg` is the preset `model_name` (at cfg's sample shape)."""
+    try:
+        return model.make_config(model_name, cfg.sample_shape, two_time=cfg.two_time).to_dict() == cfg.to_dict()
+    except ValueError:                            # e.g. an MLP preset for image samples
+        return False
+
+
 def _default_run_dir(data, loss, quick):
     return os.path.join(recipes.RUNS_DIR, f"distill-{recipes.slug(data)}-{loss}" + ("-quick" if quick else ""))
 
@@ -227,16 +244,23 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
     one continued, a different one left alone (the new run goes to <folder>-2, -3, ...).
     """
     loss = (loss or losses.DistillLossConfig()).validate()
+    model_given = None
     if train_overrides.get("ema_decay") is None and loss.student_ema_decay is not None:
         train_overrides["ema_decay"] = loss.student_ema_decay      # the loss's measured best EMA rate
     if teacher is None:
         teacher = ensure_teacher(data, model_name=model_name, quick=quick, seed=train_overrides.get("seed") or 0,
                                  dtype=train_overrides.get("dtype") or "float32", data_dir=data_dir,
                                  progress=progress, max_cpu_hours=max_cpu_hours)
+    elif model_name is not None:
+        model_given = model_name                   # checked against the given teacher's network below
     teacher = checkpoint_path(teacher)
     tcfg = train_config(recipes.distill_recipe(data, quick), **train_overrides)
     tm = sampling.load_model(teacher, weights="ema", dtype=tcfg.dtype, role="teacher", data=data)
     teacher = os.path.abspath(tm.path)
+    if model_given is not None and not _is_preset(tm.cfg, model_given):
+        raise ValueError(f"--model {model_given} is not the network of the teacher {teacher}: the student copies "
+                         "its teacher's network, so omit --model, or pass a teacher trained with "
+                         f"--model {model_given}")
     if loss.loss == "lfmd" and loss.fd_step is not None and loss.fd_step * tm.cfg.time_scale > 1.0:
         warnings.warn(f"--fd-step {loss.fd_step} is coarse for time features of frequency {tm.cfg.time_scale:g}: "
                       "the finite difference will damp them (see docs/method.md)")
@@ -246,7 +270,8 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
         raise ValueError(f"the teacher {teacher} models samples of shape {tm.sample_shape}, but {data} has "
                          f"{ds.shape}: train a teacher on this data")
     student_params, scfg = ttfm.student_from_teacher(P.to_numpy(tm.params), tm.cfg)
-    run_config = dict(task="student", data=data, teacher=teacher, loss=loss.to_dict())
+    run_config = dict(task="student", data=data, teacher=teacher, loss=loss.to_dict(),
+                      inputs=inputs.input_hashes(data, data_dir, teacher))    # content, not just paths
     config = json.loads(json.dumps(dict(run_config, model=scfg.to_dict(),
                                         train=dict(vars(tcfg)))))
     reused = False
@@ -262,6 +287,7 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
             log(f"{_default_run_dir(data, loss.loss, quick)} holds a run with other settings: writing to {out}")
     step = tcfg.steps
     if not reused:
+        _check_inputs_unchanged(out, run_config["inputs"], resume)
         objective = DistillObjective(scfg, (tm.params, tm.cfg), loss, sample_kind=ds.kind, heldout=_heldout(ds))
         log(f"distill: {loss.loss} from {teacher} on {data}, {tcfg.steps} steps of batch {tcfg.batch_size}, "
             f"device {backend.device_name()}, out {out}")
@@ -297,6 +323,7 @@ def evaluate_models(teacher: str, student: str | None = None, *, steps=(1, 2, 4,
                              f"{tm.sample_shape}: they were not trained on the same data")
         if sm.data and tm.data and sm.data != tm.data:
             raise ValueError(f"the student was distilled on {sm.data}, the teacher trained on {tm.data}")
+        _warn_if_not_its_teacher(sm, tm)
     heldout = _heldout_points(tm.data, data_dir, n)
     # data parallel: every rank draws the same noise (host, from the seed) and generates its rows [lo, hi);
     # the samples are gathered on every rank in rank order, so the table equals one process's
@@ -319,6 +346,21 @@ def evaluate_models(teacher: str, student: str | None = None, *, steps=(1, 2, 4,
                                      extra=dict(teacher=teacher, student=student, n=n, n_ref=n_ref, seed=seed))
     log(f"wrote {os.path.join(out, 'eval.json')} and {', '.join(paths)}")
     return rows
+
+
+def _warn_if_not_its_teacher(sm, tm):
+    """A student's checkpoint records its teacher (path and sha256): warn when `tm` is another one."""
+    recorded = sm.config.get("teacher")
+    recorded_hash = (sm.config.get("inputs") or {}).get("teacher")
+    if recorded_hash is not None:
+        given_hash = inputs.sha256_file(tm.path)
+        if given_hash != recorded_hash:
+            warnings.warn(f"the student {sm.path} was distilled from the teacher {recorded} (sha256 "
+                          f"{recorded_hash[:12]}), but the teacher given, {tm.path}, has other contents (sha256 "
+                          f"{given_hash[:12]}): the table measures the student against another teacher's solutions")
+    elif recorded and os.path.abspath(recorded) != os.path.abspath(tm.path):
+        warnings.warn(f"the student {sm.path} was distilled from the teacher {recorded}, not from {tm.path}: "
+                      "the table measures it against another teacher's solutions (unless that file is a copy)")
 
 
 def check_step_counts(steps) -> list:

@@ -205,8 +205,8 @@ def config_differences(saved: dict, requested: dict) -> list:
     for key in sorted(set(a) | set(b)):
         if key in safe:
             continue
-        if key not in a and _added_at_default(key, b[key]):
-            continue                 # a setting added after the checkpoint was written, at its default
+        if key not in a and (_added_at_default(key, b[key]) or key.startswith("inputs.")):
+            continue                 # a setting (or input hash) added after the checkpoint was written
         old, new = a.get(key, "(not set)"), b.get(key, "(not set)")
         if isinstance(old, list):
             old = tuple(old)

@@ -20,7 +20,7 @@ import pytest
 
 from ttfm_np import distributed as D
 from ttfm_np.data import BatchIterator
-from ttfm_np.fid import FeatureStats
+from ttfm_np.fid import FeatureStats, merge_feature_stats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -28,14 +28,30 @@ ROOT = os.path.dirname(HERE)
 
 # ----------------------------------------------------------------------------- a fake communicator
 
+class RankGone(RuntimeError):
+    """A thread rank waits in a collective that another rank, already finished or failed, never joins."""
+
+
 class _Exchange:
-    """What the thread "ranks" share: a barrier and one slot per rank."""
+    """What the thread "ranks" share: one slot per rank for every collective, and who has ended.
+
+    No wall clock anywhere: a rank waits in a collective until every rank has arrived, or
+    until a rank that has not arrived has ended (returned or raised): that rank can never
+    come, so the waiting rank raises RankGone at once. A slow rank (a loaded machine) only
+    makes the others wait longer; it cannot fail a test.
+    """
 
     def __init__(self, size):
         self.size = size
-        self.barrier = threading.Barrier(size, timeout=10)
         self.calls = {}                       # collective number -> one slot per rank
-        self.lock = threading.Lock()
+        self.arrived = {}                     # collective number -> ranks that have written their slot
+        self.ended = set()                    # ranks whose function returned or raised
+        self.cond = threading.Condition()
+
+    def end(self, rank):
+        with self.cond:
+            self.ended.add(rank)
+            self.cond.notify_all()
 
 
 class ThreadComm(D.SingleProcess):
@@ -49,13 +65,22 @@ class ThreadComm(D.SingleProcess):
         self.aborted, self.n_calls = None, 0
 
     def allgather_object(self, obj):
-        # every collective has its own slots, so one barrier suffices and a rank that
-        # raises right after a collective leaves no other rank waiting
-        with self.x.lock:
-            slots = self.x.calls.setdefault(self.n_calls, [None] * self.size)
+        # every collective has its own slots, so a rank that leaves a collective early (all
+        # slots written) and goes on to the next one never overwrites a slot still being read
+        n, x = self.n_calls, self.x
         self.n_calls += 1
-        slots[self.rank] = obj
-        self.x.barrier.wait()                 # all written
+        with x.cond:
+            slots = x.calls.setdefault(n, [None] * self.size)
+            arrived = x.arrived.setdefault(n, set())
+            slots[self.rank] = obj
+            arrived.add(self.rank)
+            x.cond.notify_all()
+            while len(arrived) < self.size:
+                gone = sorted(x.ended - arrived)
+                if gone:
+                    raise RankGone(f"rank {self.rank} waits in collective #{n}, which rank(s) {gone} "
+                                   "ended without joining: the ranks called different collectives")
+                x.cond.wait()
         return list(slots)
 
     def allreduce_sum(self, buf):
@@ -97,14 +122,18 @@ def run_ranks(size, fn):
         try:
             results[r] = fn(ThreadComm(r, ex))
         except BaseException as exc:        # noqa: BLE001 - handed back to the test
-            errors[r] = exc           # a rank still waiting for this one fails by the barrier's timeout
+            errors[r] = exc
+        finally:
+            ex.end(r)                 # a rank still waiting for this one raises RankGone now
 
     threads = [threading.Thread(target=body, args=(r,)) for r in range(size)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads), "a thread rank hung"
+        # Collectives cannot hang (see _Exchange), so this bound is only a last resort against a
+        # deadlock elsewhere: far above any run time of these tests, even on a loaded machine.
+        t.join(600)
+    assert not any(t.is_alive() for t in threads), "a thread rank is still running after 600 s (deadlock?)"
     return results, errors
 
 
@@ -290,7 +319,7 @@ def test_merge_feature_stats_equals_one_process():
         st = FeatureStats()
         for i in range(0, len(parts[comm.rank]), 4):           # several batches per rank
             st.update(parts[comm.rank][i:i + 4])
-        return D.merge_feature_stats(comm, st)
+        return merge_feature_stats(comm, st)
 
     for st in _ok(3, rank):
         assert st.n == 23
@@ -683,3 +712,28 @@ def test_two_thread_ranks_with_dropout_train_like_one_process(tmp_path):
         assert step == 3
         for k in one:
             np.testing.assert_allclose(rank_params[k], one[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_thread_ranks_that_call_different_collectives_fail_at_once_without_a_timeout():
+    """A rank waiting in a collective that a finished rank never joins raises RankGone immediately
+    (no wall-clock timeout, so a slow rank on a loaded machine can never be taken for a hung one)."""
+    import time
+
+    def fn(comm):
+        comm.barrier()
+        if comm.rank == 0:
+            comm.barrier()                     # rank 1 has returned: this can never complete
+        return comm.rank
+
+    t0 = time.perf_counter()
+    results, errors = run_ranks(2, fn)
+    assert results[1] == 1 and errors[1] is None
+    assert isinstance(errors[0], RankGone) and "rank(s) [1] ended" in str(errors[0])
+    assert time.perf_counter() - t0 < 60       # detected, not timed out (nothing here waits on a clock)
+
+    def slow(comm):                            # a rank far slower than the other is only waited for
+        if comm.rank == 1:
+            time.sleep(0.2)
+        return comm.allgather_object(comm.rank)
+
+    assert _ok(2, slow) == [[0, 1], [0, 1]]

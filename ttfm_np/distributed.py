@@ -45,7 +45,7 @@ import os
 
 import numpy as np
 
-from . import backend
+from . import backend, progress
 
 KINDS = ("auto", "none", "mpi", "nccl")
 
@@ -278,6 +278,7 @@ def setup(kind: str = "auto", device: str | None = None):
     """
     global _CURRENT
     _CURRENT = get_communicator(kind, device)
+    progress.set_quiet(not _CURRENT.is_root)          # rank 0 speaks for all ranks (progress.log)
     return _CURRENT
 
 
@@ -580,45 +581,3 @@ class DataParallel:
         g, scalars = self._bucket.unpack()
         out_metrics = dict(zip(keys, scalars[1:-1]))
         return scalars[0], g, out_metrics, scalars[-1] > 0.5
-
-
-# ----------------------------------------------------------------------------- FID statistics
-
-def merge_feature_stats(comm, stats):
-    """FeatureStats over the union of every rank's features, on every rank (float64 sums).
-
-    Rank r holds n_r, shift c_r, S_r = sum d, O_r = sum d d^T with d = f - c_r.
-    Re-centred on a common shift c (the n-weighted mean of the shifts), d' = d + delta,
-    delta = c_r - c:
-        S'_r = S_r + n_r delta
-        O'_r = O_r + S_r delta^T + delta S_r^T + n_r delta delta^T
-    and the sums over r are the statistics of all features (exact algebra).
-    A rank without features contributes zeros.
-    """
-    from .fid import FeatureStats
-    if comm.size == 1:
-        return stats
-    dims = [d for d in comm.allgather_object(stats.dim if stats.n > 0 else None) if d is not None]
-    if not dims:
-        raise ValueError("no features were added on any rank")
-    if len(set(dims)) != 1:
-        raise ValueError(f"ranks hold features of different dimensions {sorted(set(dims))}")
-    dim = dims[0]
-    # c = sum_r n_r c_r / sum_r n_r   (one all-reduce of dim + 1 numbers)
-    head = np.zeros(dim + 1)
-    if stats.n > 0:
-        head[:dim], head[dim] = stats.n * stats.shift, stats.n
-    comm.allreduce_sum(head)
-    shift = head[:dim] / head[dim]
-    # [n, S', O'] in one buffer of 1 + dim + dim^2 float64 (32 MiB for Inception's 2048)
-    buf = np.zeros(1 + dim + dim * dim)
-    if stats.n > 0:
-        delta = stats.shift - shift
-        s = stats.sum + stats.n * delta
-        o = stats.outer + np.outer(stats.sum, delta) + np.outer(delta, stats.sum) + stats.n * np.outer(delta, delta)
-        buf[0], buf[1:1 + dim], buf[1 + dim:] = stats.n, s, o.reshape(-1)
-    comm.allreduce_sum(buf)
-    merged = FeatureStats(dim)
-    merged.n = int(round(buf[0]))
-    merged.shift, merged.sum, merged.outer = shift, buf[1:1 + dim].copy(), buf[1 + dim:].reshape(dim, dim).copy()
-    return merged

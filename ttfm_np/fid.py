@@ -80,7 +80,7 @@ class FeatureStats:
             self._shift, self._sum, self._outer = (backend.to_numpy(a) for a in (self._shift, self._sum, self._outer))
         return getattr(self, name)
 
-    # shift, sum (of d) and outer (sum d d^T), on the host; distributed.merge_feature_stats sets them too
+    # shift, sum (of d) and outer (sum d d^T), on the host; merge_feature_stats sets them too
     shift = property(lambda self: self._host("_shift"), lambda self, v: setattr(self, "_shift", v))
     sum = property(lambda self: self._host("_sum"), lambda self, v: setattr(self, "_sum", v))
     outer = property(lambda self: self._host("_outer"), lambda self, v: setattr(self, "_outer", v))
@@ -98,6 +98,47 @@ class FeatureStats:
         m = self.sum / self.n
         # sum (f - mu)(f - mu)^T = sum d d^T - n m m^T, divided by n - 1
         return (self.outer - self.n * np.outer(m, m)) / (self.n - 1)
+
+
+def merge_feature_stats(comm, stats: FeatureStats) -> FeatureStats:
+    """FeatureStats over the union of every rank's features, on every rank (float64 sums).
+
+    comm: a communicator of ttfm_np.distributed (allreduce_sum, allgather_object); with one
+    rank the stats come back unchanged.
+    Rank r holds n_r, shift c_r, S_r = sum d, O_r = sum d d^T with d = f - c_r.
+    Re-centred on a common shift c (the n-weighted mean of the shifts), d' = d + delta,
+    delta = c_r - c:
+        S'_r = S_r + n_r delta
+        O'_r = O_r + S_r delta^T + delta S_r^T + n_r delta delta^T
+    and the sums over r are the statistics of all features (exact algebra).
+    A rank without features contributes zeros.
+    """
+    if comm.size == 1:
+        return stats
+    dims = [d for d in comm.allgather_object(stats.dim if stats.n > 0 else None) if d is not None]
+    if not dims:
+        raise ValueError("no features were added on any rank")
+    if len(set(dims)) != 1:
+        raise ValueError(f"ranks hold features of different dimensions {sorted(set(dims))}")
+    dim = dims[0]
+    # c = sum_r n_r c_r / sum_r n_r   (one all-reduce of dim + 1 numbers)
+    head = np.zeros(dim + 1)
+    if stats.n > 0:
+        head[:dim], head[dim] = stats.n * stats.shift, stats.n
+    comm.allreduce_sum(head)
+    shift = head[:dim] / head[dim]
+    # [n, S', O'] in one buffer of 1 + dim + dim^2 float64 (32 MiB for Inception's 2048)
+    buf = np.zeros(1 + dim + dim * dim)
+    if stats.n > 0:
+        delta = stats.shift - shift
+        s = stats.sum + stats.n * delta
+        o = stats.outer + np.outer(stats.sum, delta) + np.outer(delta, stats.sum) + stats.n * np.outer(delta, delta)
+        buf[0], buf[1:1 + dim], buf[1 + dim:] = stats.n, s, o.reshape(-1)
+    comm.allreduce_sum(buf)
+    merged = FeatureStats(dim)
+    merged.n = int(round(buf[0]))
+    merged.shift, merged.sum, merged.outer = shift, buf[1:1 + dim].copy(), buf[1 + dim:].reshape(dim, dim).copy()
+    return merged
 
 
 def _sqrtm(a):

@@ -437,7 +437,7 @@ def fid_stats(data: str, *, split: str = "train", n: int | None = None, batch_si
     comm = distributed.current()
     stats = fid.stats_of_images(net, batches, f"inception features ({total} images)" if comm.is_root else None,
                                 len(mine))
-    stats = distributed.merge_feature_stats(comm, stats)           # float64 sums over the ranks
+    stats = fid.merge_feature_stats(comm, stats)                   # float64 sums over the ranks
     out = out or fid.default_stats_path(name, split)
     if comm.is_root:
         fid.save_stats(out, stats.mu, stats.sigma, stats.n, f"{data}:{split}")
@@ -480,7 +480,7 @@ def fid_score(*, ckpt_path: str | None = None, folder: str | None = None, steps:
     comm = distributed.current()
     stats = fid.stats_of_images(net, batches, f"FID features ({total} images)" if comm.is_root else None,
                                 len(mine))
-    stats = distributed.merge_feature_stats(comm, stats)           # float64 sums over the ranks
+    stats = fid.merge_feature_stats(comm, stats)                   # float64 sums over the ranks
     score = fid.frechet_distance(stats.mu, stats.sigma, mu_r, sigma_r)
     return dict(fid=score, n=total, ref=ref, source=folder or f"{ckpt_path}, {steps} steps")
 

@@ -22,10 +22,21 @@ import time
 import click
 
 
+_QUIET = False        # True on the ranks other than 0 under mpiexec: rank 0 speaks for all ranks
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence log() in this process; distributed.setup() calls it on every rank but rank 0.
+
+    (Set from outside so that this module imports nothing of ttfm_np: every module may log.)
+    """
+    global _QUIET
+    _QUIET = bool(quiet)
+
+
 def log(message: str) -> None:
     """A line for the user on stderr (stdout stays free for results such as tables)."""
-    from .distributed import current
-    if current().is_root:                   # under mpiexec, rank 0 speaks for all ranks
+    if not _QUIET:
         click.echo(message, err=True)
 
 

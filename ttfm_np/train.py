@@ -413,6 +413,9 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
             if stopping:
                 break
         save_checked(pending)            # the final (or interrupted) state, checked by one more loss
+    # Rank 0 alone writes the checkpoint; the others must not go on (evaluate it, train on with it,
+    # distill from it) before the file is complete, or they read nothing or an older step.
+    comm.barrier()
     if stopping:
         raise Interrupted(stop.signum or signal.SIGTERM, ckpt_path, step)
     if comm.is_root:

@@ -32,7 +32,7 @@ def main(kinds, preset, shape, batch, iters):
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
     for kind in kinds.split(","):
         sec, _ = time_ours(kind, preset, batch, warmup=1, iters=iters, xp=np, shape=shape)
-        click.echo(f"{kind:8s} {sec:6.2f} s/update  ({preset}, {shape}, batch {batch}, OPENBLAS_NUM_THREADS={threads})")
+        click.echo(f"{kind:8s} {sec:7.3f} s/update  ({preset}, {shape}, batch {batch}, OPENBLAS_NUM_THREADS={threads})")
 
 
 if __name__ == "__main__":

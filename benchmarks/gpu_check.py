@@ -67,7 +67,9 @@ def time_ours(kind, preset, batch, warmup, iters, xp, shape=(3, 32, 32)):
         objective, params, ema = objectives.FlowMatchingObjective(tcfg), P.to_device(host, xp), P.to_device(host, xp)
     else:
         shost, scfg = ttfm.student_from_teacher(host, tcfg)
-        objective = objectives.DistillObjective(scfg, teacher, losses.DistillLossConfig(loss=kind))
+        loss, _, derivative = kind.partition(":")          # e.g. lfmd:fd, lfmd:jvp (--lfmd-derivative)
+        opts = losses.DistillLossConfig(loss=loss, **({"lfmd_derivative": derivative} if derivative else {}))
+        objective = objectives.DistillObjective(scfg, teacher, opts)
         params, ema = P.to_device(shost, xp), P.to_device(shost, xp)
     state = optim.adam_init(params)
     x1 = xp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch,) + tuple(shape)).astype(np.float32))

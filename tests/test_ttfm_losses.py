@@ -66,7 +66,8 @@ OPTS = [
     dict(loss="itvm", delta_mode="absolute", target_solver="euler"),
     dict(loss="itvm", target_solver="heun", delta_mode="relative"),
     dict(loss="itvm", lambda_init=0.0),
-    dict(loss="lfmd", lfmd_teacher_grad=True),               # the exact gradient (the default semi-gradient: below)
+    dict(loss="lfmd", lfmd_teacher_grad=True, lfmd_derivative="fd"),   # the exact gradient (the default
+    dict(loss="lfmd", lfmd_teacher_grad=True, lfmd_derivative="jvp"),  # semi-gradient: below)
     dict(loss="ecd"),
 ]
 
@@ -93,7 +94,7 @@ def test_lfmd_semi_gradient_treats_teacher_output_as_constant(rng):
     sp, scfg = ttfm.student_from_teacher(tp, tcfg)
     sp = P.randomize(sp, seed=5, std=0.3)
     x_s, s, t = _batch(rng, (2,), 6)
-    opts = losses.DistillLossConfig(loss="lfmd", lfmd_teacher_grad=False).validate()
+    opts = losses.DistillLossConfig(loss="lfmd", lfmd_teacher_grad=False, lfmd_derivative="fd").validate()
     _, grads, _ = losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts)
     h = losses.lfmd_fd_step(opts, scfg)
     assert h == 0.1 / scfg.time_scale                       # fd_step=None: the auto step
@@ -183,7 +184,7 @@ def _warm_perturbed(kind, seed=0, perturb=0.05):
 def _lfmd_f(student, teacher, x_s, s, t, dtype, fd_step=None):
     st = (P.astype(student[0], dtype), student[1])
     te = (P.astype(teacher[0], dtype), teacher[1])
-    opts = losses.DistillLossConfig(loss="lfmd", fd_step=fd_step).validate()
+    opts = losses.DistillLossConfig(loss="lfmd", fd_step=fd_step, lfmd_derivative="fd").validate()
     loss, grads, m = losses.lfmd_loss(st, st, te, x_s.astype(dtype), s.astype(dtype), t.astype(dtype), opts)
     return loss, np.concatenate([np.asarray(grads[k], np.float64).ravel() for k in sorted(grads)]), m
 
@@ -237,7 +238,7 @@ def test_lfmd_with_dropout_sees_one_mask_per_seed(rng):
                              attn_resolutions=tuple(scfg.attn_resolutions)))
     sp = P.randomize(sp, seed=5, std=0.3)
     x_s, s, t = _batch(rng, (1, 8, 8), 3)
-    opts = losses.DistillLossConfig(loss="lfmd").validate()
+    opts = losses.DistillLossConfig(loss="lfmd", lfmd_derivative="fd").validate()
     run = lambda seed: losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts, seed)[0]
     no_dropout, with_dropout = run(None), run(7)
     assert with_dropout == run(7) and with_dropout != no_dropout
@@ -255,7 +256,7 @@ def test_lfmd_with_dropout_equals_lfmd_with_one_explicit_mask(rng, monkeypatch):
     scfg = type(scfg)(**dict(scfg.to_dict(), dropout=0.2, channel_mult=tuple(scfg.channel_mult),
                              attn_resolutions=tuple(scfg.attn_resolutions)))
     x_s, s, t = _batch(rng, (1, 8, 8), 4)
-    opts = losses.DistillLossConfig(loss="lfmd").validate()
+    opts = losses.DistillLossConfig(loss="lfmd", lfmd_derivative="fd").validate()
     lib_loss, lib_grads, _ = losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts, 7)
     no_dropout = losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts, None)[0]
 

@@ -14,7 +14,11 @@ plain forwards whose results are constants (that *is* the stop-gradient).
         y  = phi_{theta^-}(x_s, s, t');   y_hat = y + d v(y, t')  (Euler) or Heun
         L_term = || u(x_s, s, t) - sg((y_hat - x_s) / (t - s)) ||^2    (pairs with t > s)
         L = lambda_init L_init + lambda_term L_term
-    LFMD (Boffi et al.): || d/dt phi(x_s, s, t) - v(phi(x_s, s, t), t) ||^2, d/dt by finite difference
+    LFMD (Boffi et al.): || d/dt phi(x_s, s, t) - v(phi(x_s, s, t), t) ||^2, d/dt exactly (forward mode,
+        --lfmd-derivative jvp) or by finite difference (fd)
+    MeanFlow (Geng et al.), this project's time convention (docs/method.md section 5.4):
+        L = || u(x_s, s, t) - sg(v(x_s, s) + (t - s) d/ds u(x_s(s), s, t)) ||^2,
+        d/ds along the teacher's flow = the JVP of u with tangent (v(x_s, s), 1, 0) in (x, s, t)
     ECD (consistency, initial end): || phi(x_s, s, t) - sg(phi_{theta^-}(x_s + D v(x_s, s), s + D, t)) ||^2
 """
 from __future__ import annotations
@@ -23,25 +27,33 @@ from dataclasses import asdict, dataclass, replace
 
 from . import backend
 from .flow import bcast
-from .model import model_backward, model_forward
-from .ttfm import phi_backward, phi_forward
+from .model import model_backward, model_forward, model_jvp
+from .ttfm import phi_backward, phi_forward, phi_jvp, phi_jvp_backward
 
-LOSSES = ("itvm", "lfmd", "ecd")
+LOSSES = ("itvm", "lfmd", "ecd", "meanflow")
+LFMD_DERIVATIVES = ("jvp", "fd")             # LFMD's d/dt phi: exact forward mode, or a finite difference
 PAIR_SAMPLINGS = ("minmax", "uniform-gap")     # objectives.sample_time_pairs
 
 # Options that several losses share but whose best value differs per loss default to None in
 # DistillLossConfig and take their loss's value from here (validate() fills them in). The values
 # are the measured best of experiments/study_toys.py (docs/results.md, "Multi-seed toy study").
 LOSS_DEFAULTS = {
-    "itvm": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=0.95),    # delta: absolute mode only
-    "lfmd": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=None),    # delta unused; EMA: the recipe's
-    "ecd":  dict(frac_t1=0.5, delta=1.0 / 16, student_ema_decay=0.9),
+    "itvm": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=0.95, lfmd_derivative=None),   # delta: absolute mode only
+    "lfmd": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=None,     # delta unused; EMA: the recipe's
+                 lfmd_derivative="jvp"),                                  # docs/results.md: the step-cost ratio
+    "ecd":  dict(frac_t1=0.5, delta=1.0 / 16, student_ema_decay=0.9, lfmd_derivative=None),
+    # MeanFlow: not yet tuned by experiments/study_toys.py; the LFMD-like choices (no EMA target)
+    "meanflow": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=None, lfmd_derivative=None),
 }
+
+# The value a loss option had in effect in runs written before the option existed: a checkpoint without
+# the option resumes only under that value (train.config_differences). LFMD used the finite difference.
+VALUE_BEFORE_OPTION = {"lfmd_derivative": "fd"}
 
 
 @dataclass
 class DistillLossConfig:
-    loss: str = "itvm"              # itvm | lfmd | ecd
+    loss: str = "itvm"              # itvm | lfmd | ecd | meanflow
     lambda_init: float = 1.0        # ITVM: weight of the initial-velocity term (0 = ablation)
     lambda_term: float = 1.0        # ITVM: weight of the terminal-velocity term
     delta: float | None = None      # ITVM (absolute mode)/ECD: teacher step Delta; None = the loss's LOSS_DEFAULTS
@@ -51,6 +63,7 @@ class DistillLossConfig:
     ema_target: bool = True         # ITVM/ECD: target from the EMA student (False: the live weights under sg)
     fd_step: float | None = None    # LFMD: finite-difference step h in t; None = 0.1 / time_scale (lfmd_fd_step)
     lfmd_teacher_grad: bool = False  # LFMD: back-propagate through the teacher's input phi (see lfmd_loss)
+    lfmd_derivative: str | None = None  # LFMD: d/dt phi by jvp (exact) or fd (finite difference); None = LOSS_DEFAULTS
     pairs: str = "minmax"           # time pairs: minmax (s, t = min, max of two uniforms) | uniform-gap
     frac_t1: float | None = None    # time pairs: fraction of pairs with t = 1 (all losses); None = LOSS_DEFAULTS
     max_gap: float | None = None    # time pairs: restrict t - s <= max_gap (None: no restriction)
@@ -83,6 +96,8 @@ class DistillLossConfig:
         if self.fd_step is not None and not 0.0 < self.fd_step < 0.5:
             raise ValueError(f"fd_step must be in (0, 0.5) or None (auto: 0.1 / the student's time_scale), "
                              f"got {self.fd_step}")
+        if self.lfmd_derivative not in (None,) + LFMD_DERIVATIVES:
+            raise ValueError(f"lfmd_derivative must be one of {', '.join(LFMD_DERIVATIVES)}, got {self.lfmd_derivative!r}")
         if self.pairs not in PAIR_SAMPLINGS:
             raise ValueError(f"pairs must be one of {', '.join(PAIR_SAMPLINGS)}, got {self.pairs!r}")
         if not 0.0 <= self.frac_t1 <= 1.0:
@@ -214,7 +229,10 @@ def lfmd_fd_step(opts: DistillLossConfig, cfg) -> float:
 def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout_seed=None):
     """Lagrangian map distillation: || d/dt phi(x_s, s, t) - v(phi(x_s, s, t), t) ||^2.
 
-    d/dt phi by a second-order finite difference with step h (lfmd_fd_step):
+    opts.lfmd_derivative "jvp": d/dt phi exact, one forward-mode pass with the tangent
+    (x_dot, s_dot, t_dot) = (0, 0, 1) (ttfm.phi_jvp), and the gradient through it by reverse over
+    forward (phi_jvp_backward): exact to rounding, at every t including t = 1 (lfmd_loss_jvp).
+    opts.lfmd_derivative "fd": d/dt phi by a second-order finite difference with step h (lfmd_fd_step):
         central      (phi(t + h) - phi(t - h)) / 2h                        where t + h <= 1
         one-sided    (3 phi(t) - 4 phi(t - h) + phi(t - 2h)) / 2h           where t + h > 1
     so the student is never evaluated past t = 1 and both stencils have O(h^2)
@@ -235,6 +253,8 @@ def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout
     same budget (the exact gradient also pulls phi toward where v matches dphi/dt).
     The ema argument is unused (LFMD has no EMA target); it keeps the signature uniform.
     """
+    if (opts.lfmd_derivative or LOSS_DEFAULTS["lfmd"]["lfmd_derivative"]) == "jvp":
+        return lfmd_loss_jvp(student, teacher, x_s, s, t, opts, dropout_seed)
     params, cfg = student
     xp = backend.array_module(x_s)
     h = lfmd_fd_step(opts, cfg)
@@ -280,6 +300,30 @@ def lfmd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout
     return loss, grads, {"loss": loss, "fd_step": h}
 
 
+def lfmd_loss_jvp(student, teacher, x_s, s, t, opts: DistillLossConfig, dropout_seed=None):
+    """LFMD with the exact time derivative:
+
+        (phi, phi_dot) = phi_jvp(x_s, s, t; tangent (0, 0, 1))      phi_dot = d/dt phi exactly
+        r = phi_dot - v(phi, t),   L = ||r||^2
+        dL/dtheta: phi_jvp_backward(dL/dphi, dL/dphi_dot = 2 r / (N D))   (reverse over forward)
+
+    dL/dphi is 0 unless opts.lfmd_teacher_grad (then -v's input gradient of 2 r / (N D)): with the
+    semi-gradient default, v(phi) is a constant target. One student tangent pass and its backward,
+    one teacher forward; no step h, no special case at t = 1.
+    """
+    params, cfg = student
+    xp = backend.array_module(x_s)
+    phi_t, dphi_dt, c_t = phi_jvp(params, cfg, x_s, s, t, xp.zeros_like(x_s), 0.0, 1.0, dropout_seed)
+    v_out, c_v = model_forward(teacher[0], teacher[1], phi_t, t, need_grad=opts.lfmd_teacher_grad)
+    loss, dres = mse_and_grad(dphi_dt, v_out)                  # r = dphi_dt - v(phi_t, t)
+    del v_out, dphi_dt
+    # r = ... - v(phi_t, t): the teacher's input gradient (parameters frozen), or a constant target
+    dphi_t = model_backward(-dres, c_v)[0] if opts.lfmd_teacher_grad else xp.zeros_like(x_s)
+    del c_v, phi_t
+    _, _, grads = phi_jvp_backward(dphi_t, dres, c_t)
+    return loss, grads, {"loss": loss}
+
+
 # ----------------------------------------------------------------------------- ECD
 
 def ecd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout_seed=None):
@@ -299,7 +343,40 @@ def ecd_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout_
     return loss, grads, {"loss": loss}
 
 
-LOSS_FUNCTIONS = {"itvm": itvm_loss, "lfmd": lfmd_loss, "ecd": ecd_loss}
+# ----------------------------------------------------------------------------- MeanFlow
+
+def meanflow_target(student, teacher, x_s, s, t, dropout_seed=None):
+    """u_tgt = v(x_s, s) + (t - s) d/ds u(x_s(s), s, t), computed with forwards only (a constant).
+
+    x_s(s) moves along the teacher's flow, dx_s/ds = v(x_s, s), and t is held, so the total derivative
+    is the directional derivative of u along (x_dot, s_dot, t_dot) = (v(x_s, s), 1, 0): one jvp pass
+    of the live student (MeanFlow's target uses the current weights under stop-gradient, no EMA).
+    Returns (u_tgt, u): u = u(x_s, s, t) of that same pass (the same dropout masks).
+    """
+    params, cfg = student
+    v = teacher_velocity(teacher, x_s, s)
+    u, u_dot, _ = model_jvp(params, cfg, x_s, s, t, v, 1.0, 0.0, dropout_seed, need_grad=False)
+    return v + bcast(t - s, x_s) * u_dot, u
+
+
+def meanflow_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout_seed=None):
+    """MeanFlow distillation (docs/method.md section 5.4): the average velocity u over [s, t] satisfies
+        u(x_s, s, t) = v(x_s, s) + (t - s) d/ds u(x_s(s), s, t)
+    (d/ds of phi(x_s(s), s, t) = x_t, constant along the flow). The loss regresses u on the right-hand side
+    under stop-gradient:  L = || u(x_s, s, t) - sg(u_tgt) ||^2. At t = s it is flow matching on the teacher,
+    || u(x_s, s, s) - v(x_s, s) ||^2. Cost: 1 teacher forward, 1 student jvp (no cache), 1 student
+    forward + backward. The ema argument is unused (the target is the live student's).
+    """
+    params, cfg = student
+    u_tgt, _ = meanflow_target(student, teacher, x_s, s, t, dropout_seed)
+    u, c = model_forward(params, cfg, x_s, s, t, dropout_seed)
+    loss, du = mse_and_grad(u, u_tgt)
+    del u_tgt, u
+    _, grads = model_backward(du, c)
+    return loss, grads, {"loss": loss}
+
+
+LOSS_FUNCTIONS = {"itvm": itvm_loss, "lfmd": lfmd_loss, "ecd": ecd_loss, "meanflow": meanflow_loss}
 
 
 def distill_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout_seed=None):

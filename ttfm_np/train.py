@@ -55,7 +55,7 @@ import numpy as np
 from . import atomic, backend, ckpt, distributed, optim, precision, progress as _progress, seeds
 from . import params as P
 from .ckpt import CHECKPOINT_NAME
-from .losses import DistillLossConfig
+from .losses import VALUE_BEFORE_OPTION, DistillLossConfig
 from .progress import Progress, format_seconds, log
 
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.h5"
@@ -194,7 +194,18 @@ def _added_at_default(key: str, value) -> bool:
     section, _, name = key.partition(".")
     owner = {"train": TrainConfig, "loss": DistillLossConfig}.get(section)
     fields = getattr(owner, "__dataclass_fields__", {})
+    if section == "loss" and name in VALUE_BEFORE_OPTION:
+        # runs from before the option existed used VALUE_BEFORE_OPTION (LFMD: the finite difference)
+        return value in (fields[name].default, VALUE_BEFORE_OPTION[name])
     return name in fields and value == fields[name].default
+
+
+def _unset_label(key: str) -> str:
+    """How a difference names a setting the checkpoint lacks (with the value it had in effect, if known)."""
+    section, _, name = key.partition(".")
+    if section == "loss" and name in VALUE_BEFORE_OPTION:
+        return f"(not set: {VALUE_BEFORE_OPTION[name]} before the option existed)"
+    return "(not set)"
 
 
 def config_differences(saved: dict, requested: dict) -> list:
@@ -207,7 +218,7 @@ def config_differences(saved: dict, requested: dict) -> list:
             continue
         if key not in a and (_added_at_default(key, b[key]) or key.startswith("inputs.")):
             continue                 # a setting (or input hash) added after the checkpoint was written
-        old, new = a.get(key, "(not set)"), b.get(key, "(not set)")
+        old, new = a.get(key, _unset_label(key)), b.get(key, "(not set)")
         if isinstance(old, list):
             old = tuple(old)
         if isinstance(new, list):

@@ -2,6 +2,7 @@
 
     python tests/dist_scripts.py fid PNG_FOLDER OUT.npz
     python tests/dist_scripts.py train teacher|itvm OUT STEPS [resume]
+    python tests/dist_scripts.py cli COMMAND ARGS...     (cli.py with a tiny quick toy teacher recipe)
 """
 from __future__ import annotations
 
@@ -69,5 +70,18 @@ def train(kind, out, steps, resume=""):
         sys.exit(exc.exit_code)
 
 
+# the default teacher that `distill` trains first when there is none: 40 steps instead of 4000, with
+# intermediate checkpoints (as a real recipe has), so that a rank reading the teacher too early finds one
+TINY_TOY_TEACHER = dict(model="mlp-tiny", steps=40, batch_size=16, lr=1e-2, warmup=2, ema_decay=0.9, ckpt_every=10)
+
+
+def cli(*args):
+    """The real cli.py command line, only the quick toy teacher recipe made tiny."""
+    from ttfm_np import recipes
+    import cli as cli_module
+    recipes.QUICK_TEACHER_RECIPES["toy"] = dict(TINY_TOY_TEACHER)
+    cli_module.cli.main(args=list(args), prog_name="cli.py")
+
+
 if __name__ == "__main__":
-    {"fid": fid, "train": train}[sys.argv[1]](*sys.argv[2:])
+    {"fid": fid, "train": train, "cli": cli}[sys.argv[1]](*sys.argv[2:])

@@ -24,7 +24,7 @@ import warnings
 import click
 
 from ttfm_np import backend, pipeline, recipes
-from ttfm_np.losses import PAIR_SAMPLINGS, DistillLossConfig
+from ttfm_np.losses import LFMD_DERIVATIVES, LOSS_DEFAULTS, LOSSES, PAIR_SAMPLINGS, DistillLossConfig
 
 MODEL_CHOICES = ["mlp", "mlp-small", "mlp-tiny", "tiny", "small", "cifar10", "celebahq64"]
 SOLVERS = click.Choice(["euler", "heun", "rk4"])
@@ -223,7 +223,7 @@ def train(data, model_name, out, time_sampling, flip, resolution, recipe, **kw):
 
 d = DistillLossConfig()          # distill's loss options: every default comes from losses.DistillLossConfig
 LOSS_OPTIONS = options(
-    click.option("--loss", type=click.Choice(["itvm", "lfmd", "ecd"]), default=d.loss, help="distillation loss"),
+    click.option("--loss", type=click.Choice(LOSSES), default=d.loss, help="distillation loss (docs/method.md §5)"),
     click.option("--lambda-init", type=click.FloatRange(0), default=d.lambda_init, help="ITVM initial-velocity weight"),
     click.option("--lambda-term", type=click.FloatRange(0), default=d.lambda_term, help="ITVM terminal-velocity weight"),
     click.option("--delta", type=click.FloatRange(0, 1, min_open=True), default=d.delta, help="absolute teacher step Delta (ITVM, ECD)"),
@@ -234,7 +234,10 @@ LOSS_OPTIONS = options(
                  help="teacher step in the ITVM target"),
     click.option("--ema-target/--no-ema-target", default=d.ema_target, help="targets from the EMA student (ITVM, ECD)"),
     click.option("--fd-step", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=d.fd_step,
-                 help="LFMD finite-difference step in t (default: 0.1 / the time-feature frequency)"),
+                 help="LFMD finite-difference step in t, with --lfmd-derivative fd (default: 0.1 / the time-feature frequency)"),
+    click.option("--lfmd-derivative", type=click.Choice(LFMD_DERIVATIVES), default=d.lfmd_derivative,
+                 help="LFMD's d/dt phi: jvp (exact, forward mode) or fd (finite difference) "
+                      f"[default: {LOSS_DEFAULTS['lfmd']['lfmd_derivative']}]"),
     click.option("--lfmd-teacher-grad/--no-lfmd-teacher-grad", default=d.lfmd_teacher_grad,
                  help="LFMD: back-propagate through the teacher's input"),
     click.option("--pairs", type=click.Choice(PAIR_SAMPLINGS), default=d.pairs, help="time-pair sampling (docs/method.md §4)"),

@@ -12,7 +12,7 @@ import pytest
 
 from gradcheck import check_gradients, rel_error
 from test_ttfm_losses import _batch, _teacher, _warm_perturbed
-from ttfm_np import losses, model, params as P, train, ttfm
+from ttfm_np import ckpt, losses, model, params as P, train, ttfm
 
 # sixth-order central difference: f'(t) = sum_k C_k f(t + k h) / h + O(h^6)
 STENCIL6 = {1: 3 / 4, -1: -3 / 4, 2: -3 / 20, -2: 3 / 20, 3: 1 / 60, -3: -1 / 60}
@@ -155,3 +155,26 @@ def test_meanflow_target_is_the_tangent_along_the_teacher_flow(rng):
     u = lambda a: model.model_forward(sp, scfg, x_s + a * v, s + a, t, need_grad=False)[0]
     ref = v + (t - s)[:, None] * (u(eps) - u(-eps)) / (2 * eps)
     assert rel_error(target, ref) < 1e-8
+
+
+def test_cli_distills_with_meanflow_and_both_lfmd_derivatives(tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+    r = CliRunner()
+    t = tmp_path / "teacher"
+    res = r.invoke(cli.cli, ["train", "--data", "toy:moons", "--model", "mlp-tiny", "--steps", "20",
+                             "--batch-size", "32", "--out", str(t)])
+    assert res.exit_code == 0, res.output
+    for args in (["--loss", "meanflow"], ["--loss", "lfmd"], ["--loss", "lfmd", "--lfmd-derivative", "fd"]):
+        out = tmp_path / "-".join(args)
+        res = r.invoke(cli.cli, ["distill", "--data", "toy:moons", "--teacher", str(t), "--steps", "5",
+                                 "--batch-size", "32", "--out", str(out), "--eval-steps", "1", "--eval-n", "16",
+                                 "--eval-n-ref", "4", *args])
+        assert res.exit_code == 0, res.output
+        saved = ckpt.load_checkpoint(str(out / "checkpoint.h5"))["config"]
+        want = None if args[1] == "meanflow" else (args[3] if len(args) > 2 else losses.LOSS_DEFAULTS["lfmd"]["lfmd_derivative"])
+        assert saved["loss"]["loss"] == args[1] and saved["loss"]["lfmd_derivative"] == want
+    res = r.invoke(cli.cli, ["distill", "--data", "toy:moons", "--teacher", str(t), "--loss", "lfmd",
+                             "--lfmd-derivative", "exact"])
+    assert res.exit_code != 0 and "lfmd-derivative" in res.output

@@ -1,6 +1,7 @@
-"""One interface over the two network families (U-Net for images, MLP for 2-D data).
+"""One interface over the network families (the DDPM++ U-Net and the ADM U-Net for images,
+the MLP for 2-D data).
 
-    cfg    = config_from_dict(d)           # d["kind"] is "unet" or "mlp"
+    cfg    = config_from_dict(d)           # d["kind"] is "unet", "adm" or "mlp"
     params = init_model(cfg, seed)
     u, cache = model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad=True)
     dx, grads = model_backward(du, cache)
@@ -18,16 +19,24 @@ every evaluation given the same dropout_seed drops the same units.
 """
 from __future__ import annotations
 
-from . import mlp, unet
+from . import adm_unet, mlp, unet
+
+# kind -> (config class, init, forward, backward): the network families
+FAMILIES = {
+    "unet": (unet.UNetConfig, unet.init_unet, unet.unet_forward, unet.unet_backward),
+    "adm": (adm_unet.ADMConfig, adm_unet.init_adm_unet, adm_unet.adm_unet_forward, adm_unet.adm_unet_backward),
+    "mlp": (mlp.MLPConfig, mlp.init_mlp, mlp.mlp_forward, mlp.mlp_backward),
+}
+
+
+def _family(kind):
+    if kind not in FAMILIES:
+        raise ValueError(f"unknown model kind {kind!r} in config (expected one of {', '.join(FAMILIES)})")
+    return FAMILIES[kind]
 
 
 def config_from_dict(d: dict):
-    kind = d.get("kind")
-    if kind == "unet":
-        return unet.UNetConfig.from_dict(d)
-    if kind == "mlp":
-        return mlp.MLPConfig.from_dict(d)
-    raise ValueError(f"unknown model kind {kind!r} in config (expected 'unet' or 'mlp')")
+    return _family(d.get("kind"))[0].from_dict(d)
 
 
 def make_config(model: str, data_shape: tuple, two_time: bool = False, **overrides):
@@ -53,12 +62,12 @@ def make_config(model: str, data_shape: tuple, two_time: bool = False, **overrid
 
 
 def init_model(cfg, seed: int = 0):
-    return unet.init_unet(cfg, seed) if cfg.kind == "unet" else mlp.init_mlp(cfg, seed)
+    return _family(cfg.kind)[1](cfg, seed)
 
 
 def model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad: bool = True):
     """u(x, s[, t]) -> (u, cache), or (u, None) when need_grad is False."""
-    forward = unet.unet_forward if cfg.kind == "unet" else mlp.mlp_forward
+    forward = _family(cfg.kind)[2]
     u, cache = forward(params, cfg, x, s, t, dropout_seed, need_grad)
     return u, (None if cache is None else (cfg.kind, cache))
 
@@ -69,7 +78,7 @@ def model_backward(du, cache):
         raise ValueError("this evaluation kept no cache: call model_forward with need_grad=True "
                          "for evaluations that need a backward")
     kind, net_cache = cache
-    backward = unet.unet_backward if kind == "unet" else mlp.mlp_backward
+    backward = _family(kind)[3]
     return backward(du, net_cache)
 
 

@@ -28,8 +28,11 @@ from ttfm_np import cuda
 
 SOURCES = sorted(glob.glob(os.path.join(cuda.KERNEL_DIR, "*.cu")))
 _KERNEL_DECL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
-# what CuPy 13/14 hands NVRTC for cuda.get_kernel's RawModule (besides -DSCALAR), and NVRTC's defaults
-CUPY_NVRTC_FLAGS = ["-arch=compute_90", "-ftz=true", "-fmad=true", "-std=c++17"]
+# what CuPy 13/14 hands NVRTC for cuda.get_kernel's RawModule (besides -DSCALAR): the project's stated
+# flags (cuda.NVRTC_OPTIONS) plus CuPy's own -ftz=true and -arch
+CUPY_NVRTC_FLAGS = ["-arch=compute_90", "-ftz=true", *cuda.NVRTC_OPTIONS]
+# compile-time constants a kernel gets from its Python side (groupnorm.py passes BLOCK)
+KERNEL_DEFINES = {"groupnorm.cu": ["-DBLOCK=256"]}
 # kernels whose arithmetic must round like NumPy: no fused multiply-add may appear in their PTX
 NO_FMA = ("adam.cu", "ema.cu")
 
@@ -59,7 +62,8 @@ def _ptx(nvcc, source, scalar):
     with open(source, "rb") as f:
         text = f.read()
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    flags = ["--ptx", *CUPY_NVRTC_FLAGS, "--Werror", "all-warnings", f"-DSCALAR={scalar}"]
+    flags = ["--ptx", *CUPY_NVRTC_FLAGS, "--Werror", "all-warnings", f"-DSCALAR={scalar}",
+             *KERNEL_DEFINES.get(os.path.basename(source), [])]
     key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:24]
     import gpu_emulator
     out = os.path.join(gpu_emulator.build_dir(), f"{os.path.basename(source)}.{scalar}.{key}.ptx")

@@ -90,19 +90,18 @@ def attention_backward(dy, cache):
 
 def attention_jvp(x, W_qkv, b_qkv, W_out, b_out, heads: int, x_dot):
     """(y, y_dot, cache) for y = attention_forward(x, ...) and x_dot (N, C, H, W)."""
-    xp = backend.array_module(x)
     y, fcache = attention_forward(x, W_qkv, b_qkv, W_out, b_out, heads)
     x3, q, k, v, P, o, _, _, _, _ = fcache
     N, C, H, W = x.shape
     L, d = H * W, C // heads
     scale = float(1.0 / np.sqrt(d))
     xd3 = x_dot.reshape(N, C, L)
-    qkv_dot = xp.matmul(W_qkv, xd3)                                   # (N, 3C, L)
+    qkv_dot = gemm(W_qkv, xd3)                                   # (N, 3C, L)
     qd, kd, vd = (qkv_dot[:, i * C:(i + 1) * C].reshape(N, heads, d, L) for i in range(3))
-    S_dot = (xp.matmul(qd.transpose(0, 1, 3, 2), k) + xp.matmul(q.transpose(0, 1, 3, 2), kd)) * scale
+    S_dot = (gemm(qd.transpose(0, 1, 3, 2), k) + gemm(q.transpose(0, 1, 3, 2), kd)) * scale
     P_dot = P * (S_dot - (P * S_dot).sum(axis=-1, keepdims=True))
-    o_dot = (xp.matmul(vd, P.transpose(0, 1, 3, 2)) + xp.matmul(v, P_dot.transpose(0, 1, 3, 2))).reshape(N, C, L)
-    y_dot = xp.matmul(W_out, o_dot)
+    o_dot = (gemm(vd, P.transpose(0, 1, 3, 2)) + gemm(v, P_dot.transpose(0, 1, 3, 2))).reshape(N, C, L)
+    y_dot = gemm(W_out, o_dot)
     return y, y_dot.reshape(N, C, H, W), (fcache, xd3, qd, kd, vd, S_dot, P_dot, o_dot)
 
 
@@ -117,18 +116,18 @@ def attention_jvp_backward(dy, dy_dot, cache):
     T = lambda a: a.transpose(0, 1, 3, 2)
     gy, gyd = dy.reshape(N, C, L), dy_dot.reshape(N, C, L)
     # y = W_out o + b_out,  y_dot = W_out o_dot
-    dW_out = xp.tensordot(gy, o, axes=((0, 2), (0, 2))) + xp.tensordot(gyd, o_dot, axes=((0, 2), (0, 2)))
+    dW_out = tensordot(gy, o, axes=((0, 2), (0, 2))) + tensordot(gyd, o_dot, axes=((0, 2), (0, 2)))
     db_out = gy.sum(axis=(0, 2))
-    go = xp.matmul(W_out.T, gy).reshape(N, heads, d, L)
-    god = xp.matmul(W_out.T, gyd).reshape(N, heads, d, L)
+    go = gemm(W_out.T, gy).reshape(N, heads, d, L)
+    god = gemm(W_out.T, gyd).reshape(N, heads, d, L)
     # o_dot = v_dot P^T + v P_dot^T
-    gvd = xp.matmul(god, P)
-    gP = xp.matmul(T(god), vd)
-    gv = xp.matmul(god, P_dot)
-    gPd = xp.matmul(T(god), v)
+    gvd = gemm(god, P)
+    gP = gemm(T(god), vd)
+    gv = gemm(god, P_dot)
+    gPd = gemm(T(god), v)
     # o = v P^T
-    gv = gv + xp.matmul(go, P)
-    gP = gP + xp.matmul(T(go), v)
+    gv = gv + gemm(go, P)
+    gP = gP + gemm(T(go), v)
     # P_dot = P * (S_dot - rowsum(P S_dot))
     rs = (gPd * P).sum(axis=-1, keepdims=True)
     gSd = P * (gPd - rs)
@@ -138,15 +137,15 @@ def attention_jvp_backward(dy, dy_dot, cache):
     gS *= scale
     gSd *= scale
     # S_dot = scale (q_dot^T k + q^T k_dot),  S = scale q^T k
-    gqd = xp.matmul(k, T(gSd))
-    gkd = xp.matmul(q, gSd)
-    gq = xp.matmul(kd, T(gSd)) + xp.matmul(k, T(gS))
-    gk = xp.matmul(qd, gSd) + xp.matmul(q, gS)
+    gqd = gemm(k, T(gSd))
+    gkd = gemm(q, gSd)
+    gq = gemm(kd, T(gSd)) + gemm(k, T(gS))
+    gk = gemm(qd, gSd) + gemm(q, gS)
     cat = lambda a, b, c: xp.concatenate([a.reshape(N, C, L), b.reshape(N, C, L), c.reshape(N, C, L)], axis=1)
     gqkv, gqkvd = cat(gq, gk, gv), cat(gqd, gkd, gvd)
     # qkv = W_qkv x + b_qkv,  qkv_dot = W_qkv x_dot
-    dW_qkv = xp.tensordot(gqkv, x3, axes=((0, 2), (0, 2))) + xp.tensordot(gqkvd, xd3, axes=((0, 2), (0, 2)))
+    dW_qkv = tensordot(gqkv, x3, axes=((0, 2), (0, 2))) + tensordot(gqkvd, xd3, axes=((0, 2), (0, 2)))
     db_qkv = gqkv.sum(axis=(0, 2))
-    dx = xp.matmul(W_qkv.T, gqkv).reshape(x_shape)
-    dx_dot = xp.matmul(W_qkv.T, gqkvd).reshape(x_shape)
+    dx = gemm(W_qkv.T, gqkv).reshape(x_shape)
+    dx_dot = gemm(W_qkv.T, gqkvd).reshape(x_shape)
     return dx, dx_dot, {"qkv.weight": dW_qkv, "qkv.bias": db_qkv, "proj.weight": dW_out, "proj.bias": db_out}

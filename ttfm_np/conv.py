@@ -113,14 +113,22 @@ def im2col_cupy(x, kh: int, kw: int, stride: int, pad):
     N, C, H, W = x.shape
     ph, pw = as_pair(pad)
     Ho, Wo = conv_output_size(H, kh, stride, ph), conv_output_size(W, kw, stride, pw)
+    _check_int32_indices(N * C * H * W, N * Ho * Wo, C * kh * kw)
     x = cp.ascontiguousarray(x)
     cols = cp.empty((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
     kernel = cuda.get_kernel("im2col", "im2col", x.dtype)
-    total = cols.size
-    cuda.launch_1d(kernel, total, (x, cols, np.int64(total), np.int32(N), np.int32(C), np.int32(H), np.int32(W),
-                                   np.int32(kh), np.int32(kw), np.int32(stride), np.int32(ph), np.int32(pw),
-                                   np.int32(Ho), np.int32(Wo)))
+    # rows (c, p, q) over the grid's y, columns (n, i, j) over x: 32-bit index math in the kernel
+    cuda.launch_2d(kernel, C * kh * kw, N * Ho * Wo, (x, cols, np.int32(N), np.int32(C), np.int32(H), np.int32(W),
+                                                      np.int32(kh), np.int32(kw), np.int32(stride), np.int32(ph),
+                                                      np.int32(pw), np.int32(Ho), np.int32(Wo)))
     return cols
+
+
+def _check_int32_indices(*sizes):
+    """im2col.cu indexes with 32-bit ints (plus a grid-stride step of at most 65535 * 256)."""
+    if max(sizes) > 2**31 - 1 - 65535 * 256:
+        raise ValueError(f"conv2d on the GPU: {max(sizes)} elements in one index range is beyond the "
+                         "im2col kernel's 32-bit index math; use a smaller batch")
 
 
 def col2im_cupy(dcols, x_shape, kh: int, kw: int, stride: int, pad):
@@ -130,13 +138,14 @@ def col2im_cupy(dcols, x_shape, kh: int, kw: int, stride: int, pad):
     N, C, H, W = x_shape
     ph, pw = as_pair(pad)
     Ho, Wo = conv_output_size(H, kh, stride, ph), conv_output_size(W, kw, stride, pw)
+    _check_int32_indices(N * C * H * W, N * Ho * Wo, C * kh * kw)
     dcols = cp.ascontiguousarray(dcols)
     dx = cp.empty((N, C, H, W), dtype=dcols.dtype)
     kernel = cuda.get_kernel("im2col", "col2im", dcols.dtype)
-    total = dx.size
-    cuda.launch_1d(kernel, total, (dcols, dx, np.int64(total), np.int32(N), np.int32(C), np.int32(H), np.int32(W),
-                                   np.int32(kh), np.int32(kw), np.int32(stride), np.int32(ph), np.int32(pw),
-                                   np.int32(Ho), np.int32(Wo)))
+    # rows (n, c) over the grid's y, pixels (h, w) over x
+    cuda.launch_2d(kernel, N * C, H * W, (dcols, dx, np.int32(N), np.int32(C), np.int32(H), np.int32(W),
+                                          np.int32(kh), np.int32(kw), np.int32(stride), np.int32(ph), np.int32(pw),
+                                          np.int32(Ho), np.int32(Wo)))
     return dx
 
 

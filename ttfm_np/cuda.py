@@ -11,6 +11,14 @@ runs without a GPU.
 
 Scalar arguments must have the kernel's C types: np.int64 for `long long`,
 np.int32 for `int`, and `x.dtype.type(value)` for SCALAR.
+
+Compiler flags are stated, not left to NVRTC's defaults (NVRTC_OPTIONS): IEEE
+division and square root (--prec-div=true, --prec-sqrt=true: no fast math),
+multiply-add contraction allowed (--fmad=true; adam.cu and ema.cu round every
+operation with __fmul_rn/__fadd_rn so nothing is contracted there), C++17.
+CuPy appends -ftz=true itself (float32 subnormals flushed to zero) and the
+-arch of the device. A kernel that needs a compile-time constant gets it with
+`defines` (groupnorm.cu's BLOCK, the one constant groupnorm.py also launches with).
 """
 from __future__ import annotations
 
@@ -27,6 +35,11 @@ SCALAR_OF = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 # all the GPU needs to stay busy).
 MAX_GRID_1D = 65535
 
+# NVRTC flags for every project kernel (see the module docstring). Never --use_fast_math: it
+# turns on -ftz, approximate division/sqrt (div.approx, sqrt.approx) and so changes adam.cu's
+# bits; tests/test_kernel_defects.py compiles with these flags and checks the PTX.
+NVRTC_OPTIONS = ("--std=c++17", "--fmad=true", "--prec-div=true", "--prec-sqrt=true")
+
 
 def kernel_path(file_stem: str) -> str:
     return os.path.join(KERNEL_DIR, file_stem + ".cu")
@@ -41,28 +54,45 @@ def kernel_source(file_stem: str) -> str:
         return f.read()
 
 
+def compile_options(scalar: str, defines=()) -> tuple:
+    """The options cupy.RawModule gets: NVRTC_OPTIONS, -DSCALAR=<scalar>, then -DNAME=VALUE per define."""
+    return NVRTC_OPTIONS + (f"-DSCALAR={scalar}",) + tuple(f"-D{name}={value}" for name, value in defines)
+
+
 @functools.lru_cache(maxsize=None)
-def _module(file_stem: str, scalar: str):
-    """kernels/<file_stem>.cu compiled with -DSCALAR=<scalar> (once per process)."""
+def _module(file_stem: str, scalar: str, defines=()):
+    """kernels/<file_stem>.cu compiled with compile_options(scalar, defines) (once per process)."""
     import cupy
-    return cupy.RawModule(code=kernel_source(file_stem), options=(f"-DSCALAR={scalar}",))
+    return cupy.RawModule(code=kernel_source(file_stem), options=compile_options(scalar, defines))
 
 
 @functools.lru_cache(maxsize=None)
-def _function(file_stem: str, kernel_name: str, scalar: str):
+def _function(file_stem: str, kernel_name: str, scalar: str, defines=()):
     try:
-        return _module(file_stem, scalar).get_function(kernel_name)
+        return _module(file_stem, scalar, defines).get_function(kernel_name)
     except Exception as exc:       # cupy's CompileException / CUDADriverError carry the compiler log
         raise RuntimeError(f"CUDA kernel {kernel_name!r} of {kernel_path(file_stem)} "
-                           f"(-DSCALAR={scalar}) failed to compile or load: {exc}") from exc
+                           f"({' '.join(compile_options(scalar, defines))}) failed to compile or load: {exc}") from exc
 
 
-def get_kernel(file_stem: str, kernel_name: str, dtype):
-    """The compiled kernel `kernel_name` of kernels/<file_stem>.cu for dtype (float32 or float64)."""
+def get_kernel(file_stem: str, kernel_name: str, dtype, defines=()):
+    """The compiled kernel `kernel_name` of kernels/<file_stem>.cu for dtype (float32 or float64).
+
+    defines: ((NAME, int value), ...) compile-time constants of that source (-DNAME=value)."""
     dtype = np.dtype(dtype)
     if dtype not in SCALAR_OF:
         raise TypeError(f"CUDA kernels exist for float32 and float64, not {dtype}")
-    return _function(file_stem, kernel_name, SCALAR_OF[dtype])
+    return _function(file_stem, kernel_name, SCALAR_OF[dtype], tuple((str(k), int(v)) for k, v in defines))
+
+
+def launch_2d(kernel, rows: int, cols: int, args, block: int = 256):
+    """Launch a kernel that loops rows over blockIdx.y (stride gridDim.y) and cols over
+    blockIdx.x * blockDim.x + threadIdx.x (stride blockDim.x * gridDim.x): both grid sides capped
+    at MAX_GRID_1D, so any size is covered and each thread needs only 32-bit index math."""
+    if rows <= 0 or cols <= 0:
+        return
+    grid_x = min((int(cols) + block - 1) // block, MAX_GRID_1D)
+    kernel((grid_x, min(int(rows), MAX_GRID_1D)), (block,), args)
 
 
 def launch_1d(kernel, n: int, args, block: int = 256):

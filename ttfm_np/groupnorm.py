@@ -110,7 +110,8 @@ def groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups: int, silu: 
 # CuPy path (fused CUDA kernels)
 # ----------------------------------------------------------------------------
 
-_BLOCK = 256  # must equal BLOCK in kernels/groupnorm.cu
+_BLOCK = 256  # threads per block of both kernels: the launch's block AND -DBLOCK of kernels/groupnorm.cu
+_DEFINES = (("BLOCK", _BLOCK),)   # (the kernel sizes its shared memory and reduction by it)
 
 
 def _kernel_inputs(cp, x, **arrays):
@@ -138,7 +139,7 @@ def groupnorm_forward_cupy(x, gamma, beta, groups: int, eps: float = 1e-5, silu:
     y = cp.empty_like(x)
     mean = cp.empty((N, groups), dtype=x.dtype)
     rstd = cp.empty((N, groups), dtype=x.dtype)
-    kernel = cuda.get_kernel("groupnorm", "groupnorm_fwd", x.dtype)
+    kernel = cuda.get_kernel("groupnorm", "groupnorm_fwd", x.dtype, defines=_DEFINES)
     kernel((N * groups,), (_BLOCK,),
            (x, k["gamma"], k["beta"], y, mean, rstd,
             np.int32(C), np.int32(HW), np.int32(groups), x.dtype.type(eps), np.int32(silu)))
@@ -158,7 +159,7 @@ def groupnorm_backward_cupy(dy, x, gamma, beta, mean, rstd, groups: int, silu: b
     dx = cp.empty_like(x)
     dgamma_part = cp.empty((N, C), dtype=x.dtype)
     dbeta_part = cp.empty((N, C), dtype=x.dtype)
-    kernel = cuda.get_kernel("groupnorm", "groupnorm_bwd", x.dtype)
+    kernel = cuda.get_kernel("groupnorm", "groupnorm_bwd", x.dtype, defines=_DEFINES)
     kernel((N * groups,), (_BLOCK,),
            (k["dy"], x, k["gamma"], k["beta"], k["mean"], k["rstd"],
             dx, dgamma_part, dbeta_part, np.int32(C), np.int32(HW), np.int32(groups), np.int32(silu)))

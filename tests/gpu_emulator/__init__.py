@@ -117,6 +117,11 @@ def _parse_options(options):
             ftz = False
         elif opt.startswith(("-std=", "--std=", "-arch", "--gpu-architecture")):
             pass
+        elif opt in ("--prec-div=true", "-prec-div=true", "--prec-sqrt=true", "-prec-sqrt=true"):
+            pass                     # IEEE division and sqrt: what the host compiler does anyway
+        elif opt.startswith(("--prec-", "-prec-", "--use_fast_math", "-use_fast_math")):
+            raise ValueError(f"the emulator does not emulate {opt!r} (approximate division/sqrt); "
+                             "the project compiles with --prec-div=true --prec-sqrt=true (ttfm_np/cuda.py)")
         else:
             raise ValueError(f"the emulator does not know the compile option {opt!r}")
     return macros, fmad, ftz

@@ -5,11 +5,14 @@
 //   mu, rstd per (n, g):   xhat = (x - mu) * rstd,  rstd = 1 / sqrt(var + eps)
 //   z = gamma[c] * xhat + beta[c];   y = silu(z) = z * sigmoid(z)   (or y = z)
 //
-// One thread block per (n, g); BLOCK must be the launch's blockDim.x (a power of 2).
+// One thread block per (n, g) of BLOCK threads. BLOCK (a power of 2) is given at compile time by
+// groupnorm.py (-DBLOCK=..., the same constant it launches with), so the two cannot disagree.
 #ifndef SCALAR
 #define SCALAR float
 #endif
-#define BLOCK 256
+#ifndef BLOCK
+#error "compile with -DBLOCK=<threads per block> (groupnorm.py passes its _BLOCK through cuda.get_kernel)"
+#endif
 
 // Sum of v over the block; every thread gets the result.
 __device__ SCALAR block_sum(SCALAR v, SCALAR* shm)

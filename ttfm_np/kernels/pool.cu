@@ -17,7 +17,11 @@ extern "C" __global__ void max_pool2d(const SCALAR* __restrict__ x, SCALAR* __re
         int i = (int)((idx / Wo) % Ho);
         long long nc = idx / ((long long)Wo * Ho);
         const SCALAR* plane = x + nc * H * W;
-        SCALAR best = -(SCALAR)1e300;       // below any float: becomes -inf in float32
+        // The max starts at the window's first real pixel, not at a "smallest value" constant: 1e300
+        // is out of float's range (undefined behaviour when converted) and above -1e308 in double,
+        // and NVRTC knows no INFINITY macro. pool.py requires pad <= k / 2, so every window has a real pixel.
+        SCALAR best = (SCALAR)0;
+        bool seen = false;
         for (int p = 0; p < k; ++p) {
             int h = i * stride - pad + p;
             if (h < 0 || h >= H) continue;
@@ -25,7 +29,8 @@ extern "C" __global__ void max_pool2d(const SCALAR* __restrict__ x, SCALAR* __re
                 int w = j * stride - pad + q;
                 if (w < 0 || w >= W) continue;
                 SCALAR v = plane[h * W + w];
-                best = (v > best || isnan(v)) ? v : best;   // NaN propagates: once best is NaN, v > best is false
+                best = (!seen || v > best || isnan(v)) ? v : best;   // NaN propagates: once best is NaN, v > best is false
+                seen = true;
             }
         }
         y[idx] = best;

@@ -4,6 +4,7 @@ against the identical PyTorch network measured in the same run.
     python benchmarks/unet_step.py                       # small U-Net, batch 32, 3x32x32
     python benchmarks/unet_step.py --against torch       # + PyTorch eager, ratio ours/torch
     python benchmarks/unet_step.py --model mlp --batch 4096 --against torch
+    python benchmarks/unet_step.py --model mlp --against torch --threads 1 --rounds 5   # both sides on 1 thread
     python benchmarks/unet_step.py --json results.jsonl  # append one JSON line per run
     python benchmarks/scaling.py                         # batch and resolution sweeps, peak memory
 
@@ -170,6 +171,20 @@ def time_torch(cfg, batch, warmup, iters, device):
     return statistics.median(times), mem
 
 
+def alternate_rounds(rec, rounds, ours_fn, torch_fn, ours, theirs):
+    """Time ours then torch rounds - 1 more times (the first round is given); report medians and ranges."""
+    o, t = [ours], [theirs]
+    for _ in range(rounds - 1):
+        o.append(ours_fn())
+        t.append(torch_fn())
+    r = [a / b for a, b in zip(o, t)]
+    rec.update(rounds_ours_s=o, rounds_torch_s=t, rounds_ratio=r, ours_s=statistics.median(o),
+               torch_s=statistics.median(t), ratio_ours_over_torch=statistics.median(r))
+    click.echo(f"  {rounds} alternating rounds: ttfm_np median {statistics.median(o):.3f} s [{min(o):.3f}, {max(o):.3f}], "
+               f"torch {statistics.median(t):.3f} s [{min(t):.3f}, {max(t):.3f}], "
+               f"ratio median {statistics.median(r):.2f}x [{min(r):.2f}, {max(r):.2f}]")
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--model", "model_name", type=click.Choice(["tiny", "small", "cifar10", "mlp"]), default="small")
 @click.option("--batch", type=click.IntRange(1), default=None, help="default 32 for U-Nets, 4096 for the MLP")
@@ -186,7 +201,11 @@ def time_torch(cfg, batch, warmup, iters, device):
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads for BOTH sides: OpenBLAS's (ttfm_np/blas.py) and torch.set_num_threads "
               "(default: each library's own, OpenBLAS and torch both take every core)")
-def main(model_name, batch, resolution, channels, warmup, iters, device, against, torch_only, json_out, threads):
+@click.option("--rounds", type=click.IntRange(1), default=1,
+              help="with --against torch: this many more rounds of ours then torch, alternating, after the first "
+              "(on a busy machine the load changes between the two; the per-round ratio is reported)")
+def main(model_name, batch, resolution, channels, warmup, iters, device, against, torch_only, json_out, threads,
+         rounds):
     xp = backend.select_device(device)
     if threads is not None and not blas.set_threads(threads):
         raise click.UsageError("--threads: NumPy bundles no OpenBLAS here, so its thread count cannot be set")
@@ -233,6 +252,9 @@ def main(model_name, batch, resolution, channels, warmup, iters, device, against
         if not torch_only:
             rec["ratio_ours_over_torch"] = ours / theirs
             click.echo(f"  ratio ours/torch = {ours / theirs:.2f}x  (below 1 = ttfm_np faster)")
+            if rounds > 1:
+                alternate_rounds(rec, rounds, lambda: time_ours(cfg, batch, warmup, iters, xp)[0],
+                                 lambda: time_torch(cfg, batch, warmup, iters, tdev)[0], ours, theirs)
     if json_out:
         with open(json_out, "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -41,7 +41,9 @@ def _setup(kind, preset, res=32, channels=3):
     if kind == "teacher":
         return objectives.FlowMatchingObjective(tcfg), teacher[0], None
     shost, scfg = ttfm.student_from_teacher(host, tcfg)
-    objective = objectives.DistillObjective(scfg, teacher, losses.DistillLossConfig(loss=kind))
+    loss, _, derivative = kind.partition(":")              # lfmd:fd / lfmd:jvp: --lfmd-derivative
+    opts = losses.DistillLossConfig(loss=loss, **({"lfmd_derivative": derivative} if derivative else {}))
+    objective = objectives.DistillObjective(scfg, teacher, opts)
     return objective, P.to_device(shost, cupy), P.to_device(shost, cupy)
 
 
@@ -98,7 +100,7 @@ def test_allocations_only_mode_measures_the_same_peak_and_is_linear_in_batch():
         assert a5 - a3 == 2 * (a3 - a2) and a3 > a2, (kind, a2, a3, a5)
 
 
-@pytest.mark.parametrize("kind", ["teacher", "itvm", "lfmd", "ecd"])
+@pytest.mark.parametrize("kind", ["teacher", "itvm", "lfmd:jvp", "lfmd:fd", "ecd", "meanflow"])
 def test_cifar10_step_fits_40gib_at_batch_128(kind):
     """Issue 14 measured 388 / 1086 / 1486 / 746 MiB per sample (teacher / ITVM / LFMD / ECD) before
     the input-cached GPU convolution, cache-free teacher/EMA passes and early cache drops."""

@@ -28,7 +28,7 @@ from ttfm_np.losses import LFMD_DERIVATIVES, LOSS_DEFAULTS, LOSSES, PAIR_SAMPLIN
 
 MODEL_CHOICES = ["mlp", "mlp-small", "mlp-tiny", "tiny", "small", "cifar10", "celebahq64"]
 SOLVERS = click.Choice(["euler", "heun", "rk4"])
-ONE_PROCESS = ("params_cmd", "convert_inception", "plot_metrics")   # the others split their work over mpiexec's ranks
+ONE_PROCESS = ("params_cmd", "convert_inception", "plot_metrics", "import_teacher_cmd")   # the others split their work over mpiexec's ranks
 
 
 def command(fn):
@@ -313,6 +313,23 @@ def convert_inception(pth, out):
     """Convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth to HDF5 (no torch needed)."""
     from ttfm_np import inception
     click.echo(f"wrote {inception.convert_weights(pth, out)}")
+
+
+@cli.command("import-teacher")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--arch", default="torchcfm-unet-cifar10", show_default=True,
+              help="torchcfm-unet-cifar10, or a .json file of torchcfm UNetModelWrapper keyword arguments")
+@click.option("--data", default="cifar10", show_default=True, help="the dataset the checkpoint was trained on")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="teacher run folder to write")
+@command
+def import_teacher_cmd(checkpoint, arch, data, out):
+    """Import a torchcfm checkpoint (.pt) as a teacher for `distill --teacher OUT` (no torch needed)."""
+    from ttfm_np import import_teacher
+    info = import_teacher.import_torchcfm(checkpoint, out, arch=arch, data=data)
+    weights = "EMA weights (ema_model) as the teacher, net_model as params" if info["weights"]["ema"] else \
+        "the file's only weights"
+    click.echo(f"wrote {info['checkpoint']}: {info['arch']}, {weights}, torchcfm step {info['torchcfm_step']}, "
+               f"sha256 {info['sha256'][:16]}...")
 
 
 @cli.command("fid-stats")

@@ -16,7 +16,7 @@ plain forwards whose results are constants (that *is* the stop-gradient).
         L = lambda_init L_init + lambda_term L_term
     LFMD (Boffi et al.): || d/dt phi(x_s, s, t) - v(phi(x_s, s, t), t) ||^2, d/dt exactly (forward mode,
         --lfmd-derivative jvp) or by finite difference (fd)
-    MeanFlow (Geng et al.), this project's time convention (docs/method.md section 5.4):
+    MeanFlow (Geng et al.), this project's time convention (docs/method.md section 5.8):
         L = || u(x_s, s, t) - sg(v(x_s, s) + (t - s) d/ds u(x_s(s), s, t)) ||^2,
         d/ds along the teacher's flow = the JVP of u with tangent (v(x_s, s), 1, 0) in (x, s, t)
     ECD (consistency, initial end): || phi(x_s, s, t) - sg(phi_{theta^-}(x_s + D v(x_s, s), s + D, t)) ||^2
@@ -360,7 +360,7 @@ def meanflow_target(student, teacher, x_s, s, t, dropout_seed=None):
 
 
 def meanflow_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout_seed=None):
-    """MeanFlow distillation (docs/method.md section 5.4): the average velocity u over [s, t] satisfies
+    """MeanFlow distillation (docs/method.md section 5.8): the average velocity u over [s, t] satisfies
         u(x_s, s, t) = v(x_s, s) + (t - s) d/ds u(x_s(s), s, t)
     (d/ds of phi(x_s(s), s, t) = x_t, constant along the flow). The loss regresses u on the right-hand side
     under stop-gradient:  L = || u(x_s, s, t) - sg(u_tgt) ||^2. At t = s it is flow matching on the teacher,

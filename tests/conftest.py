@@ -35,6 +35,20 @@ if USING_CUPY_STANDIN:
     sys.path.insert(0, STANDIN_DIR)                # (a test that starts a subprocess puts it on PYTHONPATH itself)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A `gpu` test on a machine whose GPU is present but broken (a kernel that does not compile,
+    no NVRTC, no cuBLAS) FAILS with the cause, before any skipif marker could skip it: only a
+    machine without a GPU (or without CuPy) may skip gpu tests (ttfm_np.backend.gpu_broken)."""
+    if item.get_closest_marker("gpu") is None:
+        return
+    from ttfm_np import backend
+    broken = backend.gpu_broken()
+    if broken:
+        pytest.fail(f"a GPU is present but not usable, so this gpu test fails instead of skipping: {broken}",
+                    pytrace=False)
+
+
 def pytest_report_header(config):
     return ("GPU tests: CuPy stand-in + CUDA emulator (no GPU)" if USING_CUPY_STANDIN
             else "GPU tests: real CuPy")

@@ -159,3 +159,47 @@ def test_docs_quote_the_sync_counts():
         text = f.read()
     for kind, n in SYNCS_PER_STEP.items():
         assert re.search(rf"\|\s*{kind}\s*\|\s*{n}\s*\|", text, re.I), f"docs/performance.md: no '| {kind} | {n} |' row"
+
+
+# ---------------------------------------------------------------------------------- GPU present but broken
+
+def _run_gpu_tests(tmp_path, plugin_code):
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "kernel_dir_plugin.py").write_text(plugin_code)
+    env = dict(os.environ, TTFM_CUPY_STANDIN="1",          # the stand-in reports a device, as a real GPU would
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "kernel_dir_plugin", "-m", "gpu",
+           "tests/test_optim.py", "-k", "fused_adam_and_ema"]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_broken_kernel_on_a_present_gpu_fails_the_gpu_tests_instead_of_skipping(tmp_path):
+    """kernels/ema.cu with a line of garbage (a copy of the folder): the backend's probe fails at the
+    project-kernel step while a device is present, so `pytest -m gpu` fails; the intact copy passes."""
+    if shutil.which("g++") is None:
+        pytest.skip("the CUDA emulator needs g++")
+    for broken in (True, False):
+        kernels = tmp_path / f"kernels_{broken}"
+        shutil.copytree(cuda.KERNEL_DIR, kernels)
+        if broken:
+            with open(kernels / "ema.cu", "a") as f:
+                f.write("this line is not CUDA\n")
+        res = _run_gpu_tests(tmp_path, f"import ttfm_np.cuda as c\nc.KERNEL_DIR = {str(kernels)!r}\n")
+        out = res.stdout + res.stderr
+        summary = out.strip().splitlines()[-1]
+        if broken:
+            assert res.returncode != 0 and "a GPU is present but not usable" in out and "ema.cu" in out, out[-3000:]
+            assert "skipped" not in summary and ("failed" in summary or "error" in summary), summary
+        else:
+            assert res.returncode == 0 and "passed" in summary and "skipped" not in summary, out[-3000:]
+
+
+def test_no_cupy_is_not_broken(monkeypatch):
+    """Without CuPy (or without a device) nothing is broken: gpu tests may skip there."""
+    monkeypatch.setattr(backend, "_cupy_module", None)
+    monkeypatch.setattr(backend, "_cupy_problem", "CuPy is not importable (ImportError: none)")
+    monkeypatch.setattr(backend, "_gpu_present", False)
+    assert backend.gpu_broken() is None and not backend.gpu_available()
+    monkeypatch.setattr(backend, "_gpu_present", True)
+    assert "not importable" in backend.gpu_broken()

@@ -37,6 +37,7 @@ class BackendError(RuntimeError):
 _cupy_module = None      # the cupy module once it imported and a GPU answered
 _cupy_problem = None     # why cupy is not usable (str), once we have tried
 _cupy_imported = False   # cupy itself imported (so a GPU was meant to be used)
+_gpu_present = False     # ... and it reported a CUDA device (whether or not the rest then worked)
 _current_xp = None       # the module chosen by select_device
 
 
@@ -81,7 +82,7 @@ def _probe_cupy():
     Each step names its own cause: a missing NVRTC or cuBLAS (CuPy installed without its
     [ctk] libraries, with only the NVIDIA driver present) is not blamed on the driver.
     """
-    global _cupy_module, _cupy_problem, _cupy_imported
+    global _cupy_module, _cupy_problem, _cupy_imported, _gpu_present
     if _cupy_module is not None or _cupy_problem is not None:
         return _cupy_module
     try:
@@ -92,12 +93,15 @@ def _probe_cupy():
                          "`pip install -e .[gpu13]` (CUDA 13).")
         return None
     _cupy_imported = True
-    for what, check, fix in _probe_steps(cupy):
+    steps = _probe_steps(cupy)
+    for what, check, fix in steps:
         try:
             check()
         except Exception as exc:
             _cupy_problem = (f"CuPy imported, but {what} is not usable ({exc.__class__.__name__}: {exc}). {fix}")
             return None
+        if check is steps[0][1]:
+            _gpu_present = True        # the driver answered with a device: what fails after this is a defect
     _cupy_module = cupy
     return cupy
 
@@ -111,6 +115,18 @@ def gpu_problem() -> str | None:
     """Why the GPU cannot be used (None when it can). Used in skip reasons."""
     _probe_cupy()
     return _cupy_problem
+
+
+def gpu_broken() -> str | None:
+    """Why a GPU that IS present cannot be used: CuPy imported and a CUDA device answered, but a
+    later step (NVRTC, the project's kernels, cuBLAS) failed. None when the GPU works, and None
+    when there is no GPU or no CuPy at all (nothing is broken then, it is just absent).
+
+    tests/conftest.py fails every `gpu` test on such a machine instead of skipping it: a broken
+    kernel file must not look like a machine without a GPU.
+    """
+    _probe_cupy()
+    return _cupy_problem if (_gpu_present and _cupy_module is None) else None
 
 
 def select_device(name: str | None = None):

@@ -75,7 +75,7 @@ def read_summaries(out):
         summaries += json.load(open(path))
     if not summaries:
         raise click.ClickException(f"no OUT/LOSS/summary.json under {out}: run `distill_fashion.py run` first")
-    order = {"itvm": 0, "lfmd": 1, "ecd": 2}
+    order = {"itvm": 0, "lfmd": 1, "ecd": 2, "meanflow": 3}
     return sorted(summaries, key=lambda s: order.get(s["loss"], 9))
 
 

@@ -61,13 +61,31 @@ GRIDS = {
         dict(delta_mode="relative", kappa=0.5, target_solver="heun", frac_t1=0.5, ema_decay=0.95),
         dict(delta_mode="relative", kappa=0.5, target_solver="heun", frac_t1=0.5, ema_target=False),
     ],
-    "lfmd": [
-        dict(frac_t1=0.0),                                                                   # auto h = 1e-4
+    "lfmd": [   # the finite-difference LFMD these results were measured with (--lfmd-derivative fd)
+        dict(frac_t1=0.0, lfmd_derivative="fd"),                                             # auto h = 1e-4
+        dict(frac_t1=0.25, lfmd_derivative="fd"),
+        dict(frac_t1=0.5, lfmd_derivative="fd"),
+        dict(frac_t1=0.5, fd_step=3e-4, lfmd_derivative="fd"),
+        dict(frac_t1=0.5, ema_decay=0.95, lfmd_derivative="fd"),
+        dict(frac_t1=0.5, lfmd_teacher_grad=False, lfmd_derivative="fd"),
+    ],
+    # Exact LFMD (forward-mode d/dt phi, docs/method.md §5.3) and MeanFlow (§5.8): grids of the same
+    # size, over their own knobs and the time-pair sampling. Not run yet (issue 20, item 5).
+    "lfmd-jvp": [
+        dict(frac_t1=0.0, lfmd_derivative="jvp"),
+        dict(frac_t1=0.25, lfmd_derivative="jvp"),
+        dict(frac_t1=0.5, lfmd_derivative="jvp"),
+        dict(frac_t1=0.0, ema_decay=0.95, lfmd_derivative="jvp"),
+        dict(frac_t1=0.0, lfmd_teacher_grad=True, lfmd_derivative="jvp"),
+        dict(frac_t1=0.0, pairs="uniform-gap", lfmd_derivative="jvp"),
+    ],
+    "meanflow": [
+        dict(frac_t1=0.0),
         dict(frac_t1=0.25),
         dict(frac_t1=0.5),
-        dict(frac_t1=0.5, fd_step=3e-4),
-        dict(frac_t1=0.5, ema_decay=0.95),
-        dict(frac_t1=0.5, lfmd_teacher_grad=False),
+        dict(frac_t1=0.0, ema_decay=0.95),
+        dict(frac_t1=0.0, max_gap=0.5),
+        dict(frac_t1=0.0, pairs="uniform-gap"),
     ],
     "ecd": [
         dict(delta=1 / 64, frac_t1=0.0),
@@ -95,9 +113,21 @@ ABLATIONS = {
              pairs="uniform-gap"),
     ],
     "lfmd": [   # of grid 5 (frac_t1 0.5, semi-gradient): fewer t = 1 pairs (grid 0 > 2 with the exact gradient)
-        dict(frac_t1=0.0, lfmd_teacher_grad=False),
-        dict(frac_t1=0.25, lfmd_teacher_grad=False),
-        dict(frac_t1=0.0, lfmd_teacher_grad=False, pairs="uniform-gap"),
+        dict(frac_t1=0.0, lfmd_teacher_grad=False, lfmd_derivative="fd"),
+        dict(frac_t1=0.25, lfmd_teacher_grad=False, lfmd_derivative="fd"),
+        dict(frac_t1=0.0, lfmd_teacher_grad=False, pairs="uniform-gap", lfmd_derivative="fd"),
+    ],
+    # lfmd-jvp and MeanFlow: declared before any of their runs (not post hoc like the three above);
+    # the EMA rate, fewer/more t = 1 pairs and uniform gaps are the knobs that moved the others.
+    "lfmd-jvp": [
+        dict(frac_t1=0.0, ema_decay=0.9, lfmd_derivative="jvp"),
+        dict(frac_t1=0.1, lfmd_derivative="jvp"),
+        dict(frac_t1=0.0, max_gap=0.5, lfmd_derivative="jvp"),
+    ],
+    "meanflow": [
+        dict(frac_t1=0.0, ema_decay=0.9),
+        dict(frac_t1=0.1),
+        dict(frac_t1=0.25, pairs="uniform-gap"),
     ],
     "ecd": [    # of grid 5 (Delta 1/16, frac_t1 0.5, EMA 0.95): the fastest EMA and largest Delta were edges
         dict(delta=1 / 16, frac_t1=0.5, ema_decay=0.9),
@@ -171,10 +201,13 @@ class ToyEval:
 
 # ----------------------------------------------------------------------------- one cell
 
+STUDY_LOSS = {"lfmd-jvp": "lfmd"}         # study name -> losses.LOSSES name (the rest are the same)
+
+
 def split_config(loss, cfg):
     kw = dict(cfg)
     ema_decay = kw.pop("ema_decay", BASE_EMA)
-    opts = losses.DistillLossConfig(loss=loss, **kw).validate()
+    opts = losses.DistillLossConfig(loss=STUDY_LOSS.get(loss, loss), **kw).validate()
     return opts, ema_decay
 
 
@@ -320,10 +353,13 @@ def verdicts(results, ns=(1, 2)):
     """Cell by cell: ITVM's selected setting against each baseline's (flow-map MSE, seeds 0-2);
     z = (baseline - ITVM) / sqrt(SE_ITVM^2 + SE_baseline^2); a win or loss where |z| > 2."""
     picks = {loss: selected(results, loss) for loss in GRIDS}
+    picks = {loss: p for loss, p in picks.items()                         # tuned, with final-seed runs
+             if p is not None and _cells(results, p[0], loss, p[1])}
+    baselines = [loss for loss in picks if loss != "itvm"]
     names = {"final": "grid", "final_ablate": "variation"}
     lines = ["Selected settings: " + ", ".join(f"{loss} {names[st]} {i}" for loss, (st, i) in picks.items()) + "\n",
-             "| toy | N | ITVM | LFMD | z | verdict vs LFMD | ECD | z | verdict vs ECD |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| toy | N | ITVM | " + " | ".join(f"{b.upper()} | z | verdict vs {b.upper()}" for b in baselines) + " |",
+             "|---|---|---|" + "---|---|---|" * len(baselines)]
     for toy in TOYS:
         for n in ns:
             stats = {}
@@ -331,7 +367,7 @@ def verdicts(results, ns=(1, 2)):
                 stats[loss] = mean_se([r["rows"][str(n)]["mse"] for r in _cells(results, stage, loss, i, toy)])
             m0, se0 = stats["itvm"]
             row = f"| {toy} | {n} | {m0:.2e} +- {se0:.1e} |"
-            for base in ("lfmd", "ecd"):
+            for base in baselines:
                 m, se = stats[base]
                 z = (m - m0) / math.sqrt(se0 ** 2 + se ** 2)
                 verdict = "**ITVM beats**" if z > 2 else "**ITVM loses**" if z < -2 else \
@@ -369,7 +405,7 @@ def tuning_cells(o, stage, configs, which):
 
 
 @cli.command()
-@click.option("--losses", "which", default="itvm,lfmd,ecd")
+@click.option("--losses", "which", default="itvm,lfmd,ecd", help=f"any of {','.join(GRIDS)}")
 @click.pass_obj
 def tune(o, which):
     run_stage(o, tuning_cells(o, "tune", GRIDS, which))

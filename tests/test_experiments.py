@@ -45,7 +45,8 @@ def _results(study, rng):
             for i in range(len(study.ABLATIONS[loss])):
                 best = 0.5e-2 if i == 0 else 5e-2
                 rows.append(_row("ablate", toy, loss, i, 100, best, best))
-    centre = {"itvm": 1.0e-2, "lfmd": 2.0e-2, "ecd": 0.5e-2}   # ITVM beats LFMD, loses to ECD
+    # ITVM beats LFMD and MeanFlow, loses to ECD (and LFMD-jvp)
+    centre = {"itvm": 1.0e-2, "lfmd": 2.0e-2, "ecd": 0.5e-2, "lfmd-jvp": 0.6e-2, "meanflow": 3.0e-2}
     for loss, c in centre.items():
         for toy in study.TOYS:
             for seed in study.FINAL_SEEDS:
@@ -69,6 +70,9 @@ def test_verdicts_compute_z_from_the_seed_standard_errors(study, rng):
     text = study.verdicts(results)
     line = next(l for l in text.splitlines() if l.startswith("| moons | 1 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
+    header = [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| toy |")).strip("|").split("|")]
+    assert header.count("LFMD") == header.count("ECD") == header.count("MEANFLOW") == 1      # every tuned baseline
+    at = {name: header.index(name) for name in ("LFMD", "ECD")}
     vals = {loss: [r["rows"]["1"]["mse"] for r in results.values()
                    if r.get("stage") == "final_ablate" and r["toy"] == "moons" and r["loss"] == loss]
             for loss in ("itvm", "lfmd", "ecd")}
@@ -76,8 +80,8 @@ def test_verdicts_compute_z_from_the_seed_standard_errors(study, rng):
     se = {k: np.std(v, ddof=1) / np.sqrt(len(v)) for k, v in vals.items()}
     z_lfmd = (mean["lfmd"] - mean["itvm"]) / math.hypot(se["itvm"], se["lfmd"])
     z_ecd = (mean["ecd"] - mean["itvm"]) / math.hypot(se["itvm"], se["ecd"])
-    assert float(cells[4]) == pytest.approx(z_lfmd, abs=0.051) and cells[5] == "**ITVM beats**"
-    assert float(cells[7]) == pytest.approx(z_ecd, abs=0.051) and cells[8] == "**ITVM loses**"
+    assert float(cells[at["LFMD"] + 1]) == pytest.approx(z_lfmd, abs=0.051) and cells[at["LFMD"] + 2] == "**ITVM beats**"
+    assert float(cells[at["ECD"] + 1]) == pytest.approx(z_ecd, abs=0.051) and cells[at["ECD"] + 2] == "**ITVM loses**"
 
 
 def test_report_lists_every_final_setting(study, rng):

@@ -20,6 +20,9 @@ a float64 reference with h_ref = 1e-6 (its own error is estimated by comparing
 with h_ref = 2e-6 and printed).
 
     python experiments/lfmd_fd_study.py                     # prints the table, writes runs/lfmd_fd_study.json
+
+(The reference here is itself a finite difference; experiments/lfmd_fd_vs_jvp.py measures the
+default step against the exact derivative, --lfmd-derivative jvp, on more students and pairs.)
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ def lfmd(student, teacher, x_s, s, t, h, dtype):
     """LFMD loss and flattened gradient (float64 numpy) at step h, everything cast to dtype."""
     cast = lambda pc: (P.astype(pc[0], dtype), pc[1])
     st, te = cast(student), cast(teacher)
-    opts = losses.DistillLossConfig(loss="lfmd", fd_step=h)
+    opts = losses.DistillLossConfig(loss="lfmd", fd_step=h, lfmd_derivative="fd")
     loss, grads, _ = losses.lfmd_loss(st, st, te, x_s.astype(dtype), s.astype(dtype), t.astype(dtype), opts)
     g = np.concatenate([np.asarray(grads[k], np.float64).ravel() for k in sorted(grads)])
     return float(loss), g

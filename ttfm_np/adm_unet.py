@@ -339,3 +339,44 @@ def torch_names(cfg: ADMConfig) -> dict:
         else:
             raise AssertionError(f"no torchcfm name for {name}")
     return out
+
+
+# ----------------------------------------------------------------------------- cost
+
+def forward_flops(cfg: ADMConfig, batch: int) -> int:
+    """GEMM FLOPs of one forward pass at `batch` (2 M N K per matrix product: the convolutions,
+    linears and the attention's four products; norms and activations are not counted).
+
+        conv k x k, Cin -> Cout, output r x r:   2 B r^2 Cout Cin k^2
+        linear In -> Out:                        2 B In Out
+        attention, C channels on L = r^2 pixels: qkv 2 B L 3C C, proj 2 B L C C,
+                                                 q^T k and P v: 2 B L^2 C each (all heads together)
+    A two-time student adds one more evaluation of the time MLP and the W_d product.
+    """
+    enc, mid, dec, ch = layout(cfg)
+    B, E, R = batch, cfg.emb_dim, cfg.resolution
+    conv = lambda r, cin, cout, k=3: 2 * B * r * r * cout * cin * k * k
+    attention = lambda r, C: 2 * B * r * r * 4 * C * C + 2 * 2 * B * (r * r) ** 2 * C
+
+    def resblock(r, cin, cout):
+        return conv(r, cin, cout) + 2 * B * E * cout + conv(r, cout, cout) + (conv(r, cin, cout, 1) if cin != cout else 0)
+
+    time_mlp = 2 * B * (cfg.model_channels * E + E * E)
+    total = time_mlp * (2 if cfg.two_time else 1) + (2 * B * E * E if cfg.two_time else 0)
+    r = R
+    for e in enc:
+        if e["kind"] == "conv":
+            total += conv(r, e["cin"], e["cout"])
+        elif e["kind"] == "down":
+            r //= 2
+            total += conv(r, e["cin"], e["cout"])              # stride 2: output pixels at r / 2
+        else:
+            total += resblock(r, e["cin"], e["cout"]) + (attention(r, e["cout"]) if e["attention"] else 0)
+    C = mid["channels"]
+    total += 2 * resblock(r, C, C) + attention(r, C)
+    for e in dec:
+        total += resblock(r, e["cin"], e["cout"]) + (attention(r, e["cout"]) if e["attention"] else 0)
+        if e["up"]:
+            r *= 2
+            total += conv(r, e["cout"], e["cout"])
+    return total + conv(R, ch, cfg.in_channels)

@@ -59,7 +59,7 @@ def row_tolerances(row, delta_s, delta_ref, samples=None, heldout=None) -> dict:
     tol = {}
     mse, big_d = row["mse"], delta_s + delta_ref
     tol["mse"] = 2 * math.sqrt(mse) * big_d + big_d ** 2 + 1e-12 * mse
-    if math.isfinite(row["psnr"]):
+    if row["psnr"] is not None and math.isfinite(row["psnr"]):        # eval.json writes an infinite PSNR as null
         floor = mse - tol["mse"]
         tol["psnr"] = 10 / math.log(10) * tol["mse"] / floor + 1e-12 * abs(row["psnr"]) if floor > 0 else math.inf
     if "sw2" in row:

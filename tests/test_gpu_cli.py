@@ -52,7 +52,7 @@ def test_toy_train_distill_each_loss_sample_eval_on_gpu(tmp_path, runner, launch
     assert launches is None or launches.get("adam_update", 0) > 0           # the fused kernels ran
     state = ckpt.load_checkpoint(str(t / "checkpoint.h5"))
     assert state["step"] == 3 and isinstance(state["params"]["emb.fc0.weight"], np.ndarray)
-    for loss in ("itvm", "lfmd", "ecd"):
+    for loss in ("itvm", "lfmd", "ecd", "meanflow"):               # lfmd: the default --lfmd-derivative jvp
         s = tmp_path / f"student-{loss}"
         _ok(runner.invoke(cli.cli, ["distill", "--data", "toy:moons", "--teacher", str(t), "--loss", loss,
                                     "--steps", "2", "--batch-size", "32", "--out", str(s), "--device", "gpu",

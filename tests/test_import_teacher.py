@@ -5,7 +5,6 @@ with missing / unexpected / wrongly shaped keys. With torch and torchcfm: a roun
 download -- torchcfm's module (random weights) saved with torch.save in torchcfm's layout,
 imported, distilled for two steps, evaluated and sampled from the command line."""
 import copy
-import dataclasses
 import hashlib
 import json
 

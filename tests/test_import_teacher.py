@@ -89,6 +89,15 @@ def test_cli_errors(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"not a torch file")
     res = invoke("import-teacher", tmp_path / "x.pt", "--data", "mnist", "--out", tmp_path / "t")
     assert res.exit_code != 0 and "Error: unknown dataset 'mnist'" in res.output
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(WRAPPER))
+    res = invoke("import-teacher", tmp_path / "x.pt", "--arch", arch, "--out", tmp_path / "t")
+    assert res.exit_code != 0 and "models images of shape (3, 8, 8), cifar10's are (3, 32, 32)" in res.output
+    res = invoke("import-teacher", tmp_path / "x.pt", "--arch", tmp_path / "none.json", "--out", tmp_path / "t")
+    assert res.exit_code != 0 and "none.json does not exist" in res.output
+    res = invoke("import-teacher", tmp_path / "x.pt", "--data", f"imagefolder:{tmp_path}", "--arch", arch,
+                 "--out", tmp_path / "t")
+    assert res.exit_code != 0 and "x.pt is not" in res.output and "Traceback" not in res.output
 
 
 # ----------------------------------------------------------------------------- round trip with torchcfm

@@ -180,6 +180,9 @@ def import_torchcfm(path: str, out: str, arch: str = DEFAULT_ARCH, data: str = "
     recipes.family(data)                                    # a known dataset name (ValueError otherwise)
     arch_name, kw = resolve_arch(arch)
     cfg = config_from_wrapper_kwargs(kw)
+    if recipes.family(data) == "cifar10" and cfg.sample_shape != (3, 32, 32):
+        raise ValueError(f"the architecture {arch_name} models images of shape {cfg.sample_shape}, cifar10's are "
+                         "(3, 32, 32): pass the --data the checkpoint was trained on")
     target = os.path.join(out, ckpt.CHECKPOINT_NAME)
     if os.path.exists(target):
         raise ValueError(f"{target} exists already: choose another --out or delete it")

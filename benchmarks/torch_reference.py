@@ -19,7 +19,8 @@ from ttfm_np.unet import layout
 
 def sinusoidal(t, dim, scale):
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=t.dtype) / half)
+    # on t's device: CPU frequencies times CUDA times would raise (and did, in gpu_check.py)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=t.dtype, device=t.device) / half)
     args = (scale * t)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 

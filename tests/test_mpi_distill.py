@@ -1,7 +1,8 @@
 """`mpiexec -n 2 python cli.py distill ...` equals one process: the printed table, eval.json and
-the checkpoint (the real launcher and the real command line, in subprocesses).
+the checkpoint (the real launcher and the real command line, in subprocesses); `train` and
+`eval` too.
 
-Everything runs in float64, where the claim is equality to 1e-10 (relative): two ranks
+In float64 the claim is equality to 1e-10 (relative): two ranks
 take 8 rows each of every global batch of 16 and sum their weighted gradients, one
 process takes 16 rows; the two differ only in the order of float64 additions and in
 GEMM shapes, i.e. by a few units of 1.1e-16 per operation, amplified over 12 Adam
@@ -9,6 +10,8 @@ steps and the evaluation's ODE steps by far less than the 1e6 that would reach 1
 (measured: below 1e-13).
 The table is printed with 4 significant digits, so at 1e-10 its text is the same
 (unless a number sat within 1e-10 of a rounding boundary of the 4th digit).
+In float32 (the default dtype; `eval` always) the results are compared within the
+tolerances derived in tests/float_bounds.py.
 
 Skipped with the reason when mpi4py or mpiexec is missing (pip install -e .[mpi]).
 """
@@ -157,6 +160,17 @@ def _parse_table(lines):
     return rows
 
 
+def assert_tables_close(stdout, ref_stdout, tols):
+    """The printed tables: same rows, each number within its tolerance plus half a unit of its
+    last printed digit on either side (MSE has 4 significant digits, PSNR 2 decimals, SW2 and TV 4)."""
+    t1, t2 = _parse_table(_table(ref_stdout)), _parse_table(_table(stdout))
+    assert [m for m, _ in t1] == [m for m, _ in t2] and len(t1) == len(tols)
+    for (method, a), (_, b), tol in zip(t1, t2, tols):
+        for x, y, key in zip(a, b, ["nfe", "mse", "psnr", "sw2", "hist_tv"]):
+            printed = {"mse": 5e-4 * max(abs(x), abs(y)), "psnr": 5e-3, "sw2": 5e-5, "hist_tv": 5e-5}.get(key, 0.0)
+            assert x == y or abs(x - y) <= tol.get(key, 0.0) + 2 * printed, f"table {method} {key}: {x} vs {y}"
+
+
 def test_two_ranks_float32_distill_within_derived_tolerance(teacher, one_process, tmp_path):
     """float32 under 2 ranks vs 1 process: not bit-identical (other GEMM shapes, other order of the
     gradient sum), so compared within tolerances derived from the float32 error itself
@@ -199,11 +213,41 @@ def test_two_ranks_float32_distill_within_derived_tolerance(teacher, one_process
     assert len(keys) == len(rows1)
     tols = [row_tolerances(r, delta[k], delta["reference"], x32[k], heldout) for r, k in zip(rows1, keys)]
     assert_rows_close(rows2, rows1, tols)
-    # the printed table: each number within its tolerance plus half a unit of its last printed digit
-    t1, t2 = _parse_table(_table(one.stdout)), _parse_table(_table(two.stdout))
-    assert [m for m, _ in t1] == [m for m, _ in t2] == [r["method"] for r in rows1]
-    for (method, a), (_, b), tol in zip(t1, t2, tols):
-        for x, y, key in zip(a, b, ["nfe", "mse", "psnr", "sw2", "hist_tv"]):
-            t = tol.get(key, 0.0)
-            printed = {"mse": 5e-4 * max(abs(x), abs(y)), "psnr": 5e-3, "sw2": 5e-5, "hist_tv": 5e-5}.get(key, 0.0)
-            assert x == y or abs(x - y) <= t + 2 * printed, f"table {method} {key}: {x} vs {y}"   # (inf == inf)
+    assert_tables_close(one.stdout, two.stdout, tols)
+
+
+def test_two_ranks_train_equals_one_process(teacher, tmp_path):
+    """`mpiexec -n 2 cli.py train` (float64) ends with the checkpoint of the one-process teacher."""
+    run(2, "train", "--data", "toy:moons", "--model", "mlp-tiny", "--steps", 300, "--batch-size", 64, "--lr",
+        "1e-2", "--dtype", "float64", "--device", "cpu", "--out", tmp_path / "T", data_root=tmp_path / "data")
+    a, b = _state(str(tmp_path / "T")), _state(os.path.dirname(teacher))
+    assert a["step"] == b["step"] == 300 and a["rng_state"]["data"] == b["rng_state"]["data"]
+    for group in ("params", "ema"):
+        for k in b[group]:
+            _close(a[group][k], b[group][k], f"{group}.{k}")
+
+
+def test_two_ranks_eval_within_derived_tolerance(teacher, one_process, tmp_path):
+    """`mpiexec -n 2 cli.py eval` (float32: each rank generates 32 of the 64 rows) vs one process:
+    eval.json within the tolerances of tests/float_bounds.py, the same table text to its printed digits."""
+    from float_bounds import assert_rows_close, row_tolerances, sample_delta
+    from ttfm_np import evaluate as evaluation, pipeline, sampling
+    student = one_process[0]
+    args = ["eval", "--teacher", teacher, "--student", student, "--steps", "1,2", "--n", 64, "--n-ref", 8,
+            "--device", "cpu"]
+    one = run(1, *args, "--out", tmp_path / "one", data_root=tmp_path / "data")
+    two = run(2, *args, "--out", tmp_path / "two", data_root=tmp_path / "data")
+    t32, s32 = (sampling.load_model(p, "ema", role=r) for p, r in ((teacher, "teacher"), (student, "student")))
+    t64, s64 = (sampling.load_model(p, "ema", dtype="float64", role=r) for p, r in ((teacher, "teacher"),
+                                                                                   (student, "student")))
+    z = t32.noise(64, 0)
+    x32 = evaluation.generate_samples(t32, s32, z, (1, 2), n_ref=8)
+    x64 = evaluation.generate_samples(t64, s64, z.astype(np.float64), (1, 2), n_ref=8)
+    keys = ["reference"] + [k for k in x32 if k != "reference"]
+    delta = {k: sample_delta(x32[k], x64[k]) for k in keys}
+    heldout = pipeline._heldout_points("toy:moons", None, 64)
+    rows1 = json.load(open(tmp_path / "one" / "eval.json"))["rows"]
+    rows2 = json.load(open(tmp_path / "two" / "eval.json"))["rows"]
+    tols = [row_tolerances(r, delta[k], delta["reference"], x32[k], heldout) for r, k in zip(rows1, keys)]
+    assert_rows_close(rows2, rows1, tols)
+    assert_tables_close(one.stdout, two.stdout, tols)

@@ -316,6 +316,7 @@ def test_check_replicas_passes_for_identical_state_and_names_the_difference():
 
 # ----------------------------------------------------------------------------- FID statistics
 
+@pytest.mark.numerics
 def test_merge_feature_stats_equals_one_process():
     """3 ranks with 0, 9 and 14 features (offset mean, as Inception features are) = all 23 on one."""
     rng = np.random.default_rng(3)

@@ -88,3 +88,54 @@ def adm_attention_backward(dy, cache):
     dx_norm = back("norm", da, groupnorm_backward)
     # y = x + a
     return dy + dx_norm, grads
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+# The rows are gathered exactly as in the forward (W = W_qkv[perm], b = b_qkv[perm]) and the
+# tangent is attention.py's attention_jvp on those rows, parameters fixed:
+#     a_dot = attention'(norm(x)) [norm'(x) x_dot]
+#     y_dot = x_dot + a_dot
+# The backward scatters the qkv rows' gradients back with the inverse permutation, as
+# adm_attention_backward does (both dW terms, from a and a_dot, come out of attention_jvp_backward).
+
+def adm_attention_jvp(params, prefix: str, x, x_dot, *, heads: int, groups: int, need_grad: bool = True):
+    """x, x_dot (N, C, H, W) -> (y, y_dot, cache) (cache None when need_grad is False)."""
+    from .attention import attention_jvp
+    from .groupnorm import groupnorm_jvp
+    from .tape import jvp_recorder
+    param = lambda name: params[f"{prefix}.{name}"]
+    xp = backend.array_module(x)
+    rows = head_major_rows(x.shape[1], heads)                    # (3C,) on the host
+    perm, inverse = xp.asarray(rows), xp.asarray(np.argsort(rows))
+    cache = {}
+    run = jvp_recorder(cache, need_grad)
+    # a = attention(norm(x))   with W = W_qkv[perm], b = b_qkv[perm]
+    a, ad = run("norm", groupnorm_jvp(x, param("norm.gamma"), param("norm.beta"), groups, x_dot))
+    a, ad = run("attn", attention_jvp(a, param("qkv.weight")[perm], param("qkv.bias")[perm],
+                                      param("proj.weight"), param("proj.bias"), heads, ad))
+    # y = x + a
+    y, yd = x + a, x_dot + ad
+    if not need_grad:
+        return y, yd, None
+    cache["prefix"], cache["inverse"] = prefix, inverse
+    return y, yd, cache
+
+
+def adm_attention_jvp_backward(dy, dy_dot, cache):
+    """-> (dx, dx_dot, grads with full names): adm_attention_backward's steps on (dy, dy_dot) pairs."""
+    from .attention import attention_jvp_backward
+    from .groupnorm import groupnorm_jvp_backward
+    from .tape import jvp_backprop
+    prefix, inverse = cache["prefix"], cache["inverse"]
+    grads = {}
+    # a = attention(norm(x)) with W = W_qkv[perm]: dW_qkv = dW[inverse] (inverse[perm[i]] = i)
+    da, da_dot, g = attention_jvp_backward(dy, dy_dot, cache["attn"])
+    grads[f"{prefix}.qkv.weight"] = g["qkv.weight"][inverse]
+    grads[f"{prefix}.qkv.bias"] = g["qkv.bias"][inverse]
+    grads[f"{prefix}.proj.weight"], grads[f"{prefix}.proj.bias"] = g["proj.weight"], g["proj.bias"]
+    back = jvp_backprop(cache, grads, prefix)
+    dx_norm, dx_norm_dot = back("norm", da, da_dot, groupnorm_jvp_backward)
+    # y = x + a,  y_dot = x_dot + a_dot
+    return dy + dx_norm, dy_dot + dx_norm_dot, grads

@@ -85,3 +85,71 @@ def adm_resblock_backward(dy, cache):
     dh = back("conv0", dh, conv2d_backward)
     dh = back("norm0", dh, groupnorm_backward)
     return (dx + dh, d_emb_act), grads
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+# Tangent of every line of adm_resblock_forward along (x_dot, emb_act_dot), parameters fixed:
+#     h_dot = conv0(silu(norm0)'(x) x_dot)                       (conv without bias)
+#     h_dot = h_dot + (W_affine emb_act_dot)[:, :, None, None]
+#     h_dot = conv1(dropout(silu(norm1)'(h) h_dot))              the SAME dropout mask as the primal
+#     y_dot = skip(x_dot) + h_dot                                skip is linear (identity or 1x1 conv)
+
+def adm_resblock_jvp(params, prefix: str, x, emb_act, x_dot, emb_act_dot, *, groups: int, dropout: float = 0.0,
+                     dropout_seed=None, need_grad: bool = True):
+    """(y, y_dot, cache): the block of adm_resblock_forward and its tangent along (x_dot (N, Cin, H, W),
+    emb_act_dot (N, E)); every line is the forward's line with each layer replaced by its jvp."""
+    from .conv import conv2d_jvp
+    from .dropout import dropout_jvp
+    from .groupnorm import groupnorm_jvp
+    from .linear import linear_jvp
+    from .tape import jvp_recorder
+    param = lambda name: params[f"{prefix}.{name}"]
+    cache = {}
+    run = jvp_recorder(cache, need_grad)
+    cin, cout = x.shape[1], param("conv0.weight").shape[0]
+    # h = conv0(silu(norm0(x)))
+    h, hd = run("norm0", groupnorm_jvp(x, param("norm0.gamma"), param("norm0.beta"), groups, x_dot, silu=True))
+    h, hd = run("conv0", conv2d_jvp(h, param("conv0.weight"), param("conv0.bias"), hd, 1, 1))
+    # h = h + affine(emb_act)[:, :, None, None]
+    a, ad = run("affine", linear_jvp(emb_act, param("affine.weight"), param("affine.bias"), emb_act_dot))  # (N, Cout)
+    h, hd = h + a[:, :, None, None], hd + ad[:, :, None, None]
+    # h = conv1(dropout(silu(norm1(h))))
+    h, hd = run("norm1", groupnorm_jvp(h, param("norm1.gamma"), param("norm1.beta"), groups, hd, silu=True))
+    h, hd = run("dropout", dropout_jvp(h, hd, dropout, dropout_seed, site_id(prefix)))
+    h, hd = run("conv1", conv2d_jvp(h, param("conv1.weight"), param("conv1.bias"), hd, 1, 1))
+    # y = skip(x) + h
+    if cin != cout:
+        skip, skip_d = run("skip", conv2d_jvp(x, param("skip.weight"), param("skip.bias"), x_dot, 1, 0))
+    else:
+        skip, skip_d = x, x_dot
+    y, yd = skip + h, skip_d + hd
+    if not need_grad:
+        return y, yd, None
+    cache["prefix"] = prefix
+    return y, yd, cache
+
+
+def adm_resblock_jvp_backward(dy, dy_dot, cache):
+    """-> ((dx, d_emb_act), (dx_dot, d_emb_act_dot), grads with full names): adm_resblock_backward's
+    steps on (cotangent of y, cotangent of y_dot) pairs."""
+    from .conv import conv2d_jvp_backward
+    from .dropout import dropout_jvp_backward
+    from .groupnorm import groupnorm_jvp_backward
+    from .linear import linear_jvp_backward
+    from .tape import jvp_backprop
+    grads = {}
+    back = jvp_backprop(cache, grads, cache["prefix"])
+    # y = skip(x) + h,  y_dot = skip(x_dot) + h_dot
+    dx, dx_dot = back("skip", dy, dy_dot, conv2d_jvp_backward) if "skip" in cache else (dy, dy_dot)
+    # h = conv1(dropout(silu(norm1(h))))
+    dh, dh_dot = back("conv1", dy, dy_dot, conv2d_jvp_backward)
+    dh, dh_dot = back("dropout", dh, dh_dot, dropout_jvp_backward)
+    dh, dh_dot = back("norm1", dh, dh_dot, groupnorm_jvp_backward)
+    # h = h + affine(emb_act)[:, :, None, None]: the broadcast's gradient is the sum over pixels
+    de, de_dot = back("affine", dh.sum(axis=(2, 3)), dh_dot.sum(axis=(2, 3)), linear_jvp_backward)
+    # h = conv0(silu(norm0(x)))
+    dh, dh_dot = back("conv0", dh, dh_dot, conv2d_jvp_backward)
+    dh, dh_dot = back("norm0", dh, dh_dot, groupnorm_jvp_backward)
+    return (dx + dh, de), (dx_dot + dh_dot, de_dot), grads

@@ -380,3 +380,142 @@ def forward_flops(cfg: ADMConfig, batch: int) -> int:
             r *= 2
             total += conv(r, e["cout"], e["cout"])
     return total + conv(R, ch, cfg.in_channels)
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode tangent (JVP) and its backward (reverse over forward)
+# ----------------------------------------------------------------------------
+# u_dot = du/dx x_dot + du/ds s_dot [+ du/dt t_dot], parameters fixed: adm_unet_forward line by
+# line with every layer replaced by its jvp. The time embedding's tangent is
+#     e_dot = E'(s) s_dot [+ W_d E'(t - s) (t_dot - s_dot)],   emb_act_dot = silu'(e) e_dot,
+# a concatenation's tangent is the concatenation of the tangents, and dropout uses the same
+# masks as the primal (one dropout_seed). The backward runs adm_unet_backward's steps on
+# (cotangent of u, cotangent of u_dot) pairs.
+
+def adm_unet_jvp(params, cfg: ADMConfig, x, s, t, x_dot, s_dot, t_dot=None, dropout_seed=None,
+                 need_grad: bool = True):
+    """(u, u_dot, cache): u(x, s[, t]) and its tangent along (x_dot (N, C, R, R), s_dot (N,)[, t_dot (N,)]);
+    cache None when need_grad is False."""
+    from .activations import silu_jvp
+    from .adm_attention import adm_attention_jvp
+    from .adm_resample import downsample_jvp, upsample_jvp
+    from .adm_resblock import adm_resblock_jvp
+    from .conv import conv2d_jvp
+    from .embedding import time_embedding_jvp
+    from .groupnorm import groupnorm_jvp
+    from .tape import jvp_recorder
+    if x.shape[1:] != cfg.sample_shape or x_dot.shape != x.shape:
+        raise ValueError(f"ADM U-Net built for inputs (N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}) "
+                         f"and tangents of the same shape, got {tuple(x.shape)} and {tuple(x_dot.shape)}")
+    if (t is not None) != cfg.two_time:
+        raise ValueError("a two-time model needs both s and t; a one-time model takes only t"
+                         if cfg.two_time else "this is a one-time (teacher) U-Net: call it with one time")
+    enc, mid, dec, _ = layout(cfg)
+    xp = backend.array_module(x)
+    caches = {}
+    run = jvp_recorder(caches, need_grad)
+    G = cfg.norm_groups
+    res = dict(groups=G, dropout=cfg.dropout, dropout_seed=dropout_seed, need_grad=need_grad)
+
+    def block(n, h, hd, e):
+        """(h, h_dot) through [up]([attn](res(h, emb_act)))."""
+        h, hd = run(f"{n}.res", adm_resblock_jvp(params, f"{n}.res", h, ea, hd, ead, **res))
+        if e.get("attention"):
+            h, hd = run(f"{n}.attn", adm_attention_jvp(params, f"{n}.attn", h, hd, heads=e["heads"], groups=G,
+                                                       need_grad=need_grad))
+        if e.get("up"):
+            h, hd = run(f"{n}.up", upsample_jvp(h, params[f"{n}.up.weight"], params[f"{n}.up.bias"], hd))
+        return h, hd
+
+    # emb = E(s) [+ W_d E(t - s)],  emb_act = silu(emb)                   (N, E) each, with tangents
+    emb, emb_d = run("emb", time_embedding_jvp(params, "emb", s, s_dot, t, t_dot, cfg.model_channels,
+                                               cfg.time_scale))
+    ea, ead = run("emb_act", silu_jvp(emb, emb_d))
+    h, hd = x, x_dot
+    skips = []                                                    # (encoder output, its tangent), a stack
+    for e in enc:
+        n = e["name"]
+        if e["kind"] == "conv":
+            h, hd = run(n, conv2d_jvp(h, params[f"{n}.weight"], params[f"{n}.bias"], hd, 1, 1))
+        elif e["kind"] == "down":
+            h, hd = run(n, downsample_jvp(h, params[f"{n}.weight"], params[f"{n}.bias"], hd))
+        else:
+            h, hd = block(n, h, hd, e)
+        skips.append((h, hd))
+    h, hd = run("mid.res0", adm_resblock_jvp(params, "mid.res0", h, ea, hd, ead, **res))
+    h, hd = run("mid.attn", adm_attention_jvp(params, "mid.attn", h, hd, heads=mid["heads"], groups=G,
+                                              need_grad=need_grad))
+    h, hd = run("mid.res1", adm_resblock_jvp(params, "mid.res1", h, ea, hd, ead, **res))
+    splits = {}
+    for e in dec:
+        splits[e["name"]] = h.shape[1]
+        skip, skip_d = skips.pop()
+        # h = concatenate([h, skip], axis=1),  h_dot = concatenate([h_dot, skip_dot], axis=1)
+        h, hd = xp.concatenate([h, skip], axis=1), xp.concatenate([hd, skip_d], axis=1)
+        h, hd = block(e["name"], h, hd, e)
+    assert not skips, "every encoder output must be consumed by a decoder block"
+    h, hd = run("out.norm", groupnorm_jvp(h, params["out.norm.gamma"], params["out.norm.beta"], G, hd, silu=True))
+    out, out_d = run("out.conv", conv2d_jvp(h, params["out.conv.weight"], params["out.conv.bias"], hd, 1, 1))
+    if not need_grad:
+        return out, out_d, None
+    return out, out_d, dict(layers=caches, splits=splits, cfg=cfg)
+
+
+def adm_unet_jvp_backward(dout, dout_dot, cache):
+    """dout, dout_dot (N, C, R, R) -> (dx, dx_dot, grads): the gradients of a loss L(u, u_dot) with
+    dL/du = dout, dL/du_dot = dout_dot w.r.t. x, x_dot and every parameter (full names)."""
+    from .activations import silu_jvp_backward
+    from .adm_attention import adm_attention_jvp_backward
+    from .adm_resample import downsample_jvp_backward, upsample_jvp_backward
+    from .adm_resblock import adm_resblock_jvp_backward
+    from .conv import conv2d_jvp_backward
+    from .embedding import time_embedding_jvp_backward
+    from .groupnorm import groupnorm_jvp_backward
+    from .tape import jvp_backprop
+    caches, splits, cfg = cache["layers"], cache["splits"], cache["cfg"]
+    enc, mid, dec, _ = layout(cfg)
+    grads = {}
+    back = jvp_backprop(caches, grads)
+    de, ded = 0, 0                             # every ResBlock reads (emb_act, emb_act_dot): gradients add up
+
+    def res_back(name, dh, dhd):
+        nonlocal de, ded
+        (dh, de_k), (dhd, ded_k) = back(name, dh, dhd, adm_resblock_jvp_backward, full_names=True)
+        de, ded = de + de_k, ded + ded_k
+        return dh, dhd
+
+    def block_back(n, dh, dhd, e):
+        """Reverse of (h, h_dot) through [up]([attn](res(h, emb_act)))."""
+        if e.get("up"):
+            dh, dhd = back(f"{n}.up", dh, dhd, upsample_jvp_backward)
+        if e.get("attention"):
+            dh, dhd = back(f"{n}.attn", dh, dhd, adm_attention_jvp_backward, full_names=True)
+        return res_back(f"{n}.res", dh, dhd)
+
+    # out = conv(silu(norm(h)))
+    dh, dhd = back("out.norm", *back("out.conv", dout, dout_dot, conv2d_jvp_backward), groupnorm_jvp_backward)
+    d_skips = []                               # (gradient, tangent's gradient) of the encoder outputs, pop order
+    for e in reversed(dec):
+        dh, dhd = block_back(e["name"], dh, dhd, e)
+        # h = concatenate([h, skip], axis=1) (and the same for h_dot): split at the recorded point
+        split = splits[e["name"]]
+        d_skips.append((dh[:, split:], dhd[:, split:]))
+        dh, dhd = dh[:, :split], dhd[:, :split]
+    # the middle: h = res1(attn(res0(h)))
+    dh, dhd = res_back("mid.res1", dh, dhd)
+    dh, dhd = back("mid.attn", dh, dhd, adm_attention_jvp_backward, full_names=True)
+    dh, dhd = res_back("mid.res0", dh, dhd)
+    for e in reversed(enc):
+        n = e["name"]
+        g, gd = d_skips.pop()                  # every encoder output was also a skip
+        dh, dhd = dh + g, dhd + gd
+        if e["kind"] == "conv":
+            dh, dhd = back(n, dh, dhd, conv2d_jvp_backward)
+        elif e["kind"] == "down":
+            dh, dhd = back(n, dh, dhd, downsample_jvp_backward)
+        else:
+            dh, dhd = block_back(n, dh, dhd, e)
+    assert not d_skips, "every skip gradient must be consumed"
+    # emb_act = silu(emb); emb = E(s) [+ W_d E(t - s)]   (no gradient w.r.t. the times)
+    back("emb", *back("emb_act", de, ded, silu_jvp_backward), time_embedding_jvp_backward, full_names=True)
+    return dh, dhd, grads

@@ -102,7 +102,8 @@ def time_tangent(value, like):
 def _jvp_family(kind):
     """(jvp, jvp_backward) of a network family; the families without a tangent pass are named in the error."""
     from . import mlp, unet
-    families = {"unet": (unet.unet_jvp, unet.unet_jvp_backward), "mlp": (mlp.mlp_jvp, mlp.mlp_jvp_backward)}
+    families = {"unet": (unet.unet_jvp, unet.unet_jvp_backward), "mlp": (mlp.mlp_jvp, mlp.mlp_jvp_backward),
+                "adm": (adm_unet.adm_unet_jvp, adm_unet.adm_unet_jvp_backward)}
     if kind not in families:
         raise ValueError(f"no forward-mode (jvp) pass for model kind {kind!r} yet (only {', '.join(families)}): "
                          "use --lfmd-derivative fd, or another loss than meanflow, with this network")

@@ -29,15 +29,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _has_avx512() -> bool:
+def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
     except OSError:
-        return False
+        return set()
 
 
-CORETYPES = ["Haswell", "Sandybridge"] + (["SkylakeX"] if _has_avx512() else [])
+# each kernel set with the instructions it needs (a kernel set the CPU lacks would crash the process)
+_NEEDS = {"Haswell": "avx2", "Sandybridge": "avx", "SkylakeX": "avx512f"}
+CORETYPES = [name for name, flag in _NEEDS.items() if flag in _cpu_flags()]
 
 
 def numerics_files() -> list:

@@ -37,7 +37,7 @@ import numpy as np
 from dataclasses import dataclass
 
 from . import backend, blas, ckpt, data as datasets, evaluate as evaluation, images, losses, metrics, model, recipes
-from . import atomic, inputs, jsonio
+from . import atomic, inputs, jsonio, resources
 from . import params as P
 from . import distributed, sampling, train, ttfm
 from .ckpt import CHECKPOINT_NAME
@@ -131,11 +131,32 @@ def _batches(ds, tcfg, flip=False):
     return datasets.BatchIterator(ds.data, tcfg.batch_size, seed=tcfg.seed, flip=flip)
 
 
-def _check_inputs_unchanged(out: str, hashes: dict, resume: bool):
-    """On --resume, refuse inputs whose contents changed since the run started (inputs.py: old -> new)."""
+def _check_inputs_unchanged(out: str, hashes: dict, resume: bool) -> int:
+    """On --resume, refuse inputs whose contents changed since the run started (inputs.py: old -> new).
+
+    Returns the step the run will resume from (0 for a new run).
+    """
     path = os.path.join(out, CHECKPOINT_NAME)
     if resume and os.path.exists(path):
-        inputs.check_unchanged(ckpt.load_checkpoint(path)["config"].get("inputs"), hashes, path)
+        state = ckpt.load_checkpoint(path)
+        inputs.check_unchanged(state["config"].get("inputs"), hashes, path)
+        return int(state["step"])
+    return 0
+
+
+def _check_resources(objective, params, ds, tcfg, done: int, max_cpu_hours, mlp: bool):
+    """Refuse before the first step a CPU run over the memory available or the time allowed (resources.py).
+
+    Skipped when max_cpu_hours is None (--yes; library calls that set no limit).
+    """
+    if max_cpu_hours is None or tcfg.steps <= done:
+        return
+    comm = distributed.current()
+    batch = -(-tcfg.batch_size // comm.size)                 # this rank's rows of every batch
+    log("estimating memory and time from two probe passes (batch 1 and 2) ...")
+    with blas.single_threaded_small_gemms(mlp):
+        resources.check_before_training(objective, params, ds.data, batch, tcfg.steps - done, tcfg.dtype,
+                                        max_cpu_hours, comm)
 
 
 @contextlib.contextmanager
@@ -171,9 +192,11 @@ def train_teacher(data: str, *, model_name: str | None = None, out: str | None =
     run_config = dict(task="teacher", data=data, time_sampling=time_sampling, flip=flip,
                       resolution=ds.shape[-1] if ds.kind == "image" else None,
                       inputs=inputs.input_hashes(data, data_dir))             # content, not just paths
-    _check_inputs_unchanged(out, run_config["inputs"], resume)
+    done = _check_inputs_unchanged(out, run_config["inputs"], resume)
+    init_params = model.init_model(cfg, tcfg.seed)
+    _check_resources(objective, init_params, ds, tcfg, done, max_cpu_hours, cfg.kind == "mlp")
     with _locked_run(out), blas.single_threaded_small_gemms(cfg.kind == "mlp"):
-        _, _, step = train.train_loop(out, model_cfg=cfg, init_params=model.init_model(cfg, tcfg.seed),
+        _, _, step = train.train_loop(out, model_cfg=cfg, init_params=init_params,
                                       objective=objective, data_iter=batches, tcfg=tcfg, resume=resume,
                                       run_config=run_config, progress=progress, max_cpu_hours=max_cpu_hours)
     return RunResult(out=out, checkpoint=os.path.join(out, CHECKPOINT_NAME), step=step)
@@ -290,11 +313,12 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
             log(f"{_default_run_dir(data, loss.loss, quick)} holds a run with other settings: writing to {out}")
     step = tcfg.steps
     if not reused:
-        _check_inputs_unchanged(out, run_config["inputs"], resume)
+        done = _check_inputs_unchanged(out, run_config["inputs"], resume)
         objective = DistillObjective(scfg, (tm.params, tm.cfg), loss, sample_kind=ds.kind, heldout=_heldout(ds))
         log(f"distill: {loss.loss} from {teacher} on {data}, {tcfg.steps} steps of batch {tcfg.batch_size}, "
             f"device {backend.device_name()}, out {out}")
         with _locked_run(out), blas.single_threaded_small_gemms(scfg.kind == "mlp"):
+        _check_resources(objective, student_params, ds, tcfg, done, max_cpu_hours, scfg.kind == "mlp")
             _, _, step = train.train_loop(out, model_cfg=scfg, init_params=student_params, objective=objective,
                                           data_iter=_batches(ds, tcfg), tcfg=tcfg, resume=resume,
                                           run_config=run_config, progress=progress, max_cpu_hours=max_cpu_hours)

@@ -315,10 +315,10 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
     if not reused:
         done = _check_inputs_unchanged(out, run_config["inputs"], resume)
         objective = DistillObjective(scfg, (tm.params, tm.cfg), loss, sample_kind=ds.kind, heldout=_heldout(ds))
+        _check_resources(objective, student_params, ds, tcfg, done, max_cpu_hours, scfg.kind == "mlp")
         log(f"distill: {loss.loss} from {teacher} on {data}, {tcfg.steps} steps of batch {tcfg.batch_size}, "
             f"device {backend.device_name()}, out {out}")
         with _locked_run(out), blas.single_threaded_small_gemms(scfg.kind == "mlp"):
-        _check_resources(objective, student_params, ds, tcfg, done, max_cpu_hours, scfg.kind == "mlp")
             _, _, step = train.train_loop(out, model_cfg=scfg, init_params=student_params, objective=objective,
                                           data_iter=_batches(ds, tcfg), tcfg=tcfg, resume=resume,
                                           run_config=run_config, progress=progress, max_cpu_hours=max_cpu_hours)

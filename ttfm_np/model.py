@@ -92,10 +92,11 @@ def time_tangent(value, like):
     xp = backend.array_module(like)
     if value is None:
         return xp.zeros(like.shape, dtype=like.dtype)
-    if isinstance(value, (int, float)):
-        return xp.full(like.shape, value, dtype=like.dtype)
-    if value.shape != like.shape:
-        raise ValueError(f"a time tangent must have one entry per sample, shape {like.shape}, got {value.shape}")
+    if isinstance(value, (int, float)) or (hasattr(value, "shape") and value.shape == () and like.shape != ()):
+        return xp.full(like.shape, float(value), dtype=like.dtype)           # a number (Python or 0-d array)
+    if getattr(value, "shape", None) != like.shape:
+        raise ValueError(f"a time tangent must be a number or an array of one entry per sample, shape {like.shape}, "
+                         f"got {getattr(value, 'shape', type(value).__name__)}")
     return value.astype(like.dtype, copy=False)
 
 

@@ -387,3 +387,70 @@ def test_the_memory_estimate_matches_the_measured_peak(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     estimate, peak = map(int, out.stdout.split()[-2:])
     assert peak / 1.5 < estimate < 1.5 * peak, (estimate, peak)
+
+
+# ----------------------------------------------------------------------------- messages that were wrong
+
+def test_the_time_refusal_says_a_checkpoint_was_kept_and_how_to_continue(tmp_path):
+    run = ["train", *TEACHER[:-2], "--ckpt-every", 1, "--out", tmp_path / "run"]
+    out = assert_error(invoke(*run, "--steps", 100_000_000), "on the CPU", "--resume --yes")
+    assert "nothing was saved" not in out and (tmp_path / "run" / "checkpoint.h5").exists()
+    assert_ok(invoke(*run, "--steps", 5, "--resume", "--yes"))            # the advice works
+    out = assert_error(invoke("train", *TEACHER, "--out", tmp_path / "fresh", "--steps", 100_000_000),
+                       "nothing was saved", "--yes")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_huge_points_data_is_blamed_not_the_learning_rate(tmp_path):
+    np.save(tmp_path / "big.npy", 1e30 * np.random.default_rng(0).standard_normal((200, 2)).astype(np.float32))
+    out = assert_error(invoke("train", "--data", f"points:{tmp_path / 'big.npy'}", "--model", "mlp-tiny",
+                              "--batch-size", 16, "--steps", 5, "--out", tmp_path / "run"),
+                       "big.npy holds values up to", "the data is the problem", "standardise")
+    assert "--lr" not in out
+
+
+def test_a_full_disk_outside_the_atomic_writers_names_the_path_and_the_fix(tmp_path, monkeypatch):
+    from ttfm_np import pipeline
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+    monkeypatch.setattr(pipeline, "train_teacher", full)
+    out = assert_error(invoke("train", *TEACHER, "--steps", 2, "--out", tmp_path / "run"),
+                       "no space left on the device while writing", "metrics.jsonl", "free space", "--resume")
+    assert "[Errno 28]" not in out
+
+
+# ----------------------------------------------------------------------------- points of any dimension
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_points_of_any_dimension_train_distill_sample_and_evaluate(tmp_path, d):
+    np.save(tmp_path / "p.npy", np.random.default_rng(0).standard_normal((300, d)).astype(np.float32))
+    data = f"points:{tmp_path / 'p.npy'}"
+    assert_ok(invoke("train", "--data", data, "--model", "mlp-tiny", "--batch-size", 16, "--steps", 3,
+                     "--out", tmp_path / "t"))
+    out = assert_ok(invoke("distill", "--data", data, "--teacher", tmp_path / "t", "--batch-size", 16, "--steps", 3,
+                           "--out", tmp_path / "s", *EVAL_FAST))
+    assert "SW2" in out and "n/a" in out                       # sliced-W2 in any d; histogram TV for d = 2 only
+    assert (tmp_path / "s" / "eval" / "samples.png").exists()
+    rows = __import__("json").loads((tmp_path / "s" / "eval" / "eval.json").read_text())["rows"]
+    assert all(r["sw2"] > 0 and r["hist_tv"] is None for r in rows)
+    assert "sliced-W2" in assert_ok(invoke("sample", "--ckpt", tmp_path / "s", "--n", 20, "--out", tmp_path / "x.png"))
+    assert_ok(invoke("eval", "--teacher", tmp_path / "t", "--student", tmp_path / "s", "--steps", "1", "--n", 20,
+                     "--n-ref", 4, "--out", tmp_path / "ev"))
+
+
+# ----------------------------------------------------------------------------- internal errors keep their context
+
+def test_an_internal_error_is_one_line_plus_a_log_with_the_traceback(teacher, tmp_path, monkeypatch):
+    def buggy(*a, **k):
+        return np.zeros((2, 3)).transpose(0, 2, 3, 1)        # numpy's ValueError: a bug, not bad input
+    monkeypatch.setattr(images, "plane", buggy)              # the scatter plot of the evaluation calls it
+    out = assert_error(invoke("eval", "--teacher", teacher, "--steps", "1", "--n", 16, "--n-ref", 4,
+                              "--out", tmp_path / "ev"),
+                       "internal error (ValueError: axes don't match array)", "please report it")
+    log = re.search(r"the traceback is in (\S+)\.", out).group(1)
+    text = open(log).read()
+    assert "Traceback" in text and "in buggy" in text and "transpose(0, 2, 3, 1)" in text
+    # bad input stays one line without a log
+    out = assert_error(invoke("sample", "--ckpt", tmp_path / "missing", "--out", tmp_path / "a.png"))
+    assert "internal error" not in out

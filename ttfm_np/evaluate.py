@@ -26,8 +26,8 @@ def _row(method, nfe, x, x_ref, heldout):
     r = dict(method=method, nfe=nfe, mse=metrics.mse(x, x_ref), psnr=metrics.psnr(x, x_ref))
     if heldout is not None:
         r["sw2"] = metrics.sliced_w2(backend.to_numpy(x), heldout)
-        if heldout.shape[1] == 2:          # sees blurred or filled-in shapes that sliced-W2 rates at its floor
-            r["hist_tv"] = metrics.hist2d_tv(backend.to_numpy(x), heldout)
+        # sees blurred or filled-in shapes that sliced-W2 rates at its floor; defined for d = 2 only (None: n/a)
+        r["hist_tv"] = metrics.hist2d_tv(backend.to_numpy(x), heldout) if heldout.shape[1] == 2 else None
     return r
 
 
@@ -127,7 +127,7 @@ def format_table(rows) -> str:
         if has_sw2:
             line += f" {r['sw2']:9.4f}"
         if has_tv:
-            line += f" {r['hist_tv']:8.4f}"
+            line += f" {r['hist_tv']:8.4f}" if r.get("hist_tv") is not None else f" {'n/a':>8s}"
         lines.append(line)
     return "\n".join(lines)
 

@@ -40,8 +40,26 @@ def save_image_grid(images, path: str, nrow: int | None = None, upscale: int = 1
     save_image(img, path)
 
 
+def plane(points):
+    """(N, d) points -> (N, 2) coordinates to draw, and a note: d = 2 as they are; d > 2 the first two
+    coordinates (a projection); d = 1 the values along the horizontal axis."""
+    p = backend.to_numpy(points).reshape(len(points), -1)
+    d = p.shape[1]
+    if d == 2:
+        return p, ""
+    if d == 1:
+        return np.concatenate([p, np.zeros_like(p)], axis=1), " (1-D: values on the x axis)"
+    return p[:, :2], f" (coordinates 1-2 of {d})"
+
+
 def scatter_image(points, reference=None, size: int = 512, extent: float = 4.5, title: str | None = None):
-    """2-D points as dots on a white square ([-extent, extent]^2); reference points in grey."""
+    """Points as dots on a white square ([-extent, extent]^2); reference points in grey.
+
+    Points of d != 2 are drawn through plane() (the first two coordinates), which the title says.
+    """
+    points, note = plane(points)
+    reference = None if reference is None else plane(reference)[0]
+    title = (title + note) if title and note else title
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)
 

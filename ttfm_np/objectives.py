@@ -29,12 +29,12 @@ def _noise(rng, like):
 def _fixed_noise(cfg, params, sample_kind):
     """The same noise at every save (seed 0), so progress pictures are comparable across steps."""
     like = params["emb.fc0.weight"]
-    n = 1000 if sample_kind == "toy" else 64
+    n = 1000 if sample_kind in ("toy", "points") else 64
     return _to_device_like(np.random.default_rng(0).standard_normal((n,) + cfg.sample_shape), like)
 
 
 def _save_samples(x, path, sample_kind, heldout, title):
-    if sample_kind == "toy":
+    if sample_kind in ("toy", "points"):             # points of any d: images.plane draws two coordinates
         save_scatter(x, path, reference=heldout, title=title)
     else:
         save_image_grid(x[:64], path, upscale=2)
@@ -47,7 +47,7 @@ class FlowMatchingObjective:
         self.cfg, self.time_sampling = cfg, time_sampling
         self.sample_kind, self.heldout = sample_kind, heldout
         # progress pictures: 32 Heun steps for 2-D points, 10 for images (64 U-Net passes each is costly on a CPU)
-        self.sample_steps = sample_steps or (32 if sample_kind == "toy" else 10)
+        self.sample_steps = sample_steps or (32 if sample_kind in ("toy", "points") else 10)
 
     def loss_and_grads(self, params, ema, x1, rng, dropout_seed):
         x0 = _noise(rng, x1)

@@ -113,15 +113,32 @@ def _training_data(data, data_dir=None, resolution=None, comm=None):
 
 
 def _heldout_points(data, data_dir, n):
-    """Held-out 2-D points (toys, points: files with d = 2) for sliced-W2 and histogram TV, else None."""
+    """Held-out points (toys, points: files of any d) for sliced-W2 (any d) and histogram TV (d = 2), else None."""
     if not data.startswith(("toy:", "points:")):
         return None
-    ds = _load_data(data, data_dir, split="test", n=n)
-    return ds.data if ds.kind == "toy" else None
+    return _load_data(data, data_dir, split="test", n=n).data
+
+
+POINTS_MAX_ABS = 1e4        # points: data beyond this is refused (the flow starts from N(0, I) noise)
+
+
+def _check_points_scale(ds):
+    """Refuse points: data far from unit scale up front: its loss overflows (or training diverges) and
+    the divergence guard could only blame the learning rate. Warn at 100 (poor fits, no failure)."""
+    if ds.kind not in ("toy", "points") or not ds.name.startswith("points:") or len(ds.data) == 0:
+        return
+    big = float(np.abs(ds.data).max())
+    if big > POINTS_MAX_ABS:
+        raise ValueError(f"{ds.name} holds values up to {big:.3g} in magnitude: the data is the problem, not the "
+                         "learning rate. The flow starts from N(0, I) noise, so standardise the points first "
+                         "(x = (x - x.mean(0)) / x.std(0); np.save) to values within about [-4, 4]")
+    if big > 100:
+        warnings.warn(f"{ds.name} holds values up to {big:.3g}: the flow starts from N(0, I) noise, so "
+                      "standardised data (within about [-4, 4]) trains much better")
 
 
 def _heldout(ds):
-    return ds.data[:1000] if ds.kind == "toy" else None
+    return ds.data[:1000] if ds.kind in ("toy", "points") else None
 
 
 def _batches(ds, tcfg, flip=False):
@@ -184,6 +201,7 @@ def train_teacher(data: str, *, model_name: str | None = None, out: str | None =
     tcfg = train_config(recipe, **train_overrides)
     out = out or recipes.default_teacher_dir(data, model_name, quick)
     ds = _training_data(data, data_dir, resolution=resolution)
+    _check_points_scale(ds)
     cfg = model.make_config(model_name, ds.shape)
     batches = _batches(ds, tcfg, flip)
     objective = FlowMatchingObjective(cfg, time_sampling=time_sampling, sample_kind=ds.kind, heldout=_heldout(ds))
@@ -292,6 +310,7 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
                       "the finite difference will damp them (see docs/method.md)")
     ds = _training_data(data, data_dir, resolution=tm.config.get("resolution") if data.startswith("imagefolder:")
                     else None)
+    _check_points_scale(ds)
     if tuple(ds.shape) != tuple(tm.sample_shape):
         raise ValueError(f"the teacher {teacher} models samples of shape {tm.sample_shape}, but {data} has "
                          f"{ds.shape}: train a teacher on this data")

@@ -407,10 +407,14 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
                     mlog.close()
                     if comm.is_root:
                         _abandon(out_dir, metrics_path, fresh_folder, ckpt_path)
+                    # a resumed run, or --ckpt-every 1 or 2, has a checkpoint now: say so (and how to go on)
+                    saved = (f"its checkpoint {ckpt_path} is kept: run the same command with --resume --yes to "
+                             "continue it" if os.path.exists(ckpt_path) else "nothing was saved. Pass --yes "
+                             "to run it anyway")
                     raise NeedsConfirmation(
                         f"this run needs about {format_seconds(estimate_h * 3600)} on the CPU "
-                        f"({per_step:.2f} s/step x {tcfg.steps - step} steps, measured); nothing was saved. "
-                        "Pass --yes to run it anyway, use --device gpu, or ask for fewer --steps.")
+                        f"({per_step:.2f} s/step x {tcfg.steps - step} steps, measured); {saved}, use "
+                        "--device gpu, or ask for fewer --steps.")
             if step % tcfg.log_every == 0 or step == tcfg.steps:
                 rec = dict(step=step, loss=loss, grad_norm=float(grad_norm), lr=lr, it_per_s=it_s,
                            time_s=elapsed, **{k: float(v) for k, v in metrics.items() if k != "loss"})

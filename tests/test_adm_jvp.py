@@ -249,11 +249,13 @@ def test_adm_unet_jvp_and_backward_gpu_match_numpy(rng, dtype):
 
 # ----------------------------------------------------------------------------- distilling an imported teacher
 
-# torchcfm UNetModelWrapper arguments of the smallest network its GroupNorm(32) allows: one level of 32
-# channels at 8x8 with attention (stem, ResBlock, attention, middle, decoder blocks on the skips), so two
-# 1-step distillations stay at a few seconds; tests/test_import_teacher.py has a two-level one.
-ONE_LEVEL = dict(dim=[3, 8, 8], num_res_blocks=1, num_channels=32, channel_mult=[1], num_heads=2,
-                 num_head_channels=16, attention_resolutions="8", dropout=0.1)
+# torchcfm UNetModelWrapper arguments of a small network: one level at 4x4 with attention (stem, ResBlock,
+# attention with 2 heads, middle, decoder blocks on the skips), so two 1-step distillations stay at a few
+# seconds; tests/test_import_teacher.py has a two-level one. 64 channels, not 32: with GroupNorm(32) on 32
+# channels every group is one channel, and the norm after the ResBlock's time shift (a per-channel constant)
+# removes it, so the network would not depend on t at all.
+ONE_LEVEL = dict(dim=[3, 4, 4], num_res_blocks=1, num_channels=64, channel_mult=[1], num_heads=2,
+                 num_head_channels=32, attention_resolutions="4", dropout=0.1)
 
 
 @pytest.mark.parametrize("loss", ["lfmd", "meanflow"])
@@ -270,7 +272,7 @@ def test_imported_torchcfm_teacher_distills_with_the_tangent_losses(tmp_path, rn
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)).save(imgs / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)).save(imgs / f"{i}.png")
     invoke = lambda *a: CliRunner().invoke(cli.cli, [str(v) for v in a])
     res = invoke("import-teacher", tmp_path / "w.pt", "--arch", tmp_path / "arch.json", "--data", f"imagefolder:{imgs}",
                  "--out", tmp_path / "teacher")
@@ -288,3 +290,48 @@ def test_imported_torchcfm_teacher_distills_with_the_tangent_losses(tmp_path, rn
     assert np.isfinite(row["loss"]) and row["grad_norm"] > 0
     changed = [k for k in weights if not np.array_equal(student["params"][k], weights[k])]
     assert len(changed) > len(weights) // 2                                  # the step moved the network
+
+
+# ----------------------------------------------------------------------------- torchcfm's module
+
+@pytest.mark.torch
+def test_adm_unet_jvp_matches_torch_func_jvp_of_torchcfm(rng, monkeypatch):
+    """The teacher network's tangent along (x_dot, t_dot) against torch.func.jvp of torchcfm's own module
+    (ONE_LEVEL: 2 heads, so the head-major rows matter) with the same random weights, float64: to 1e-10
+    of the largest entry (rounding only). torchcfm's float32 casts are lifted for float64 tensors as in
+    test_adm_unet.test_matches_torchcfm_float64."""
+    import math
+
+    from test_adm_unet import _torchcfm
+    torch, unet = _torchcfm()
+    torch.manual_seed(0)
+    net = unet.UNetModelWrapper(**ONE_LEVEL).double().eval()         # eval: no dropout on either side
+    with torch.no_grad():                                            # no zero-initialised layer
+        for p in net.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    net.dtype = torch.float64
+    original_float = torch.Tensor.float
+
+    def features64(timesteps, dim, max_period=10000):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+        args = timesteps[:, None].double() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    monkeypatch.setattr(unet, "timestep_embedding", features64)
+    monkeypatch.setattr(torch.Tensor, "float",
+                        lambda self, *a, **k: self if self.dtype == torch.float64 else original_float(self, *a, **k))
+    cfg = import_teacher.config_from_wrapper_kwargs(ONE_LEVEL)
+    params = import_teacher.params_from_state_dict({k: v.numpy() for k, v in net.state_dict().items()}, cfg,
+                                                   dtype=np.float64)
+    x, t = rng.standard_normal((2,) + cfg.sample_shape), rng.uniform(0, 1, 2)
+    xd, td = rng.standard_normal(x.shape), rng.standard_normal(2)
+    T = torch.tensor
+    for xd_ in (xd, np.zeros_like(xd)):                              # zero x_dot: the time direction alone
+        with torch.no_grad():
+            v, vd = torch.func.jvp(lambda t_, x_: net(t_, x_), (T(t), T(x)), (T(td), T(xd_)))
+        u, ud, _ = model.model_jvp(params, cfg, x, t, None, xd_, td, need_grad=False)
+        v, vd = v.numpy(), vd.numpy()
+        assert np.abs(vd).max() > 1e-2                                # not a vacuous comparison
+        assert np.abs(u - v).max() <= 1e-10 * np.abs(v).max()
+        assert np.abs(ud - vd).max() <= 1e-10 * np.abs(vd).max()

@@ -169,7 +169,8 @@ TRAIN_OPTIONS = options(
     click.option("--resume", is_flag=True, help="continue the run in --out; every setting except --steps, "
                  "--log-every, --ckpt-every, --sample-every must equal the run's"),
     click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="folder searched first for datasets"),
-    click.option("--yes", is_flag=True, help="start even when a CPU run is estimated to take over an hour"),
+    click.option("--yes", is_flag=True, help="start even when a CPU run is estimated to take over an hour or "
+                 "more memory than available (the checks before the first step: ttfm_np/resources.py)"),
     click.option("--recipe", type=click.Choice(["quick", "full"]), default=None,
                  help="toy recipes: quick (minutes; the distill default) or full"),
 )
@@ -210,7 +211,8 @@ def params_cmd(model_name, channels, resolution, two_time):
 @click.option("--time-sampling", type=click.Choice(["uniform", "logit_normal"]), default="uniform",
               help="distribution of t in the flow-matching loss")
 @click.option("--flip/--no-flip", default=False, help="random horizontal flips of images")
-@click.option("--resolution", type=click.IntRange(4, 1024), default=None, help="image size, imagefolder data only (default 64)")
+@click.option("--resolution", type=click.IntRange(4, 1024), default=None,
+              help="image size, imagefolder data only (default: the images' own size up to 32 px, else 64)")
 @TRAIN_OPTIONS
 @command
 def train(data, model_name, out, time_sampling, flip, resolution, recipe, **kw):
@@ -258,9 +260,12 @@ LOSS_OPTIONS = options(
 @click.option("--eval-steps", default="1,2,4,8", callback=parse_steps, help="step counts for the final evaluation")
 @click.option("--eval-n", type=click.IntRange(2), default=None, help="noise samples in the final evaluation (default 2000 for 2-D data, 256 images)")
 @click.option("--eval-n-ref", type=click.IntRange(2), default=256, help="Heun steps of the evaluation's reference")
+@click.option("--resolution", type=click.IntRange(4, 1024), default=None,
+              help="image size, imagefolder data only (default: the teacher's; a new default teacher: the "
+                   "images' own size up to 32 px, else 64)")
 @TRAIN_OPTIONS
 @command
-def distill(data, teacher, model_name, out, eval_steps, eval_n, eval_n_ref, recipe, **kw):
+def distill(data, teacher, model_name, out, eval_steps, eval_n, eval_n_ref, resolution, recipe, **kw):
     """Distill a teacher into a two-timed flow model, then evaluate it.
 
     With no arguments: toy:checkerboard with the quick recipe (teacher trained first if there is none).
@@ -270,7 +275,8 @@ def distill(data, teacher, model_name, out, eval_steps, eval_n, eval_n_ref, reci
     common, overrides = _train_kwargs(kw)
     quick = (recipe or ("quick" if recipes.family(data) == "toy" else "full")) == "quick"
     pipeline.distill(data, teacher=teacher, model_name=model_name, loss=loss, out=out, quick=quick,
-                     eval_steps=eval_steps, eval_n=eval_n, eval_n_ref=eval_n_ref, **common, **overrides)
+                     eval_steps=eval_steps, eval_n=eval_n, eval_n_ref=eval_n_ref, resolution=resolution,
+                     **common, **overrides)
 
 
 @cli.command()

@@ -454,3 +454,29 @@ def test_an_internal_error_is_one_line_plus_a_log_with_the_traceback(teacher, tm
     # bad input stays one line without a log
     out = assert_error(invoke("sample", "--ckpt", tmp_path / "missing", "--out", tmp_path / "a.png"))
     assert "internal error" not in out
+
+
+# ----------------------------------------------------------------------------- imagefolder: the data's resolution
+
+@pytest.mark.parametrize("side, resolution, model", [(32, 32, "cifar10"), (16, 16, "cifar10"), (30, 28, "cifar10"),
+                                                     (64, 64, "celebahq64"), (100, 64, "celebahq64")])
+def test_the_imagefolder_recipe_follows_the_datas_resolution(tmp_path, rng, side, resolution, model):
+    from ttfm_np import pipeline
+    data = f"imagefolder:{_pngs(tmp_path / 'imgs', 2, side, rng)}"
+    assert pipeline.image_resolution(data) == resolution
+    assert pipeline.image_resolution(data, 48) == 48                          # --resolution wins
+    assert recipes.teacher_recipe(data, resolution=resolution)["model"] == model
+    assert recipes.distill_recipe(data, resolution=resolution)["batch_size"] == (128 if model == "cifar10" else 64)
+
+
+def test_distill_takes_resolution_for_imagefolder_data(tmp_path, rng):
+    imgs = _pngs(tmp_path / "imgs", 8, 16, rng)
+    data = f"imagefolder:{imgs}"
+    assert_ok(invoke("train", "--data", data, "--model", "tiny", "--batch-size", 4, "--steps", 1,
+                     "--out", tmp_path / "t"))                                   # trained at the images' 16 px
+    from ttfm_np import ckpt
+    assert ckpt.load_checkpoint(tmp_path / "t" / "checkpoint.h5")["config"]["resolution"] == 16
+    run = ["distill", "--data", data, "--teacher", tmp_path / "t", "--batch-size", 4, "--steps", 1,
+           "--eval-steps", "1", "--eval-n", 4, "--eval-n-ref", 2]
+    assert_error(invoke(*run, "--resolution", 32, "--out", tmp_path / "a"), "--resolution 32", "trained at 16x16")
+    assert_ok(invoke(*run, "--resolution", 16, "--out", tmp_path / "b"))

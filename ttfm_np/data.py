@@ -303,6 +303,19 @@ def load_imagefolder(folder: str, resolution: int = 64, n: int | None = None) ->
     return out
 
 
+def imagefolder_native_size(folder: str) -> int | None:
+    """The smaller side (pixels) of the first image under folder (its header only), None without images."""
+    from PIL import Image
+    files = _imagefolder_files(folder) if os.path.isdir(folder) else []
+    if not files:
+        return None
+    try:
+        with Image.open(files[0]) as im:
+            return min(im.size)
+    except (OSError, ValueError, SyntaxError):
+        return None                            # load_imagefolder names the damaged file
+
+
 def _imagefolder_files(folder: str) -> list:
     return sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
 

@@ -74,6 +74,15 @@ def train_config(recipe: dict, **overrides) -> train.TrainConfig:
     return train.TrainConfig(**kw).validate()
 
 
+def image_resolution(data: str, resolution: int | None = None) -> int | None:
+    """The --resolution of imagefolder data: as given, else recipes.imagefolder_resolution of the
+    images' own size (so 32-pixel images train at 32 with the CIFAR-10 recipe, not at 64)."""
+    if resolution is not None or not data.startswith("imagefolder:"):
+        return resolution
+    native = datasets.imagefolder_native_size(data.split(":", 1)[1])
+    return recipes.imagefolder_resolution(native) if native else None      # None: the loader names the problem
+
+
 def _load_data(data, data_dir=None, split="train", resolution=None, n=None):
     if resolution is not None and not data.startswith("imagefolder:"):
         warnings.warn(f"--resolution {resolution} applies only to imagefolder data; ignored for {data}")
@@ -196,7 +205,8 @@ def train_teacher(data: str, *, model_name: str | None = None, out: str | None =
                   data_dir: str | None = None, resume: bool = False, progress: bool = True,
                   max_cpu_hours: float | None = None, **train_overrides) -> RunResult:
     """Train a flow-matching teacher v(x, t) with the dataset's recipe (overrides win)."""
-    recipe = recipes.teacher_recipe(data, quick)
+    resolution = image_resolution(data, resolution)
+    recipe = recipes.teacher_recipe(data, quick, resolution)
     model_name = model_name or recipe["model"]
     tcfg = train_config(recipe, **train_overrides)
     out = out or recipes.default_teacher_dir(data, model_name, quick)
@@ -222,9 +232,10 @@ def train_teacher(data: str, *, model_name: str | None = None, out: str | None =
 
 def ensure_teacher(data: str, *, model_name: str | None = None, quick: bool = False, seed: int = 0,
                    dtype: str = "float32", data_dir: str | None = None, progress: bool = True,
-                   max_cpu_hours: float | None = None) -> str:
+                   max_cpu_hours: float | None = None, resolution: int | None = None) -> str:
     """The default teacher's checkpoint for `data`, trained (or finished) first when needed."""
-    recipe = recipes.teacher_recipe(data, quick)
+    resolution = image_resolution(data, resolution)
+    recipe = recipes.teacher_recipe(data, quick, resolution)
     model_name = model_name or recipe["model"]
     out = recipes.default_teacher_dir(data, model_name, quick)
     path = os.path.join(out, CHECKPOINT_NAME)
@@ -241,7 +252,8 @@ def ensure_teacher(data: str, *, model_name: str | None = None, quick: bool = Fa
     else:
         log(f"no trained teacher at {path}: training one with the {recipes.family(data)} recipe "
             f"({model_name}, {steps} steps) first")
-    train_teacher(data, model_name=model_name, out=out, quick=quick, data_dir=data_dir, resume=os.path.exists(path),
+    train_teacher(data, model_name=model_name, out=out, quick=quick, data_dir=data_dir, resolution=resolution,
+                  resume=os.path.exists(path),
                   progress=progress, max_cpu_hours=max_cpu_hours, seed=seed, dtype=dtype)
     return path
 
@@ -277,10 +289,12 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
             loss: losses.DistillLossConfig | None = None, out: str | None = None, quick: bool = False,
             resume: bool = False, eval_steps=(1, 2, 4, 8), eval_n: int | None = None, eval_n_ref: int = 256,
             eval_seed: int = 0, data_dir: str | None = None, progress: bool = True,
-            max_cpu_hours: float | None = None, evaluate: bool = True, **train_overrides) -> RunResult:
+            max_cpu_hours: float | None = None, evaluate: bool = True, resolution: int | None = None,
+            **train_overrides) -> RunResult:
     """Distill a teacher into a two-timed student, then (by default) evaluate it.
 
     teacher None: the dataset's default teacher, trained first when missing.
+    resolution: imagefolder data only; default the teacher's (a given teacher must have been trained at it).
     out None: runs/distill-<data>-<loss>; a finished identical run there is reused, an unfinished
     one continued, a different one left alone (the new run goes to <folder>-2, -3, ...).
     """
@@ -288,16 +302,26 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
     model_given = None
     if train_overrides.get("ema_decay") is None and loss.student_ema_decay is not None:
         train_overrides["ema_decay"] = loss.student_ema_decay      # the loss's measured best EMA rate
+    if resolution is not None and not data.startswith("imagefolder:"):
+        warnings.warn(f"--resolution {resolution} applies only to imagefolder data; ignored for {data}")
+        resolution = None
     if teacher is None:
         teacher = ensure_teacher(data, model_name=model_name, quick=quick, seed=train_overrides.get("seed") or 0,
                                  dtype=train_overrides.get("dtype") or "float32", data_dir=data_dir,
-                                 progress=progress, max_cpu_hours=max_cpu_hours)
+                                 progress=progress, max_cpu_hours=max_cpu_hours, resolution=resolution)
     elif model_name is not None:
         model_given = model_name                   # checked against the given teacher's network below
     teacher = checkpoint_path(teacher)
-    tcfg = train_config(recipes.distill_recipe(data, quick), **train_overrides)
-    tm = sampling.load_model(teacher, weights="ema", dtype=tcfg.dtype, role="teacher", data=data)
+    tm = sampling.load_model(teacher, weights="ema", dtype=train_overrides.get("dtype") or "float32",
+                             role="teacher", data=data)
     teacher = os.path.abspath(tm.path)
+    if data.startswith("imagefolder:"):                     # the student works at its teacher's resolution
+        trained = tm.config.get("resolution")
+        if resolution is not None and trained is not None and resolution != trained:
+            raise ValueError(f"--resolution {resolution}, but the teacher {teacher} was trained at {trained}x"
+                             f"{trained}: omit --resolution, or pass a teacher trained at {resolution}")
+        resolution = trained or image_resolution(data, resolution)
+    tcfg = train_config(recipes.distill_recipe(data, quick, resolution), **train_overrides)
     if model_given is not None and not _is_preset(tm.cfg, model_given):
         raise ValueError(f"--model {model_given} is not the network of the teacher {teacher}: the student copies "
                          "its teacher's network, so omit --model, or pass a teacher trained with "
@@ -308,8 +332,7 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
             and loss.fd_step * tm.cfg.time_scale > 1.0):
         warnings.warn(f"--fd-step {loss.fd_step} is coarse for time features of frequency {tm.cfg.time_scale:g}: "
                       "the finite difference will damp them (see docs/method.md)")
-    ds = _training_data(data, data_dir, resolution=tm.config.get("resolution") if data.startswith("imagefolder:")
-                    else None)
+    ds = _training_data(data, data_dir, resolution=resolution)
     _check_points_scale(ds)
     if tuple(ds.shape) != tuple(tm.sample_shape):
         raise ValueError(f"the teacher {teacher} models samples of shape {tm.sample_shape}, but {data} has "
@@ -475,7 +498,7 @@ def fid_stats(data: str, *, split: str = "train", n: int | None = None, batch_si
         batches = fid.iter_png_batches(files[mine.start * batch_size:mine.stop * batch_size], batch_size)
         name = "folder-" + os.path.basename(os.path.normpath(data))
     else:
-        imgs = _load_data(data, data_dir, split, resolution=resolution, n=n).data
+        imgs = _load_data(data, data_dir, split, resolution=image_resolution(data, resolution), n=n).data
         mine = distributed.my_batches(len(imgs), batch_size)
         total, batches = len(imgs), (imgs[b * batch_size:(b + 1) * batch_size] for b in mine)
         name = data

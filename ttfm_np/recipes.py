@@ -52,6 +52,21 @@ DISTILL_RECIPES = {
     "imagefolder":   dict(steps=200_000, batch_size=64, lr=1e-4, warmup=1000, ema_decay=0.999),
 }
 
+# imagefolder data follows its own resolution (imagefolder_resolution): images of up to 32 px train at
+# their size (rounded down to a multiple of 4) with the CIFAR-10 network and schedules, larger ones at 64
+# with the CelebA-HQ 64 network. (A 64x64 network on 32-pixel images upsamples them and needs ~5x the
+# memory and time: 64 PNGs of 32x32 once picked it and were killed at 21 GB, issue 19.)
+IMAGEFOLDER_SMALL = 32
+
+
+def imagefolder_resolution(native: int) -> int:
+    """The default --resolution for images whose smaller side is `native` pixels: up to 32 px their own
+    size (a multiple of 4, at least 8: the CIFAR-10 U-Net halves it twice), else 64."""
+    if native > IMAGEFOLDER_SMALL:
+        return 64
+    return max(8, native // 4 * 4)
+
+
 # points:PATH.npy (your own (n, d) array, data.load_points) gets the toy recipes: the MLP and the
 # 2-D-toy schedules (same objects, so a change to the toy recipe applies to points too)
 TEACHER_RECIPES["points"] = TEACHER_RECIPES["toy"]
@@ -80,15 +95,26 @@ def slug(data: str) -> str:
     return data.replace(":", "-")
 
 
-def teacher_recipe(data: str, quick: bool = False) -> dict:
-    """The teacher recipe of a dataset (a copy); quick recipes exist for toys only."""
+def _family_at(data: str, resolution: int | None) -> str:
+    """The recipe family; imagefolder data of up to 32 px uses the CIFAR-10 recipes (see above)."""
     fam = family(data)
+    if fam == "imagefolder" and resolution is not None and resolution <= IMAGEFOLDER_SMALL:
+        return "cifar10"
+    return fam
+
+
+def teacher_recipe(data: str, quick: bool = False, resolution: int | None = None) -> dict:
+    """The teacher recipe of a dataset (a copy); quick recipes exist for toys only.
+
+    resolution: the image size of imagefolder data (pipeline.image_resolution), which picks the network.
+    """
+    fam = _family_at(data, resolution)
     table = QUICK_TEACHER_RECIPES if quick and fam in QUICK_TEACHER_RECIPES else TEACHER_RECIPES
     return dict(table[fam])
 
 
-def distill_recipe(data: str, quick: bool = False) -> dict:
-    fam = family(data)
+def distill_recipe(data: str, quick: bool = False, resolution: int | None = None) -> dict:
+    fam = _family_at(data, resolution)
     table = QUICK_DISTILL_RECIPES if quick and fam in QUICK_DISTILL_RECIPES else DISTILL_RECIPES
     return dict(table[fam])
 

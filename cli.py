@@ -240,6 +240,9 @@ LOSS_OPTIONS = options(
     click.option("--lfmd-derivative", type=click.Choice(LFMD_DERIVATIVES), default=d.lfmd_derivative,
                  help="LFMD's d/dt phi: jvp (exact, forward mode) or fd (finite difference) "
                       f"[default: {LOSS_DEFAULTS['lfmd']['lfmd_derivative']}]"),
+    click.option("--meanflow-p", type=click.FloatRange(0, 2), default=d.meanflow_p,
+                 help="MeanFlow's adaptive weight 1 / (||u - u_tgt||^2 + 1e-3)^p per sample; 0 = plain squared error "
+                      f"[default: {LOSS_DEFAULTS['meanflow']['meanflow_p']}]"),
     click.option("--lfmd-teacher-grad/--no-lfmd-teacher-grad", default=d.lfmd_teacher_grad,
                  help="LFMD: back-propagate through the teacher's input"),
     click.option("--pairs", type=click.Choice(PAIR_SAMPLINGS), default=d.pairs, help="time-pair sampling (docs/method.md §4)"),

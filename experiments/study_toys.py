@@ -79,13 +79,13 @@ GRIDS = {
         dict(frac_t1=0.0, lfmd_teacher_grad=True, lfmd_derivative="jvp"),
         dict(frac_t1=0.0, pairs="uniform-gap", lfmd_derivative="jvp"),
     ],
-    "meanflow": [
-        dict(frac_t1=0.0),
-        dict(frac_t1=0.25),
-        dict(frac_t1=0.5),
-        dict(frac_t1=0.0, ema_decay=0.95),
-        dict(frac_t1=0.0, max_gap=0.5),
-        dict(frac_t1=0.0, pairs="uniform-gap"),
+    "meanflow": [      # meanflow_p: the adaptive weight's power (1 = Geng et al.'s, 0 = plain squared error)
+        dict(frac_t1=0.0, meanflow_p=1.0),
+        dict(frac_t1=0.0, meanflow_p=0.5),
+        dict(frac_t1=0.0, meanflow_p=0.0),
+        dict(frac_t1=0.25, meanflow_p=1.0),
+        dict(frac_t1=0.0, meanflow_p=1.0, ema_decay=0.95),
+        dict(frac_t1=0.0, meanflow_p=1.0, max_gap=0.5),
     ],
     "ecd": [
         dict(delta=1 / 64, frac_t1=0.0),
@@ -125,9 +125,9 @@ ABLATIONS = {
         dict(frac_t1=0.0, max_gap=0.5, lfmd_derivative="jvp"),
     ],
     "meanflow": [
-        dict(frac_t1=0.0, ema_decay=0.9),
-        dict(frac_t1=0.1),
-        dict(frac_t1=0.25, pairs="uniform-gap"),
+        dict(frac_t1=0.0, meanflow_p=1.0, ema_decay=0.9),
+        dict(frac_t1=0.1, meanflow_p=1.0),
+        dict(frac_t1=0.0, meanflow_p=1.0, pairs="uniform-gap"),
     ],
     "ecd": [    # of grid 5 (Delta 1/16, frac_t1 0.5, EMA 0.95): the fastest EMA and largest Delta were edges
         dict(delta=1 / 16, frac_t1=0.5, ema_decay=0.9),

@@ -125,7 +125,8 @@ def test_meanflow_loss_vanishes_for_the_exact_flow_map(rng, monkeypatch, power, 
 
 
 def test_meanflow_gradient_holds_the_target(rng):
-    """dL/dtheta of || u_theta - sg(u_tgt(theta0)) ||^2 against finite differences (two-time MLP)."""
+    """dL/dtheta of mean_n w_n || u_theta - sg(u_tgt(theta0)) ||^2, w_n = sg(1 / (||d_n||^2 + c)^p), against
+    finite differences (two-time MLP); p = 0 is the plain squared error."""
     tp, tcfg = _teacher()
     tp = P.randomize(tp, seed=3, std=0.3)
     sp, scfg = ttfm.student_from_teacher(tp, tcfg)
@@ -134,10 +135,20 @@ def test_meanflow_gradient_holds_the_target(rng):
     opts = losses.DistillLossConfig(loss="meanflow").validate()
     loss, grads, _ = losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, opts)
     target, _ = losses.meanflow_target((P.copy(sp), scfg), (tp, tcfg), x_s, s, t)
-    f = lambda: losses.mse_and_grad(model.model_forward(sp, scfg, x_s, s, t, need_grad=False)[0], target)[0]
+    u0 = model.model_forward(sp, scfg, x_s, s, t, need_grad=False)[0]
+    d = u0 - target
+    w = 1.0 / ((d ** 2).sum(axis=1) + 1e-3) ** opts.meanflow_p     # the adaptive weight, held like the target
+    assert opts.meanflow_p == 1.0 and w.std() > 0
+    f = lambda: losses.mse_and_grad(model.model_forward(sp, scfg, x_s, s, t, need_grad=False)[0], target, w)[0]
     assert f() == pytest.approx(loss, rel=1e-14)
     assert set(grads) == set(sp)
     check_gradients(f, sp, grads, n_max=4, tol=1e-6)
+    # p = 0: the plain squared error
+    plain = losses.DistillLossConfig(loss="meanflow", meanflow_p=0.0).validate()
+    assert losses.distill_loss((sp, scfg), None, (tp, tcfg), x_s, s, t, plain)[0] == pytest.approx(
+        float((d ** 2).mean()), rel=1e-14)
+    with pytest.raises(ValueError, match="meanflow_p"):
+        losses.DistillLossConfig(loss="meanflow", meanflow_p=-1.0).validate()
 
 
 def test_meanflow_target_is_the_tangent_along_the_teacher_flow(rng):

@@ -38,12 +38,14 @@ PAIR_SAMPLINGS = ("minmax", "uniform-gap")     # objectives.sample_time_pairs
 # DistillLossConfig and take their loss's value from here (validate() fills them in). The values
 # are the measured best of experiments/study_toys.py (docs/results.md, "Multi-seed toy study").
 LOSS_DEFAULTS = {
-    "itvm": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=0.95, lfmd_derivative=None),   # delta: absolute mode only
+    "itvm": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=0.95, lfmd_derivative=None,   # delta: absolute
+                 meanflow_p=None),                                                             # mode only
     "lfmd": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=None,     # delta unused; EMA: the recipe's
-                 lfmd_derivative="jvp"),                                  # docs/results.md: the step-cost ratio
-    "ecd":  dict(frac_t1=0.5, delta=1.0 / 16, student_ema_decay=0.9, lfmd_derivative=None),
-    # MeanFlow: not yet tuned by experiments/study_toys.py; the LFMD-like choices (no EMA target)
-    "meanflow": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=None, lfmd_derivative=None),
+                 lfmd_derivative="jvp", meanflow_p=None),                 # docs/results.md: the step-cost ratio
+    "ecd":  dict(frac_t1=0.5, delta=1.0 / 16, student_ema_decay=0.9, lfmd_derivative=None, meanflow_p=None),
+    # MeanFlow: not yet tuned by experiments/study_toys.py; the LFMD-like choices (no EMA target) and the
+    # paper's adaptive weight p = 1 (the plain squared error, p = 0, diverged on a toy: docs/method.md §5.8)
+    "meanflow": dict(frac_t1=0.0, delta=1.0 / 64, student_ema_decay=None, lfmd_derivative=None, meanflow_p=1.0),
 }
 
 # The value a loss option had in effect in runs written before the option existed: a checkpoint without
@@ -64,6 +66,7 @@ class DistillLossConfig:
     fd_step: float | None = None    # LFMD: finite-difference step h in t; None = 0.1 / time_scale (lfmd_fd_step)
     lfmd_teacher_grad: bool = False  # LFMD: back-propagate through the teacher's input phi (see lfmd_loss)
     lfmd_derivative: str | None = None  # LFMD: d/dt phi by jvp (exact) or fd (finite difference); None = LOSS_DEFAULTS
+    meanflow_p: float | None = None  # MeanFlow: adaptive weight sg(1 / (||u - u_tgt||^2 + c)^p), 0 = plain MSE
     pairs: str = "minmax"           # time pairs: minmax (s, t = min, max of two uniforms) | uniform-gap
     frac_t1: float | None = None    # time pairs: fraction of pairs with t = 1 (all losses); None = LOSS_DEFAULTS
     max_gap: float | None = None    # time pairs: restrict t - s <= max_gap (None: no restriction)
@@ -98,6 +101,8 @@ class DistillLossConfig:
                              f"got {self.fd_step}")
         if self.lfmd_derivative not in (None,) + LFMD_DERIVATIVES:
             raise ValueError(f"lfmd_derivative must be one of {', '.join(LFMD_DERIVATIVES)}, got {self.lfmd_derivative!r}")
+        if self.meanflow_p is not None and not 0.0 <= self.meanflow_p <= 2.0:
+            raise ValueError(f"meanflow_p must be in [0, 2] (0: plain squared error, 1: the paper's), got {self.meanflow_p}")
         if self.pairs not in PAIR_SAMPLINGS:
             raise ValueError(f"pairs must be one of {', '.join(PAIR_SAMPLINGS)}, got {self.pairs!r}")
         if not 0.0 <= self.frac_t1 <= 1.0:
@@ -361,18 +366,35 @@ def meanflow_target(student, teacher, x_s, s, t, dropout_seed=None):
     return v + bcast(t - s, x_s) * u_dot, u
 
 
+MEANFLOW_C = 1e-3      # c of the adaptive weight (Geng et al.)
+
+
+def meanflow_weight(d, p: float):
+    """w_n = 1 / (sum_d d_n^2 + c)^p for residuals d (N, ...): a constant (no gradient flows through it)."""
+    sq = (d * d).reshape(d.shape[0], -1).sum(axis=1)          # (N,)
+    return (1.0 / (sq + MEANFLOW_C) ** p).astype(d.dtype)
+
+
 def meanflow_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout_seed=None):
     """MeanFlow distillation (docs/method.md section 5.8): the average velocity u over [s, t] satisfies
         u(x_s, s, t) = v(x_s, s) + (t - s) d/ds u(x_s(s), s, t)
     (d/ds of phi(x_s(s), s, t) = x_t, constant along the flow). The loss regresses u on the right-hand side
-    under stop-gradient:  L = || u(x_s, s, t) - sg(u_tgt) ||^2. At t = s it is flow matching on the teacher,
-    || u(x_s, s, s) - v(x_s, s) ||^2. Cost: 1 teacher forward, 1 student jvp (no cache), 1 student
-    forward + backward. The ema argument is unused (the target is the live student's).
+    under stop-gradient, with Geng et al.'s adaptive weight per sample (p = opts.meanflow_p, c = 1e-3):
+
+        d_n = u - sg(u_tgt),   w_n = sg(1 / (sum_d d_n^2 + c)^p),   L = mean_n w_n mean_d d_n^2
+
+    (p = 0: the plain squared error; p = 1 makes every sample's gradient ~ d_n / ||d_n||^2, which keeps
+    the bootstrapped target from running away). At t = s the target is v(x_s, s): flow matching on the
+    teacher. Cost: 1 teacher forward, 1 student jvp (no cache), 1 student forward + backward. The ema
+    argument is unused (the target is the live student's).
     """
     params, cfg = student
+    xp = backend.array_module(x_s)
     u_tgt, _ = meanflow_target(student, teacher, x_s, s, t, dropout_seed)
     u, c = model_forward(params, cfg, x_s, s, t, dropout_seed)
-    loss, du = mse_and_grad(u, u_tgt)
+    p = LOSS_DEFAULTS["meanflow"]["meanflow_p"] if opts.meanflow_p is None else opts.meanflow_p
+    weight = meanflow_weight(u - u_tgt, p) if p > 0 else None
+    loss, du = mse_and_grad(u, u_tgt, weight=weight)
     del u_tgt, u
     _, grads = model_backward(du, c)
     return loss, grads, {"loss": loss}

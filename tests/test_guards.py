@@ -480,3 +480,28 @@ def test_distill_takes_resolution_for_imagefolder_data(tmp_path, rng):
            "--eval-steps", "1", "--eval-n", 4, "--eval-n-ref", 2]
     assert_error(invoke(*run, "--resolution", 32, "--out", tmp_path / "a"), "--resolution 32", "trained at 16x16")
     assert_ok(invoke(*run, "--resolution", 16, "--out", tmp_path / "b"))
+
+
+def test_a_default_teacher_batch_over_the_data_says_how_to_size_it(tmp_path):
+    np.save(tmp_path / "p.npy", np.random.default_rng(0).standard_normal((100, 2)).astype(np.float32))
+    assert_error(invoke("distill", "--data", f"points:{tmp_path / 'p.npy'}", "--batch-size", 16, "--steps", 2,
+                        "--out", tmp_path / "s"),
+                 "the default teacher's recipe", "larger than", "train a teacher first", "--teacher")
+
+
+def test_a_full_disk_on_resume_names_the_file_and_the_fix(teacher, tmp_path, monkeypatch):
+    import shutil
+    run = tmp_path / "t"
+    shutil.copytree(teacher, run)
+    with open(run / "metrics.jsonl", "a") as f:                # a line after the checkpoint: resume rewrites the log
+        f.write('{"step": 99, "loss": 1.0}\n')
+    monkeypatch.setattr(builtins, "open", _DiskFull(10))
+    out = assert_error(invoke("train", *TEACHER, "--steps", 12, "--out", run, "--resume"),
+                       str(run / "metrics.jsonl"), "No space left", "free space")
+    assert "[Errno" not in out
+
+
+def test_checkpoints_from_before_input_hashes_still_resume():
+    from ttfm_np import train
+    saved = {"data": "toy:moons", "train": {"lr": 1e-3}}
+    assert train.config_differences(saved, dict(saved, inputs={"data": None, "teacher": "ab" * 32})) == []

@@ -150,9 +150,13 @@ def _heldout(ds):
     return ds.data[:1000] if ds.kind in ("toy", "points") else None
 
 
+class BatchTooLarge(ValueError):
+    """The batch size is larger than the data set."""
+
+
 def _batches(ds, tcfg, flip=False):
     if tcfg.batch_size > len(ds.data):
-        raise ValueError(f"--batch-size {tcfg.batch_size} is larger than {ds.name} ({len(ds.data)} samples): "
+        raise BatchTooLarge(f"--batch-size {tcfg.batch_size} is larger than {ds.name} ({len(ds.data)} samples): "
                          f"use --batch-size {len(ds.data)} or less, or more data")
     return datasets.BatchIterator(ds.data, tcfg.batch_size, seed=tcfg.seed, flip=flip)
 
@@ -252,9 +256,14 @@ def ensure_teacher(data: str, *, model_name: str | None = None, quick: bool = Fa
     else:
         log(f"no trained teacher at {path}: training one with the {recipes.family(data)} recipe "
             f"({model_name}, {steps} steps) first")
-    train_teacher(data, model_name=model_name, out=out, quick=quick, data_dir=data_dir, resolution=resolution,
-                  resume=os.path.exists(path),
-                  progress=progress, max_cpu_hours=max_cpu_hours, seed=seed, dtype=dtype)
+    try:
+        train_teacher(data, model_name=model_name, out=out, quick=quick, data_dir=data_dir, resolution=resolution,
+                      resume=os.path.exists(path), progress=progress, max_cpu_hours=max_cpu_hours, seed=seed,
+                      dtype=dtype)
+    except BatchTooLarge as exc:            # distill's --batch-size is the student's: say how to size the teacher's
+        raise BatchTooLarge(f"the default teacher's recipe: {exc}. distill's --batch-size sets the student's "
+                            f"batch only: train a teacher first (python cli.py train --data {data} --batch-size "
+                            "N ...) and pass it with --teacher") from None
     return path
 
 

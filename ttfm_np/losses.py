@@ -389,7 +389,6 @@ def meanflow_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dro
     argument is unused (the target is the live student's).
     """
     params, cfg = student
-    xp = backend.array_module(x_s)
     u_tgt, _ = meanflow_target(student, teacher, x_s, s, t, dropout_seed)
     u, c = model_forward(params, cfg, x_s, s, t, dropout_seed)
     p = LOSS_DEFAULTS["meanflow"]["meanflow_p"] if opts.meanflow_p is None else opts.meanflow_p

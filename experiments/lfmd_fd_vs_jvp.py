@@ -19,7 +19,7 @@ Students (float64 weights):
                                    toy recipe's batch and learning rate) and students warm-started from it
                                    and distilled with the toy distill recipe for a few hundred updates
 
-    python experiments/lfmd_fd_vs_jvp.py                 # ~10 min on the 2-core CPU; runs/lfmd_fd_vs_jvp/
+    python experiments/lfmd_fd_vs_jvp.py                 # ~12 min on the 2-core CPU under load; runs/lfmd_fd_vs_jvp/
 """
 from __future__ import annotations
 

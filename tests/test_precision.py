@@ -142,13 +142,18 @@ def test_real_cupy_gets_the_cublas_compute_type(monkeypatch, rng):
     monkeypatch.setitem(sys.modules, "cupy._core", core)
     monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
     monkeypatch.setattr(precision, "_cupy_applied", {})
+    monkeypatch.setattr(precision, "_cupy_last", None)
     fake = types.SimpleNamespace(__version__="14.2.0")                      # real CuPy has no _standin
     precision.apply(fake, "tf32")
     precision.apply(fake, "tf32")                                            # remembered: set once
     precision.apply(fake, "fp32")
     assert calls == [(np.dtype(np.float32), 7), (np.dtype(np.float32), 1)]
+    with precision.using("tf32"):                                            # the global follows the mode at once
+        assert calls[-1][1] == 7
+    assert calls[-1][1] == 1 and len(calls) == 4
     del linalg.set_compute_type
     monkeypatch.setattr(precision, "_cupy_applied", {})
+    monkeypatch.setattr(precision, "_cupy_last", None)
     from ttfm_np import backend
     with pytest.raises(backend.BackendError, match="--precision tf32"):
         precision.apply(fake, "tf32")

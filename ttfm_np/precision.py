@@ -39,6 +39,7 @@ from . import backend
 MODES = ("fp32", "tf32")
 _mode = "fp32"                # the current mode (set by `using` / `set_mode`)
 _cupy_applied = {}            # id(cupy module) -> mode last given to cuBLAS
+_cupy_last = None             # that cupy module (set_mode gives cuBLAS the new mode at once)
 
 # float32 = sign | 8 exponent bits | 23 mantissa bits; TF32 keeps the top 10 mantissa bits
 _DROPPED_BITS = 13
@@ -65,6 +66,8 @@ def set_mode(mode: str) -> str:
     """Set the GEMM precision; returns the previous mode."""
     global _mode
     previous, _mode = _mode, check_mode(mode)
+    if _cupy_last is not None:           # cuBLAS's setting is global: follow the mode now, not at the next GEMM
+        apply(_cupy_last, _mode)
     return previous
 
 
@@ -113,6 +116,7 @@ def apply(xp, mode: str | None = None):
     Real CuPy only (a no-op for NumPy and the stand-in, which emulate). Raises
     backend.BackendError when this CuPy has no way to set it.
     """
+    global _cupy_last
     mode = check_mode(mode or _mode)
     if _emulates(xp) or _cupy_applied.get(id(xp)) == mode:
         return
@@ -124,6 +128,7 @@ def apply(xp, mode: str | None = None):
             f"--precision {mode}: this CuPy ({getattr(xp, '__version__', '?')}) does not expose "
             f"cupy._core._routines_linalg.set_compute_type ({exc}); use --precision fp32 or CuPy >= 9") from exc
     _cupy_applied[id(xp)] = mode
+    _cupy_last = xp
 
 
 def _tf32_operands(xp, *arrays):

@@ -160,13 +160,22 @@ def test_real_cupy_gets_the_cublas_compute_type(monkeypatch, rng):
 
 
 @pytest.mark.gpu
-def test_standin_emulates_tf32_like_numpy(rng):
+def test_gpu_tf32_products(rng):
+    """The stand-in emulates TF32 exactly as NumPy does (same rounding, same GEMM: the same bits).
+    A real GPU uses cuBLAS's TF32 compute type: its error must be TF32-sized (at most 2^-10 per input
+    factor, which covers truncation as well as rounding to nearest) and far above fp32's."""
     import cupy
     a, b = rng.standard_normal((3, 16, 40)).astype(np.float32), rng.standard_normal((3, 40, 8)).astype(np.float32)
     with precision.using("tf32"):
         host = precision.matmul(a, b)
         dev = precision.matmul(cupy.asarray(a), cupy.asarray(b))
         tdev = precision.tensordot(cupy.asarray(a), cupy.asarray(b), axes=((0, 2), (0, 1)))
+    if not hasattr(cupy, "_standin"):
+        exact, scale = _exact(a, b), np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+        err_tf32 = np.abs(dev.get() - exact) / scale
+        err_fp32 = np.abs((cupy.asarray(a) @ cupy.asarray(b)).get() - exact) / scale
+        assert err_tf32.max() <= 2 * 2.0 ** -10 + 40 * EPS32 and np.median(err_tf32) > 10 * np.median(err_fp32)
+        return
     np.testing.assert_array_equal(dev.get(), host)                            # the same rounding, the same GEMM
     ra, rb = reference_round(a).astype(np.float64), reference_round(b).astype(np.float64)
     np.testing.assert_allclose(tdev.get(), np.tensordot(ra, rb, axes=((0, 2), (0, 1))), rtol=0,

@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 from ttfm_np import backend, losses, model, objectives, optim, precision, ttfm  # noqa: E402
 from ttfm_np import params as P  # noqa: E402
 
-KINDS = ("teacher", "itvm", "lfmd", "ecd", "meanflow")
+KINDS = ("itvm", "teacher", "lfmd", "ecd", "meanflow")    # (the order rows are measured in: the main job first)
 # Network passes of one step, as (forward+backward, forward only), for the torch-equivalent time
 # (defaults of losses.DistillLossConfig, the GPU path):
 #   teacher   v fwd+bwd
@@ -270,8 +270,8 @@ def steps(out, preset, batch, resolution, warmup, iters, kinds, torch_device, bu
         except Exception as exc:                          # recorded, and the next stage runs
             rec[f"torch_{mode}_error"] = repr(exc)
     _write_steps(out, rec)
-    for mode in ("fp32", "tf32"):
-        for kind in kinds.split(","):
+    for kind in kinds.split(","):
+        for mode in ("tf32", "fp32"):              # TF32 first: the goal's numbers, should the budget run out
             row = dict(objective=kind, precision=mode)
             if time.perf_counter() - start > budget_s:
                 row["error"] = f"skipped: the stage's {budget_s:.0f} s budget was spent"

@@ -38,7 +38,7 @@ if [ "$DRY" = "1" ]; then
     T_DEVICE=30 T_MEMORY=60 T_WARMUP=60 T_PYTEST=60 T_STEPS=90
 else
     export TTFM_CUPY_STANDIN=0
-    PRESET=cifar10 RES=32 BATCH=128 WARMUP=1 ITERS=3 TORCH_DEVICE=cuda STEPS_BUDGET=160
+    PRESET=cifar10 RES=32 BATCH=128 WARMUP=1 ITERS=2 TORCH_DEVICE=cuda STEPS_BUDGET=160
     PYTEST_ARGS="tests/"
     T_DEVICE=30 T_MEMORY=200 T_WARMUP=75 T_PYTEST=150 T_STEPS=190
 fi
@@ -54,6 +54,12 @@ run_stage() {
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && note=", \"error\": \"timed out after $limit s\""
     echo "{\"rc\": $rc, \"wall_s\": $(( $(date +%s) - t0 ))$note}" > "$WORK/stage_$name.json"
     tail -n 3 "$WORK/$name.log"
+    summarize                          # after every stage: a run cut off later still leaves its summary
+}
+
+summarize() {
+    "$PY" benchmarks/gpu_check.py summarize --work "$WORK" --out "$OUT" --start "$START" \
+        $([ "$DRY" = "1" ] && echo --dry) > "$WORK/summarize.log" 2>&1 || echo "summarize failed: $(tail -n 5 "$WORK/summarize.log")"
 }
 
 # memory: CPU only, started first so that it overlaps the GPU stages
@@ -105,8 +111,7 @@ run_stage steps "$T_STEPS" "$PY" benchmarks/gpu_check.py steps --out "$WORK/step
     --batch "$BATCH" --resolution "$RES" --warmup "$WARMUP" --iters "$ITERS" --torch-device "$TORCH_DEVICE" --budget-s "$STEPS_BUDGET"
 
 wait "$MEM_PID"
-"$PY" benchmarks/gpu_check.py summarize --work "$WORK" --out "$OUT" --start "$START" \
-    $([ "$DRY" = "1" ] && echo --dry) > "$WORK/summarize.log" 2>&1 || echo "summarize failed: $(tail -n 5 "$WORK/summarize.log")"
+summarize
 cat "$OUT/summary.md" 2>/dev/null
 # everything else in one tarball (the three files are all that $OUT holds)
 tar -czf "$OUT/rest.tar.gz" -C "$WORK" . 2>/dev/null

@@ -735,11 +735,9 @@ def test_thread_ranks_that_call_different_collectives_fail_at_once_without_a_tim
             comm.barrier()                     # rank 1 has returned: this can never complete
         return comm.rank
 
-    t0 = time.perf_counter()
     results, errors = run_ranks(2, fn)
     assert results[1] == 1 and errors[1] is None
-    assert isinstance(errors[0], RankGone) and "rank(s) [1] ended" in str(errors[0])
-    assert time.perf_counter() - t0 < 60       # detected, not timed out (nothing here waits on a clock)
+    assert isinstance(errors[0], RankGone) and "rank(s) [1] ended" in str(errors[0])   # detected, not timed out
 
     def slow(comm):                            # a rank far slower than the other is only waited for
         if comm.rank == 1:

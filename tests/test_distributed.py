@@ -745,3 +745,18 @@ def test_thread_ranks_that_call_different_collectives_fail_at_once_without_a_tim
         return comm.allgather_object(comm.rank)
 
     assert _ok(2, slow) == [[0, 1], [0, 1]]
+
+
+def test_setup_silences_log_on_ranks_other_than_0(monkeypatch, capsys):
+    """progress.log prints on rank 0 only once setup() chose the communicator (progress itself
+    imports nothing of ttfm_np: setup tells it)."""
+    from ttfm_np import progress
+    monkeypatch.setattr(D, "_CURRENT", None)
+    monkeypatch.setattr(progress, "_QUIET", False)
+    monkeypatch.setattr(D, "get_communicator", lambda kind, device: ThreadComm(1, _Exchange(2)))
+    D.setup("auto")
+    progress.log("from rank 1")
+    monkeypatch.setattr(D, "get_communicator", lambda kind, device: ThreadComm(0, _Exchange(2)))
+    D.setup("auto")
+    progress.log("from rank 0")
+    assert capsys.readouterr().err == "from rank 0\n"

@@ -162,7 +162,9 @@ TRAIN_OPTIONS = options(
     click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32"),
     click.option("--precision", type=click.Choice(["fp32", "tf32"]), default=None,
                  help="matrix products (convolutions, linears, attention): fp32, or tf32 = inputs rounded to "
-                 "TF32, fp32 accumulation (GPU tensor cores; emulated on the CPU). Default fp32"),
+                 "TF32, fp32 accumulation (GPU tensor cores; emulated on the CPU). Default fp32. distill: the "
+                 "student's training; a default teacher that distill trains first is always fp32 (it is shared by "
+                 "every run: `train --precision tf32` and --teacher for a TF32 teacher)"),
     click.option("--log-every", type=click.IntRange(1), default=None, help="steps between metrics lines (may change on --resume)"),
     click.option("--ckpt-every", type=click.IntRange(0), default=None, help="steps between checkpoints (may change on --resume)"),
     click.option("--sample-every", type=click.IntRange(0), default=None, help="steps between sample PNGs, 0: end only"),

@@ -34,9 +34,10 @@ Time: the batch-2 probe pass, timed, gives seconds per sample; a step of batch
 B costs about B times that (an over-estimate for small networks, whose passes
 are dominated by fixed per-call costs, about right for U-Nets whose GEMMs are
 already large at batch 1). The run is refused up front only when the estimate
-is over the limit AND its first three steps would themselves take over
-PROBE_WAIT_S seconds; otherwise the training loop's own measurement of steps
-2-3 decides (train.py, NeedsConfirmation), which is exact.
+is over TIME_MARGIN times the limit (clearly over, whatever the probe's error)
+AND its first three steps would themselves take over PROBE_WAIT_S seconds;
+otherwise the training loop's own measurement of steps 2-3 decides (train.py,
+NeedsConfirmation), which is exact.
 
 Only CPU runs are guarded (GPU memory is the device's; its runs are fast).
 """
@@ -54,6 +55,7 @@ import numpy as np
 STATE_COPIES = 11          # EMA, Adam m, v, checkpoint snapshot (4) and its HDF5 image (4): see the docstring
 SAFETY = 1.2               # the estimate is compared as SAFETY * M(B) - M_now <= available
 PROBE_WAIT_S = 30.0        # refuse up front only when 3 steps take longer than this (see the docstring)
+TIME_MARGIN = 3.0          # ... and the estimate is over TIME_MARGIN x the limit
 
 
 class ResourceError(ValueError):
@@ -185,10 +187,10 @@ def problems(est: Estimate, steps: int, available: int | None, source: str, max_
                    f"started. Use {batch_fix}, a smaller --model, or --device gpu (--yes starts it anyway)")
     step_s = est.seconds_per_sample * est.batch
     total_s = step_s * steps
-    if max_hours is not None and total_s > max_hours * 3600 and 3 * step_s > PROBE_WAIT_S:
+    if max_hours is not None and total_s > TIME_MARGIN * max_hours * 3600 and 3 * step_s > PROBE_WAIT_S:
         out.append(f"this run needs about {_hours(total_s)} on the CPU (a timed probe pass: "
-                   f"{est.seconds_per_sample:.2f} s per sample x batch {est.batch} x {steps} steps), over the "
-                   f"{max_hours:g} h allowed without --yes; nothing was started. Use --device gpu, a smaller "
+                   f"{est.seconds_per_sample:.2f} s per sample x batch {est.batch} x {steps} steps), far over "
+                   f"the {max_hours:g} h allowed without --yes; nothing was started. Use --device gpu, a smaller "
                    "--batch-size or --model, fewer --steps, or pass --yes to run it anyway")
     return out
 

@@ -170,7 +170,11 @@ def _gb(n: float) -> str:
 
 
 def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+    """4.2 min, 3.5 h, 12 days, 5.4 years."""
+    for unit, size in (("years", 365 * 86400), ("days", 86400), ("h", 3600)):
+        if seconds >= 2 * size if unit != "h" else seconds >= size:
+            return f"{seconds / size:.2g} {unit}" if seconds < 10 * size else f"{seconds / size:.0f} {unit}"
+    return f"{seconds / 60:.1f} min"
 
 
 def problems(est: Estimate, steps: int, available: int | None, source: str, max_hours: float | None) -> list:

@@ -189,3 +189,45 @@ def test_cli_distills_with_meanflow_and_both_lfmd_derivatives(tmp_path):
     res = r.invoke(cli.cli, ["distill", "--data", "toy:moons", "--teacher", str(t), "--loss", "lfmd",
                              "--lfmd-derivative", "exact"])
     assert res.exit_code != 0 and "lfmd-derivative" in res.output
+
+
+@pytest.mark.parametrize("omega", [2.0, 1000.0])
+def test_meanflow_fixed_point_attracts_but_transports_time_ripple(rng, monkeypatch, omega):
+    """The stop-gradient MeanFlow update on the Gaussian teacher (docs/method.md §5.8, "Why it needs
+    smooth time features"): perturb the exact average velocity, u = u* + e(s) x with e = delta cos(omega s).
+    With a = v / x the teacher's rate and g = t - s, the identity gives the residual exactly
+        r = u - u_tgt = [e (1 - g a) - g de/ds] x,
+    a pull back (1 - g a > 0 here) plus a transport term of size g omega |e|. One plain step of the
+    regression, u <- u - eta r, multiplies the perturbation's size by about
+    sqrt((1 - eta (1 - g a))^2 + (eta g omega)^2): < 1 for time features of frequency ~1, > 1 at the
+    frequency 1000 of the MLP/U-Net time features, for the same eta."""
+    v, u_star = _gaussian_flow()
+    monkeypatch.setattr(losses, "teacher_velocity", lambda teacher, x, t: v(x, t))
+    delta = 1e-2
+    e = lambda s: delta * np.cos(omega * s)
+    de = lambda s: -delta * omega * np.sin(omega * s)
+    u = lambda x, s, t: u_star(x, s, t) + e(s)[:, None] * x
+
+    def fake_jvp(params, cfg, x, s, t, x_dot, s_dot, t_dot, dropout_seed=None, need_grad=True):
+        eps = 1e-6     # central difference: truncation ~ (omega eps)^2 / 6 < 2e-7 relative, rounding ~ 1e-16 / eps
+        f = lambda a: u(x + a * x_dot, s + a * s_dot, t + a * t_dot)
+        return u(x, s, t), (f(eps) - f(-eps)) / (2 * eps), None
+    monkeypatch.setattr(losses, "model_jvp", fake_jvp)
+    n, g = 4000, 0.3
+    x_s = rng.standard_normal((n, 2))
+    s = rng.uniform(0.0, 0.7, n)
+    t = s + g
+    target, _ = losses.meanflow_target((None, None), None, x_s, s, t)
+    r = u(x_s, s, t) - target
+    a = v(np.ones((n, 1)), s)[:, 0]                              # the teacher's rate at (x_s, s)
+    assert (1 - g * a).min() > 0
+    predicted = (e(s) * (1 - g * a) - g * de(s))[:, None] * x_s
+    assert np.abs(r - predicted).max() < 1e-5 * np.abs(predicted).max() + 1e-8     # the difference's error
+    pert = e(s)[:, None] * x_s
+    assert float((r * pert).sum()) > 0                           # the fixed point pulls back ...
+    eta = 0.05
+    growth = np.linalg.norm(pert - eta * r) / np.linalg.norm(pert)
+    if omega < 10:
+        assert growth < 1                                        # ... and a plain step contracts
+    else:
+        assert growth > 10                                       # ... unless the ripple is fast: eta g omega = 15

@@ -27,9 +27,10 @@ def numpy_uses_avx512() -> bool:
     return bool(found.get("X86_V4", found.get("AVX512_SKX", False)))
 
 
-# Measured on 4096 x 256 float32 (docs/benchmarks.md, "sigmoid forms"): with AVX-512 loops the tanh
-# form is faster (0.58 vs 0.75 ms, AMD Zen 4); with AVX2 loops the exp form is as fast or faster
-# (1.41 vs 1.44 ms on Zen 4 with AVX-512 disabled, 2.0 vs 3.3 ms on an AVX2-only Zen 3).
+# Measured on 4096 x 256 float32 (benchmarks/sigmoid_forms.py; docs/benchmarks.md, "CPU at two SIMD
+# levels"): with AVX-512 loops the tanh form is faster (0.60 vs 0.76 ms, AMD Zen 4); with AVX2 loops the
+# exp form is as fast or faster (1.44 vs 1.49 ms on Zen 4 with AVX-512 disabled, 2.0 vs 3.3 ms on an
+# AVX2-only Zen 3).
 SIGMOID_FORM = "tanh" if numpy_uses_avx512() else "exp"
 
 

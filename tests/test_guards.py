@@ -372,6 +372,7 @@ print(est.total(), peak)
 """
 
 
+@pytest.mark.slow          # one real training step of a U-Net in a fresh process (10-40 s on 2 cores)
 def test_the_memory_estimate_matches_the_measured_peak(tmp_path):
     """M(B) against the peak resident memory of a real run (a step, its checkpoint, samples): within 1.5x.
 

@@ -510,3 +510,20 @@ def test_checkpoints_from_before_input_hashes_still_resume():
     from ttfm_np import train
     saved = {"data": "toy:moons", "train": {"lr": 1e-3}}
     assert train.config_differences(saved, dict(saved, inputs={"data": None, "teacher": "ab" * 32})) == []
+
+
+def test_resume_after_a_cut_off_metrics_line(teacher, tmp_path):
+    import shutil
+    run = tmp_path / "t"
+    shutil.copytree(teacher, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "loss": 0.5, "grad_n')               # killed while appending
+    assert_ok(invoke("train", *TEACHER, "--steps", 12, "--out", run, "--resume"))
+    rows = jsonio.read_jsonl(run / "metrics.jsonl")               # every line whole again
+    assert [r["step"] for r in rows][-1] == 12
+    with open(run / "metrics.jsonl", "r+") as f:                  # damage in the middle is named
+        text = f.read()
+        f.seek(0)
+        f.write(text.replace("{", "{{", 1))                         # the first line is no longer JSON
+    assert_error(invoke("train", *TEACHER, "--steps", 13, "--out", run, "--resume"), "metrics.jsonl line",
+                 "repair or delete that line")

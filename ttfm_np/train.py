@@ -170,11 +170,26 @@ class _StopRequest:
 
 
 def _truncate_metrics(path: str, step: int):
-    """Drop metrics lines logged after the checkpoint we resume from (they will be redone)."""
+    """Drop metrics lines logged after the checkpoint we resume from (they will be redone).
+
+    A cut-off LAST line (the process was killed, or the disk filled, while appending it) is dropped
+    too: it was logged after the checkpoint. A damaged line before it is an error naming the line.
+    """
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        raw = [l for l in f if l.strip()]
+    lines = []
+    for number, line in enumerate(raw, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(raw):
+                break
+            raise ValueError(f"{path} line {number} is not JSON: {line.strip()[:80]!r}; repair or delete that "
+                             "line, then resume again") from None
+        if row.get("step", 0) <= step:
+            lines.append(line if line.endswith("\n") else line + "\n")
     with atomic.write(path, "w") as f:          # temp file, fsync, rename (atomic.py)
         f.writelines(lines)
 

@@ -367,6 +367,10 @@ def meanflow_target(student, teacher, x_s, s, t, dropout_seed=None):
 
 
 MEANFLOW_C = 1e-3      # c of the adaptive weight (Geng et al.)
+# The stop-gradient update transports errors along s and amplifies time ripples of frequency omega unless
+# eta (g omega)^2 < 2 (docs/method.md §5.8): pipeline.distill warns above this time-feature frequency
+# (measured on toy:checkerboard: time_scale 1 learns at the recipe's learning rate, 1000 does not).
+MEANFLOW_MAX_TIME_SCALE = 10.0
 
 
 def meanflow_weight(d, p: float):

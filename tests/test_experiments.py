@@ -99,3 +99,17 @@ def test_experiment_command_lines_parse(script, command):
     result = CliRunner().invoke(module.cli, command)
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
+
+
+def test_a_grid_entry_may_set_its_own_learning_rate(study, monkeypatch, tmp_path):
+    """MeanFlow's grid tunes the learning rate ("lr" key); the other entries run at the study's --lr."""
+    seen = []
+
+    class Done:
+        checkpoint = "ckpt"
+    monkeypatch.setattr(study.pipeline, "distill", lambda *a, **k: seen.append((k["loss"], k["lr"])) or Done())
+    with_lr = next(c for c in study.GRIDS["meanflow"] if "lr" in c)
+    for cfg in (study.GRIDS["meanflow"][0], with_lr):
+        study.run_cell("teacher", "moons", "meanflow", cfg, 0, 1, 8, 1e-3, str(tmp_path / "cell"))
+    assert [lr for _, lr in seen] == [1e-3, with_lr["lr"]] and with_lr["lr"] != 1e-3
+    assert all(opts.loss == "meanflow" and not hasattr(opts, "lr") for opts, _ in seen)

@@ -17,6 +17,8 @@ two-time models, {prefix}.delta.weight.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import backend
@@ -29,7 +31,8 @@ def sinusoidal_features(t, dim: int, scale: float = 1000.0, max_period: float = 
     """t (N,) -> (N, dim) features; no parameters, no gradient needed w.r.t. t."""
     xp = backend.array_module(t)
     half = dim // 2
-    freqs = xp.exp(-np.log(max_period) * xp.arange(half, dtype=t.dtype) / half)   # (h,)
+    # math.log: a Python float keeps t's dtype (np.log's float64 scalar would promote float32 to float64)
+    freqs = xp.exp(-math.log(max_period) * xp.arange(half, dtype=t.dtype) / half)  # (h,)
     args = (scale * t)[:, None] * freqs[None, :]                                   # (N, h)
     return xp.concatenate([xp.cos(args), xp.sin(args)], axis=1)
 
@@ -108,7 +111,8 @@ def sinusoidal_features_jvp(t, t_dot, dim: int, scale: float = 1000.0, max_perio
         d cos(a_i) = -sin(a_i) scale w_i t_dot,   d sin(a_i) = cos(a_i) scale w_i t_dot."""
     xp = backend.array_module(t)
     half = dim // 2
-    freqs = xp.exp(-np.log(max_period) * xp.arange(half, dtype=t.dtype) / half)   # (h,)
+    # math.log: a Python float keeps t's dtype (np.log's float64 scalar would promote float32 to float64)
+    freqs = xp.exp(-math.log(max_period) * xp.arange(half, dtype=t.dtype) / half)  # (h,)
     args = (scale * t)[:, None] * freqs[None, :]                                   # (N, h)
     args_dot = (scale * t_dot)[:, None] * freqs[None, :]                           # (N, h)
     cos, sin = xp.cos(args), xp.sin(args)

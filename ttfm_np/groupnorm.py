@@ -43,6 +43,12 @@ def _per_channel(a_ng, channels_per_group: int):
 def groupnorm_forward_numpy(x, gamma, beta, groups: int, eps: float = 1e-5, silu: bool = False):
     """Per-(n, c) coefficients, so every pass over the activation is one fused
     multiply-add in place (dev/groupnorm.py v3; v2 is the formulas as read)."""
+    y, mean, rstd, _ = _forward_numpy_keep_sigmoid(x, gamma, beta, groups, eps, silu)
+    return y, (mean, rstd)
+
+
+def _forward_numpy_keep_sigmoid(x, gamma, beta, groups, eps, silu):
+    """-> y, mean (N, G), rstd (N, G), s = sigmoid(z) (N, C, HW) with SiLU (else None), kept for the backward."""
     N, C = x.shape[:2]
     cg = C // groups
     x3 = x.reshape(N, C, -1)                                       # (N, C, HW)
@@ -55,15 +61,20 @@ def groupnorm_forward_numpy(x, gamma, beta, groups: int, eps: float = 1e-5, silu
     # z = gamma * (x - mu) * rstd + beta  =  (x - mu) * [rstd gamma] + beta
     z *= (_per_channel(rstd, cg) * gamma)[:, :, None]
     z += beta[:, None]
+    s = None
     if silu:                                                       # y = z * sigmoid(z)
-        y = sigmoid(z)
-        y *= z
+        s = sigmoid(z)                   # the per-SIMD-level form (activations.SIGMOID_FORM)
+        y = z
+        y *= s                           # in z's buffer: z is not needed again
+        s = s.reshape(x.shape)
     else:
         y = z
-    return y.reshape(x.shape), (mean.astype(x.dtype), rstd)
+    return y.reshape(x.shape), mean.astype(x.dtype), rstd, s
 
 
-def groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups: int, silu: bool):
+def groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups: int, silu: bool, y=None, s=None):
+    """y, s: the forward's output and sigmoid(z) (from its cache); without them (the reference for the
+    CUDA kernel's tests) z and the sigmoid are recomputed from x."""
     N, C = x.shape[:2]
     cg = C // groups
     x3, dy3 = x.reshape(N, C, -1), dy.reshape(N, C, -1)            # (N, C, HW)
@@ -72,7 +83,13 @@ def groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups: int, silu: 
     # xhat = (x - mu) * rstd = x * rstd - mu * rstd      (recomputed: one pass)
     xhat = x3 * rstd_c[:, :, None]
     xhat -= (_per_channel(mean, cg) * rstd_c)[:, :, None]
-    if silu:
+    if silu and s is not None:
+        # y = z * s(z)  =>  dz = dy * (s + z s (1 - s)) = dy * (s + y (1 - s)): no sigmoid, no z
+        dz = np.subtract(1.0, s.reshape(dy3.shape), dtype=s.dtype)     # 1 - s
+        dz *= y.reshape(dy3.shape)
+        dz += s.reshape(dy3.shape)
+        dz *= dy3
+    elif silu:
         # y = z * s(z), z = gamma xhat + beta  =>  dz = dy * s (1 + z (1 - s))
         z = xhat * gamma[:, None]
         z += beta[:, None]
@@ -175,18 +192,20 @@ def groupnorm_forward(x, gamma, beta, groups: int, eps: float = 1e-5, silu: bool
     _check(x, gamma, groups)
     if backend.is_cupy(backend.array_module(x)):
         y, (mean, rstd) = groupnorm_forward_cupy(x, gamma, beta, groups, eps, silu)
+        s = None                                      # the CUDA backward recomputes z and its sigmoid
     else:
-        y, (mean, rstd) = groupnorm_forward_numpy(x, gamma, beta, groups, eps, silu)
-    return y, (x, gamma, beta, mean, rstd, groups, silu)
+        y, mean, rstd, s = _forward_numpy_keep_sigmoid(x, gamma, beta, groups, eps, silu)
+    # with SiLU on NumPy the cache also holds y and s = sigmoid(z): the backward's dz = dy (s + y (1 - s))
+    return y, (x, gamma, beta, mean, rstd, groups, silu, y if s is not None else None, s)
 
 
 def groupnorm_backward(dy, cache):
     """-> dx (like x), {"gamma": dgamma (C,), "beta": dbeta (C,)}."""
-    x, gamma, beta, mean, rstd, groups, silu = cache
+    x, gamma, beta, mean, rstd, groups, silu, y, s = cache
     if backend.is_cupy(backend.array_module(x)):
         dx, dgamma, dbeta = groupnorm_backward_cupy(dy, x, gamma, beta, mean, rstd, groups, silu)
     else:
-        dx, dgamma, dbeta = groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups, silu)
+        dx, dgamma, dbeta = groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups, silu, y, s)
     return dx, {"gamma": dgamma, "beta": dbeta}
 
 
@@ -223,7 +242,7 @@ def _tangent_terms(x, x_dot, gamma, beta, mean, rstd, groups):
 def groupnorm_jvp(x, gamma, beta, groups: int, x_dot, eps: float = 1e-5, silu: bool = False):
     """(y, y_dot, cache): y = [silu](GroupNorm(x)) and its tangent along x_dot (formulas above)."""
     from .activations import silu_derivative
-    y, (_, _, _, mean, rstd, _, _) = groupnorm_forward(x, gamma, beta, groups, eps, silu)
+    y, (_, _, _, mean, rstd, *_) = groupnorm_forward(x, gamma, beta, groups, eps, silu)
     xhat, c_dot, m, xhat_dot, z, r, gamma4 = _tangent_terms(x, x_dot, gamma, beta, mean, rstd, groups)
     z_dot = gamma4 * xhat_dot                                       # z_dot = gamma xhat_dot
     y_dot = silu_derivative(z) * z_dot if silu else z_dot           # y_dot = silu'(z) z_dot

@@ -207,9 +207,13 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
     else:
         xc, cols = None, im2col(x, kh, kw, stride, padding)          # (C*kh*kw, N*Ho*Wo)
     Y = gemm(W.reshape(O, C * kh * kw), cols)         # (O, N*Ho*Wo): one GEMM
+    Yt = Y.reshape(O, N, Ho, Wo).transpose(1, 0, 2, 3)   # (N, O, Ho, Wo), a strided view
     if b is not None:
-        Y += b[:, None]
-    y = xp.ascontiguousarray(Y.reshape(O, N, Ho, Wo).transpose(1, 0, 2, 3))
+        # y = Y^T + b: the bias rides on the copy back to NCHW (one pass over y, not two)
+        y = xp.empty((N, O, Ho, Wo), dtype=Y.dtype)
+        xp.add(Yt, b.reshape(1, O, 1, 1), out=y)
+    else:
+        y = xp.ascontiguousarray(Yt)
     saved = xc if transposed else cols
     if _recomputes_cols(xp, kh, kw, stride, padding):
         saved = x                                     # CuPy: x (1x), not cols (kh*kw x); the backward redoes im2col

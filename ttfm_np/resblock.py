@@ -79,20 +79,24 @@ def resblock_forward(params, prefix: str, x, emb_act, *, attention: bool, head_c
                                        silu=True))
     h = run("conv0", conv2d_forward(h, param("conv0.weight"), param("conv0.bias"), 1, 1))
     a = run("affine", linear_forward(emb_act, param("affine.weight"), param("affine.bias")))
-    h = h + a[:, :, None, None]
+    h += a[:, :, None, None]               # h = h + a, in place: conv0's output is ours alone (not cached)
     h = run("norm1", groupnorm_forward(h, param("norm1.gamma"), param("norm1.beta"), norm_groups(cout),
                                        silu=True))
     h = run("dropout", dropout_forward(h, dropout, dropout_seed, site_id(prefix)))
     h = run("conv1", conv2d_forward(h, param("conv1.weight"), param("conv1.bias"), 1, 1))
     skip = run("skip", conv2d_forward(x, param("skip.weight"), param("skip.bias"), 1, 0)) if cin != cout else x
-    y = (h + skip) * SKIP_SCALE
+    h += skip                              # y = (h + skip) * SKIP_SCALE, in conv1's output (not cached)
+    h *= SKIP_SCALE
+    y = h
     if attention:
         a = run("attn_norm", groupnorm_forward(y, param("attn_norm.gamma"), param("attn_norm.beta"),
                                                norm_groups(cout)))
         a = run("attn", attention_forward(a, param("attn.qkv.weight"), param("attn.qkv.bias"),
                                           param("attn.proj.weight"), param("attn.proj.bias"),
                                           attention_heads(cout, head_channels)))
-        y = (y + a) * SKIP_SCALE
+        a += y                             # y = (y + a) * SKIP_SCALE, in the attention's output (attn_norm
+        a *= SKIP_SCALE                    # caches y itself, so y is not written)
+        y = a
     if not need_grad:
         return y, None
     cache["prefix"] = prefix
@@ -123,7 +127,8 @@ def resblock_backward(dy, cache):
     # h = conv0(silu(norm0(x)))
     dh = back("conv0", dh, conv2d_backward)
     dh = back("norm0", dh, groupnorm_backward)
-    return (dx + dh, d_emb_act), grads
+    dh += dx                               # dx + dh, in norm0's fresh gradient buffer
+    return (dh, d_emb_act), grads
 
 
 # ----------------------------------------------------------------------------

@@ -344,7 +344,7 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
     if loss.loss == "meanflow" and tm.cfg.time_scale > losses.MEANFLOW_MAX_TIME_SCALE:
         # measured on toy:checkerboard: time_scale 1 learns at the recipe's lr, 1000 does not (docs/results.md)
         warnings.warn(f"MeanFlow on a student whose time features have frequency {tm.cfg.time_scale:g}: its "
-                      "stop-gradient update amplifies fast ripples in time unless the learning rate is ~40x smaller "
+                      "stop-gradient update amplifies fast ripples in time unless the learning rate is 20-40x smaller "
                       "(docs/method.md §5.8, 'Why it needs smooth time features'); a teacher with smooth time "
                       "features (time_scale 1) is the setting MeanFlow learns in")
     ds = _training_data(data, data_dir, resolution=resolution)

@@ -63,6 +63,26 @@ def test_conv2d_forward_and_grad(rng, k, stride, pad, H, W):
     check_gradients(loss, {"x": x, "weight": Wt, "bias": b}, dict(grads, x=dx), tol=TOL)
 
 
+@pytest.mark.parametrize("samples_per_chunk", [1, 2])
+@pytest.mark.parametrize("k,pad", [(3, 1), ((1, 7), (0, 3))])
+def test_conv2d_in_sample_chunks(rng, monkeypatch, samples_per_chunk, k, pad):
+    """The NumPy stride-1 path unfolds a few samples at a time (conv._CHUNK_BYTES); with chunks of
+    1 and 2 of 5 samples (the last one short) the forward and gradients are the same functions."""
+    kh, kw = k if isinstance(k, tuple) else (k, k)
+    x = rng.standard_normal((5, 3, 6, 9))
+    Wt = rng.standard_normal((4, 3, kh, kw))
+    b = rng.standard_normal(4)
+    per_sample = max(3, 4) * kh * kw * 6 * 9 * x.itemsize          # the larger of the two unfolds' samples
+    monkeypatch.setattr(conv, "_CHUNK_BYTES", samples_per_chunk * per_sample)
+    assert len(conv._sample_chunks(5, per_sample)) == -(-5 // samples_per_chunk)
+    y, cache = conv.conv2d_forward(x, Wt, b, 1, pad)
+    np.testing.assert_allclose(y, conv2d_reference(x, Wt, b, 1, pad), rtol=1e-10, atol=1e-12)
+    R = rng.standard_normal(y.shape)
+    dx, grads = conv.conv2d_backward(R, cache)
+    loss = weighted_sum_loss(lambda: conv.conv2d_forward(x, Wt, b, 1, pad)[0], R)
+    check_gradients(loss, {"x": x, "weight": Wt, "bias": b}, dict(grads, x=dx), tol=TOL)
+
+
 def test_conv2d_float32_stays_float32(rng):
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     Wt = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)

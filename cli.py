@@ -215,13 +215,17 @@ def params_cmd(model_name, channels, resolution, two_time):
 @click.option("--flip/--no-flip", default=False, help="random horizontal flips of images")
 @click.option("--resolution", type=click.IntRange(4, 1024), default=None,
               help="image size, imagefolder data only (default: the images' own size up to 32 px, else 64)")
+@click.option("--time-scale", type=click.FloatRange(0, None, min_open=True), default=None,
+              help="frequency of the network's sinusoidal time features (default: the preset's, 1000); 1 feeds "
+                   "t in [0, 1] unscaled, what MeanFlow students need (docs/method.md §5.8); needs --out")
 @TRAIN_OPTIONS
 @command
-def train(data, model_name, out, time_sampling, flip, resolution, recipe, **kw):
+def train(data, model_name, out, time_sampling, flip, resolution, time_scale, recipe, **kw):
     """Train a flow-matching teacher v(x, t)."""
     common, overrides = _train_kwargs(kw)
     res = pipeline.train_teacher(data, model_name=model_name, out=out, quick=recipe == "quick",
-                                 time_sampling=time_sampling, flip=flip, resolution=resolution, **common, **overrides)
+                                 time_sampling=time_sampling, flip=flip, resolution=resolution,
+                                 time_scale=time_scale, **common, **overrides)
     click.echo(f"checkpoint: {res.checkpoint}")
 
 

@@ -29,16 +29,15 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ttfm_np import mlp, objectives  # noqa: E402
+from ttfm_np import objectives  # noqa: E402
 
 EVAL = ["--data", "toy:checkerboard", "--eval-steps", "1,2", "--eval-n", "1000", "--eval-n-ref", "64"]
 
 
 def train_teacher(time_scale, out):
     import cli
-    mlp.PRESETS["mlp"] = dict(mlp.PRESETS["mlp"], time_scale=time_scale)
     cli.cli.main(["train", "--data", "toy:checkerboard", "--model", "mlp", "--steps", "3000", "--out", out,
-                  "--seed", "0"], standalone_mode=False)
+                  "--seed", "0", "--time-scale", str(time_scale)], standalone_mode=False)
 
 
 def patch_pairs(diag, times):

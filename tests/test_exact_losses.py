@@ -12,7 +12,7 @@ import pytest
 
 from gradcheck import check_gradients, rel_error
 from test_ttfm_losses import _batch, _teacher, _warm_perturbed
-from ttfm_np import ckpt, losses, model, params as P, train, ttfm
+from ttfm_np import ckpt, losses, model, params as P, sampling, train, ttfm
 
 # sixth-order central difference: f'(t) = sum_k C_k f(t + k h) / h + O(h^6)
 STENCIL6 = {1: 3 / 4, -1: -3 / 4, 2: -3 / 20, -2: 3 / 20, 3: 1 / 60, -3: -1 / 60}
@@ -234,3 +234,26 @@ def test_meanflow_fixed_point_attracts_but_transports_time_ripple(rng, monkeypat
         assert growth < 1                                        # ... and a plain step contracts
     else:
         assert growth > 10                                       # ... unless the ripple is fast: eta g omega = 15
+
+
+def test_teacher_with_smooth_time_features_for_meanflow(tmp_path):
+    """train --time-scale 1: the teacher's (and so the student's) time features take t unscaled; MeanFlow
+    distils from it without the fast-time-features warning. --time-scale needs --out."""
+    from click.testing import CliRunner
+
+    import cli
+    r = CliRunner()
+    t = tmp_path / "teacher-ts1"
+    res = r.invoke(cli.cli, ["train", "--data", "toy:moons", "--model", "mlp-tiny", "--steps", "10",
+                             "--batch-size", "32", "--time-scale", "1", "--out", str(t)])
+    assert res.exit_code == 0, res.output
+    assert sampling.load_model(str(t / "checkpoint.h5"), role="teacher").cfg.time_scale == 1.0
+    out = tmp_path / "meanflow"
+    res = r.invoke(cli.cli, ["distill", "--data", "toy:moons", "--teacher", str(t), "--loss", "meanflow",
+                             "--steps", "3", "--batch-size", "32", "--out", str(out), "--eval-steps", "1",
+                             "--eval-n", "16", "--eval-n-ref", "4"])
+    assert res.exit_code == 0 and "Warning: MeanFlow" not in res.output, res.output
+    assert sampling.load_model(str(out / "checkpoint.h5"), role="student").cfg.time_scale == 1.0
+    res = r.invoke(cli.cli, ["train", "--data", "toy:moons", "--model", "mlp-tiny", "--steps", "1",
+                             "--time-scale", "1"])
+    assert res.exit_code != 0 and "--time-scale needs --out" in res.output, res.output

@@ -207,8 +207,17 @@ def _locked_run(out: str):
 def train_teacher(data: str, *, model_name: str | None = None, out: str | None = None, quick: bool = False,
                   time_sampling: str = "uniform", flip: bool = False, resolution: int | None = None,
                   data_dir: str | None = None, resume: bool = False, progress: bool = True,
-                  max_cpu_hours: float | None = None, **train_overrides) -> RunResult:
-    """Train a flow-matching teacher v(x, t) with the dataset's recipe (overrides win)."""
+                  max_cpu_hours: float | None = None, time_scale: float | None = None,
+                  **train_overrides) -> RunResult:
+    """Train a flow-matching teacher v(x, t) with the dataset's recipe (overrides win).
+
+    time_scale: the frequency of the network's sinusoidal time features (None: the preset's, 1000).
+    MeanFlow students need smooth ones (1: t fed in [0, 1] unscaled; docs/method.md §5.8)."""
+    if time_scale is not None and not 0.0 < time_scale < float("inf"):
+        raise ValueError(f"time_scale must be a positive number, got {time_scale}")
+    if time_scale is not None and out is None:
+        raise ValueError("--time-scale needs --out: a teacher with other time features is not the dataset's "
+                         "default teacher (pass it to distill with --teacher)")
     resolution = image_resolution(data, resolution)
     recipe = recipes.teacher_recipe(data, quick, resolution)
     model_name = model_name or recipe["model"]
@@ -216,7 +225,7 @@ def train_teacher(data: str, *, model_name: str | None = None, out: str | None =
     out = out or recipes.default_teacher_dir(data, model_name, quick)
     ds = _training_data(data, data_dir, resolution=resolution)
     _check_points_scale(ds)
-    cfg = model.make_config(model_name, ds.shape)
+    cfg = model.make_config(model_name, ds.shape, **({} if time_scale is None else dict(time_scale=time_scale)))
     batches = _batches(ds, tcfg, flip)
     objective = FlowMatchingObjective(cfg, time_sampling=time_sampling, sample_kind=ds.kind, heldout=_heldout(ds))
     log(f"teacher: {model_name} on {data} ({len(ds.data)} samples of shape {ds.shape}), {tcfg.steps} steps "
@@ -345,8 +354,8 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
         # measured on toy:checkerboard: time_scale 1 learns at the recipe's lr, 1000 does not (docs/results.md)
         warnings.warn(f"MeanFlow on a student whose time features have frequency {tm.cfg.time_scale:g}: its "
                       "stop-gradient update amplifies fast ripples in time unless the learning rate is 20-40x smaller "
-                      "(docs/method.md §5.8, 'Why it needs smooth time features'); a teacher with smooth time "
-                      "features (time_scale 1) is the setting MeanFlow learns in")
+                      "(docs/method.md §5.8, 'Why it needs smooth time features'); MeanFlow learns from a teacher "
+                      "with smooth time features: train one with `train --time-scale 1 --out DIR`")
     ds = _training_data(data, data_dir, resolution=resolution)
     _check_points_scale(ds)
     if tuple(ds.shape) != tuple(tm.sample_shape):

@@ -17,30 +17,22 @@ channel count changes, skip.weight/bias. The cache is a dict by sublayer name.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from .conv import conv2d_backward, conv2d_forward
 from .dropout import dropout_backward, dropout_forward, site_id
 from .groupnorm import groupnorm_backward, groupnorm_forward
 from .linear import linear_backward, linear_forward
-from .params import conv_weight, linear_weight
+from .resblock import init_resblock
 from .tape import backprop, recorder
 
 
 def init_adm_resblock(rng, prefix: str, cin: int, cout: int, emb_dim: int):
-    """The block's parameters (NumPy float32); conv1 is zero-initialised (ADM's zero_module)."""
-    f32 = np.float32
-    p = {
-        f"{prefix}.norm0.gamma": np.ones(cin, f32), f"{prefix}.norm0.beta": np.zeros(cin, f32),
-        f"{prefix}.conv0.weight": conv_weight(rng, cout, cin, 3), f"{prefix}.conv0.bias": np.zeros(cout, f32),
-        f"{prefix}.affine.weight": linear_weight(rng, cout, emb_dim), f"{prefix}.affine.bias": np.zeros(cout, f32),
-        f"{prefix}.norm1.gamma": np.ones(cout, f32), f"{prefix}.norm1.beta": np.zeros(cout, f32),
-        f"{prefix}.conv1.weight": np.zeros((cout, cout, 3, 3), f32), f"{prefix}.conv1.bias": np.zeros(cout, f32),
-    }
-    if cin != cout:
-        p[f"{prefix}.skip.weight"] = conv_weight(rng, cout, cin, 1)
-        p[f"{prefix}.skip.bias"] = np.zeros(cout, f32)
-    return p
+    """The block's parameters (NumPy float32); conv1 is zero-initialised (ADM's zero_module).
+
+    The same names, shapes and initial values as the DDPM++ block without its attention
+    (resblock.init_resblock): norm0, conv0, affine, norm1, conv1 (zeros) and a 1x1 skip
+    when cin != cout. Only the forward differs (no 1/sqrt(2) on the residual sum).
+    """
+    return init_resblock(rng, prefix, cin, cout, emb_dim, attention=False)
 
 
 def adm_resblock_forward(params, prefix: str, x, emb_act, *, groups: int, dropout: float = 0.0,

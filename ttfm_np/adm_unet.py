@@ -46,10 +46,11 @@ from .embedding import init_time_embedding, time_embedding_backward, time_embedd
 from .groupnorm import groupnorm_backward, groupnorm_forward
 from .params import conv_weight
 from .tape import backprop, recorder
+from .unet import TupleFieldsConfig
 
 
 @dataclass
-class ADMConfig:
+class ADMConfig(TupleFieldsConfig):
     in_channels: int = 3                 # image channels
     resolution: int = 32                 # input height = width
     model_channels: int = 128            # base channel count (torchcfm: num_channels)
@@ -75,18 +76,6 @@ class ADMConfig:
     def heads(self, channels: int) -> int:
         return self.num_heads if self.num_head_channels == -1 else channels // self.num_head_channels
 
-    def to_dict(self):
-        d = dataclasses.asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        d["attn_resolutions"] = list(self.attn_resolutions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d):
-        d = dict(d)
-        d["channel_mult"] = tuple(d["channel_mult"])
-        d["attn_resolutions"] = tuple(d["attn_resolutions"])
-        return cls(**d)
 
 
 # torchcfm's CIFAR-10 models (examples/images/cifar10/train_cifar10.py): UNetModelWrapper(dim=(3, 32, 32),
@@ -181,17 +170,23 @@ def init_adm_unet(cfg: ADMConfig, seed: int = 0):
     return p
 
 
+def _check_inputs(cfg: "ADMConfig", x, t, x_dot=None):
+    """The forward's and the tangent pass's argument checks: x (and x_dot) (N, C, R, R); t iff two-time."""
+    if x.shape[1:] != cfg.sample_shape or (x_dot is not None and x_dot.shape != x.shape):
+        tangent = "" if x_dot is None else f" (tangent {tuple(x_dot.shape)})"
+        raise ValueError(f"ADM U-Net built for inputs (N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution})"
+                         f"{'' if x_dot is None else ' and tangents of the same shape'}, got {tuple(x.shape)}{tangent}")
+    if (t is not None) != cfg.two_time:
+        raise ValueError("a two-time model needs both s and t; a one-time model takes only t"
+                         if cfg.two_time else "this is a one-time (teacher) U-Net: call it with one time")
+
+
 def adm_unet_forward(params, cfg: ADMConfig, x, s, t=None, dropout_seed=None, need_grad: bool = True):
     """u(x, s[, t]). x (N, C, R, R); s, t (N,) -> (u (N, C, R, R), cache or None when need_grad is False).
 
     dropout_seed: int (the same int, the same masks), or None for evaluation mode.
     """
-    if x.shape[1:] != cfg.sample_shape:
-        raise ValueError(f"ADM U-Net built for inputs (N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}), "
-                         f"got {tuple(x.shape)}")
-    if (t is not None) != cfg.two_time:
-        raise ValueError("a two-time model needs both s and t; a one-time model takes only t"
-                         if cfg.two_time else "this is a one-time (teacher) U-Net: call it with one time")
+    _check_inputs(cfg, x, t)
     enc, mid, dec, _ = layout(cfg)
     xp = backend.array_module(x)
     caches = {}
@@ -404,12 +399,7 @@ def adm_unet_jvp(params, cfg: ADMConfig, x, s, t, x_dot, s_dot, t_dot=None, drop
     from .embedding import time_embedding_jvp
     from .groupnorm import groupnorm_jvp
     from .tape import jvp_recorder
-    if x.shape[1:] != cfg.sample_shape or x_dot.shape != x.shape:
-        raise ValueError(f"ADM U-Net built for inputs (N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}) "
-                         f"and tangents of the same shape, got {tuple(x.shape)} and {tuple(x_dot.shape)}")
-    if (t is not None) != cfg.two_time:
-        raise ValueError("a two-time model needs both s and t; a one-time model takes only t"
-                         if cfg.two_time else "this is a one-time (teacher) U-Net: call it with one time")
+    _check_inputs(cfg, x, t, x_dot)
     enc, mid, dec, _ = layout(cfg)
     xp = backend.array_module(x)
     caches = {}

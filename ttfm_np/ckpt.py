@@ -71,6 +71,7 @@ import h5py
 import numpy as np
 
 from . import backend
+from .atomic import _fsync_folder   # makes a rename durable (POSIX)
 from .optim import AdamState
 
 FORMAT_VERSION = 2
@@ -278,20 +279,6 @@ def _remove_stale_temps(path: str):
                 pass
         except (PermissionError, OSError):
             pass                               # the process exists (another user's) or we cannot tell
-
-
-def _fsync_folder(folder: str):
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_chunk(fd: int, chunk) -> int:

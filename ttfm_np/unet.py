@@ -37,8 +37,26 @@ from .resample import upsample_nearest2x_backward, upsample_nearest2x_forward
 from .resblock import init_resblock, norm_groups, resblock_backward, resblock_forward
 
 
+class TupleFieldsConfig:
+    """to_dict / from_dict for a U-Net config dataclass: its tuple fields are stored as JSON lists."""
+    TUPLE_FIELDS = ("channel_mult", "attn_resolutions")
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        for name in self.TUPLE_FIELDS:
+            d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        for name in cls.TUPLE_FIELDS:
+            d[name] = tuple(d[name])
+        return cls(**d)
+
+
 @dataclass
-class UNetConfig:
+class UNetConfig(TupleFieldsConfig):
     in_channels: int = 3                 # image channels (1 for fashion-mnist, 3 for cifar10)
     resolution: int = 32                 # input height = width
     model_channels: int = 128            # base channel count
@@ -60,18 +78,6 @@ class UNetConfig:
     def emb_dim(self) -> int:
         return 4 * self.model_channels
 
-    def to_dict(self):
-        d = dataclasses.asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        d["attn_resolutions"] = list(self.attn_resolutions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d):
-        d = dict(d)
-        d["channel_mult"] = tuple(d["channel_mult"])
-        d["attn_resolutions"] = tuple(d["attn_resolutions"])
-        return cls(**d)
 
 
 # Presets: the architecture; in_channels / resolution come from the dataset.

@@ -9,9 +9,7 @@ internal errors, the wrong messages, and the memory/time guard before the first 
 """
 import builtins
 import errno
-import io
 import os
-import pickle
 import re
 import struct
 import time
@@ -20,37 +18,12 @@ import zipfile
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-import cli
+from cli_checks import assert_error, assert_ok, invoke
 from ttfm_np import atomic, fid, images, jsonio, metrics, recipes, torch_reader
 
 TEACHER = ["--data", "toy:moons", "--model", "mlp-tiny", "--batch-size", "32", "--ckpt-every", "5"]
 EVAL_FAST = ["--eval-steps", "1", "--eval-n", "16", "--eval-n-ref", "4"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli.cli, [str(a) for a in args])
-
-
-def assert_error(res, *needles, code=None):
-    """One clean `Error:` line (no traceback), exit code != 0 (or `code`), every needle in the output."""
-    out = res.output
-    assert isinstance(res.exception, SystemExit), f"uncaught {res.exception!r}; output:\n{out}"
-    assert res.exit_code != 0, out
-    if code is not None:
-        assert res.exit_code == code, out
-    assert "Traceback" not in out, out
-    assert sum(line.startswith("Error:") for line in out.splitlines()) == 1, out
-    for needle in needles:
-        found = needle.search(out) if isinstance(needle, re.Pattern) else needle in out
-        assert found, f"{needle!r} not in:\n{out}"
-    return out
-
-
-def assert_ok(res):
-    assert res.exit_code == 0 and res.exception is None, res.output
-    return res.output
 
 
 @pytest.fixture(autouse=True)

@@ -10,15 +10,10 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-import cli
+from cli_checks import invoke
 from ttfm_np import adm_unet, ckpt, import_teacher, model, sampling
 from ttfm_np import params as P
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli.cli, [str(a) for a in args])
 
 
 def _tiny_cfg():

@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 
-from . import adm_unet, ckpt, recipes, torch_reader
+from . import adm_unet, atomic, ckpt, recipes, torch_reader
 
 # torchcfm's UNetModelWrapper keyword arguments of the published CIFAR-10 models
 ARCHS = {
@@ -199,9 +199,7 @@ def import_torchcfm(path: str, out: str, arch: str = DEFAULT_ARCH, data: str = "
                   time_convention="t = 0 noise, t = 1 data in both: velocity used unchanged")
     config = dict(task="teacher", data=data, resolution=cfg.resolution, model=cfg.to_dict(), source=source)
     ckpt.save_checkpoint(target, params, ema=ema, step=parts["step"] or 0, config=config)
-    tmp = os.path.join(out, f"source.json.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:        # written whole, then renamed: never half a file
+    with atomic.write(os.path.join(out, "source.json")) as f:     # whole or not at all (atomic.py)
         json.dump(source, f, indent=2)
         f.write("\n")
-    os.replace(tmp, os.path.join(out, "source.json"))
     return dict(source, out=os.path.abspath(out), checkpoint=os.path.abspath(target))

@@ -129,6 +129,22 @@ def test_groupnorm_forward_and_grad(rng, silu):
     check_gradients(loss, {"x": x, "gamma": gamma, "beta": beta}, dict(grads, x=dx), tol=TOL)
 
 
+def test_groupnorm_silu_backward_reads_the_cached_sigmoid(rng, monkeypatch):
+    """The NumPy GroupNorm+SiLU backward uses y and sigmoid(z) from the forward's cache (no second
+    sigmoid), and agrees with the reference that recomputes them (the CUDA kernel's reference)."""
+    x = rng.standard_normal((2, 8, 3, 5)) * 2 - 0.3
+    gamma, beta = 1 + 0.3 * rng.standard_normal(8), rng.standard_normal(8)
+    y, cache = groupnorm.groupnorm_forward(x, gamma, beta, 4, silu=True)
+    dy = rng.standard_normal(y.shape)
+    _, _, _, mean, rstd, _, _, _, _ = cache
+    want = groupnorm.groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, 4, True)   # recomputes s
+    monkeypatch.setattr(groupnorm, "sigmoid", lambda *a, **k: pytest.fail("the backward recomputed sigmoid"))
+    dx, grads = groupnorm.groupnorm_backward(dy, cache)
+    np.testing.assert_allclose(dx, want[0], rtol=1e-12, atol=1e-13)      # float64: same formula up to rounding
+    np.testing.assert_allclose(grads["gamma"], want[1], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(grads["beta"], want[2], rtol=1e-12, atol=1e-13)
+
+
 def test_groupnorm_rejects_bad_groups(rng):
     with pytest.raises(ValueError, match="cannot be split"):
         groupnorm.groupnorm_forward(rng.standard_normal((1, 6, 2, 2)), np.ones(6), np.zeros(6), 4)

@@ -17,6 +17,17 @@ v5: implicit GEMM: the input padded once into a channel-major buffer whose rows 
     the backward (dW and dx: 9 window GEMMs each). Measured slower than v4 with OpenBLAS
     (docs/benchmarks.md): OpenBLAS packs each window anyway, so the saved im2col copy buys
     less than the 9 short-K GEMMs and the 27% extra (padded) pixels cost. Not the library's path.
+v6: im2col over the padded width: pad x once, channel-major, and each tap's rows are one contiguous
+    copy of H*(W+2) floats per (c, n) block (instead of H runs of W = 8-32 floats); the GEMMs run over
+    N*H*(W+2) columns and the 2 wrapped columns per row are dropped on the copy back; the backward
+    (transposed convolution, as v4) unfolds dy the same way and gets dW against x on the wide grid.
+v7: v6 a few samples at a time (the library's _sample_chunks), as ttfm_np/conv.py does with v4.
+    v6 and v7 measured slower than the library's chunked v4 path at every 3x3 shape of the small
+    U-Net (forward + backward, 1 OpenBLAS thread, medians of 4 alternating rounds, 2-core AMD EPYC
+    with AVX-512 under load): 32x64->64x32x32 lib 122 / v6 126 / v7 129 ms, 32x128->128x16x16
+    98 / 107 / 106 ms, 32x128->128x8x8 26 / 30 / 31 ms, 32x32->64x32x32 70 / 74 / 74 ms. The
+    longer runs make the unfold only 1-2 ms cheaper per call (16x16: 4.8 -> 3.8 + 0.7 ms for the
+    pad), less than the (W+2)/W more GEMM work (12.5% at 16x16, 25% at 8x8) costs. Not adopted.
 Measured on the small U-Net's 16x16 level (see docs/performance.md).
 """
 import numpy as np
@@ -211,6 +222,96 @@ def v5(inp):
     x, W, b, dy = inp
     y, cache = implicit_forward(x, W, b)
     return (y,) + implicit_backward(dy, cache)
+
+
+# ---------------------------------------------------------------------------- v6: im2col over the padded width
+#
+# Pad x once, channel-major, with one spare zero row at the bottom: xpad (C, N, Hp + 1, Wp), Hp = H + 2,
+# Wp = W + 2 (stride 1, pad 1). Within one (c, n) block, output pixel (i, j) sits at i Wp + j of a grid
+# Wp wide, and its tap (p, q) reads xpad[c, n, i + p, j + q] = block[i Wp + j + d_pq], d_pq = p Wp + q.
+# So the tap's im2col rows are ONE contiguous slice per (c, n) block, H Wp floats long (288 at 16x16)
+# instead of H rows of W floats (16), and
+#     cols[(c, p, q), (n, i, j)] = xpad_flat[c, n, d_pq + i Wp + j],   j < Wp,   cols (C*9, N*H*Wp)
+# The columns j = W, W + 1 wrap into the next row and are dropped on the copy back to NCHW; the GEMMs
+# run over Wp / W more columns (1.125x at 16x16, 1.06x at 32x32). The spare row keeps the last
+# slice of tap (2, 2) inside its block.
+# Backward (the transposed convolution, as v4): the same unfold of dy padded by 1 gives dx
+# (garbage columns dropped) and dW = dy_cols @ x_wide^T, where x_wide (C, N*H*Wp) is x on the same wide
+# grid with zeros in the garbage columns: exactly tap (1, 1)'s slice of xpad, whose wrapped columns land
+# on the zero padding. The forward keeps x_wide (1.125x the activation), not cols.
+
+def wide_im2col(xpad, H):
+    """xpad (C, N, H + 3, Wp) -> cols (C*9, N*H*Wp): 9 copies with H*Wp-long contiguous runs."""
+    C, N, _, Wp = xpad.shape
+    xf = xpad.reshape(C, N, -1)
+    L = H * Wp
+    cols = np.empty((C, 9, N, L), dtype=xpad.dtype)
+    for p in range(3):
+        for q in range(3):
+            d = p * Wp + q
+            cols[:, 3 * p + q] = xf[:, :, d:d + L]               # cols[c, pq, n, m] = xf[c, n, d_pq + m]
+    return cols.reshape(C * 9, N * L)
+
+
+def wide_pad(xt, H, Wd):
+    """xt (C, N, H, W), any strides -> xpad (C, N, H + 3, W + 2): zero border, one spare zero row."""
+    C, N = xt.shape[:2]
+    xpad = np.empty((C, N, H + 3, Wd + 2), dtype=xt.dtype)
+    xpad[:, :, 0] = 0
+    xpad[:, :, H + 1:] = 0
+    xpad[:, :, 1:H + 1, 0] = 0
+    xpad[:, :, 1:H + 1, Wd + 1] = 0
+    xpad[:, :, 1:H + 1, 1:Wd + 1] = xt
+    return xpad
+
+
+@registry.version(6, "im2col over the padded width: 9 copies of H*(W+2)-long runs, garbage columns dropped")
+def v6(inp):
+    x, W, b, dy = inp
+    N, C, H, Wd = x.shape
+    O = W.shape[0]
+    Wp = Wd + 2
+    xpad = wide_pad(x.transpose(1, 0, 2, 3), H, Wd)
+    cols = wide_im2col(xpad, H)                                      # (C*9, N*H*Wp)
+    x_wide = np.ascontiguousarray(cols.reshape(C, 9, N * H * Wp)[:, 4])   # kept for the backward
+    Y = (W.reshape(O, C * 9) @ cols).reshape(O, N, H, Wp)
+    del cols
+    y = np.empty((N, O, H, Wd), dtype=x.dtype)
+    np.add(Y[:, :, :, :Wd].transpose(1, 0, 2, 3), b[None, :, None, None], out=y)
+    dypad = wide_pad(dy.transpose(1, 0, 2, 3), H, Wd)
+    dy_cols = wide_im2col(dypad, H)                                  # (O*9, N*H*Wp)
+    Wf = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, O * 9)
+    dX = (Wf @ dy_cols).reshape(C, N, H, Wp)
+    dx = np.ascontiguousarray(dX[:, :, :, :Wd].transpose(1, 0, 2, 3))
+    dW = np.ascontiguousarray((dy_cols @ x_wide.T).reshape(O, 3, 3, C)[:, ::-1, ::-1, :].transpose(0, 3, 1, 2))
+    return y, dx, dW, dy.sum(axis=(0, 2, 3))
+
+
+@registry.version(7, "v6 a few samples at a time (cache-sized cols, as the library's v4 path)")
+def v7(inp):
+    x, W, b, dy = inp
+    N, C, H, Wd = x.shape
+    O = W.shape[0]
+    Wp = Wd + 2
+    L = H * Wp
+    Wm = W.reshape(O, C * 9)
+    xpad = wide_pad(x.transpose(1, 0, 2, 3), H, Wd)                 # (C, N, H + 3, Wp)
+    x_wide = np.empty((C, N * L), dtype=x.dtype)                     # kept for the backward
+    y = np.empty((N, O, H, Wd), dtype=x.dtype)
+    for n0, n1 in conv._sample_chunks(N, C * 9 * L * x.itemsize):
+        cols = wide_im2col(xpad[:, n0:n1], H)                        # (C*9, (n1-n0)*L)
+        x_wide[:, n0 * L:n1 * L] = cols.reshape(C, 9, -1)[:, 4]
+        Y = (Wm @ cols).reshape(O, n1 - n0, H, Wp)
+        np.add(Y[:, :, :, :Wd].transpose(1, 0, 2, 3), b[None, :, None, None], out=y[n0:n1])
+    Wf = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, O * 9)
+    dx = np.empty_like(x)
+    dWf = np.zeros((O * 9, C), dtype=x.dtype)
+    for n0, n1 in conv._sample_chunks(N, O * 9 * L * x.itemsize):
+        dy_cols = wide_im2col(wide_pad(dy.transpose(1, 0, 2, 3)[:, n0:n1], H, Wd), H)   # (O*9, (n1-n0)*L)
+        dx[n0:n1] = (Wf @ dy_cols).reshape(C, n1 - n0, H, Wp)[:, :, :, :Wd].transpose(1, 0, 2, 3)
+        dWf += dy_cols @ x_wide[:, n0 * L:n1 * L].T
+    dW = np.ascontiguousarray(dWf.reshape(O, 3, 3, C)[:, ::-1, ::-1, :].transpose(0, 3, 1, 2))
+    return y, dx, dW, dy.sum(axis=(0, 2, 3))
 
 
 def flops(inp):

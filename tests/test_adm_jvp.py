@@ -300,27 +300,14 @@ def test_adm_unet_jvp_matches_torch_func_jvp_of_torchcfm(rng, monkeypatch):
     (ONE_LEVEL: 2 heads, so the head-major rows matter) with the same random weights, float64: to 1e-10
     of the largest entry (rounding only). torchcfm's float32 casts are lifted for float64 tensors as in
     test_adm_unet.test_matches_torchcfm_float64."""
-    import math
-
-    from test_adm_unet import _torchcfm
+    from test_adm_unet import _torchcfm, lift_float32_casts
     torch, unet = _torchcfm()
     torch.manual_seed(0)
     net = unet.UNetModelWrapper(**ONE_LEVEL).double().eval()         # eval: no dropout on either side
     with torch.no_grad():                                            # no zero-initialised layer
         for p in net.parameters():
             p.copy_(0.2 * torch.randn_like(p))
-    net.dtype = torch.float64
-    original_float = torch.Tensor.float
-
-    def features64(timesteps, dim, max_period=10000):
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
-        args = timesteps[:, None].double() * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-    monkeypatch.setattr(unet, "timestep_embedding", features64)
-    monkeypatch.setattr(torch.Tensor, "float",
-                        lambda self, *a, **k: self if self.dtype == torch.float64 else original_float(self, *a, **k))
+    lift_float32_casts(monkeypatch, torch, unet, net)
     cfg = import_teacher.config_from_wrapper_kwargs(ONE_LEVEL)
     params = import_teacher.params_from_state_dict({k: v.numpy() for k, v in net.state_dict().items()}, cfg,
                                                    dtype=np.float64)

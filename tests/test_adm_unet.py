@@ -194,16 +194,10 @@ def _params_from(net, cfg):
     return import_teacher.params_from_state_dict(sd, cfg, dtype=next(iter(sd.values())).dtype)
 
 
-@pytest.mark.torch
-def test_matches_torchcfm_float64(rng, monkeypatch):
-    """Same weights, float64: velocity and input gradient to 1e-10 (relative to the largest entry).
-
-    torchcfm runs a few steps in float32 whatever the weights' dtype (GroupNorm32's x.float(), the
-    softmax's weight.float(), the time features' float32 frequencies); in float64 those casts would
-    cap the agreement at float32 rounding. They are lifted here for float64 tensors only, with
-    the same formulas (the float32 test below runs torchcfm unpatched)."""
-    torch, unet = _torchcfm()
-    net = _random_torch_net(torch, unet).double()
+def lift_float32_casts(monkeypatch, torch, unet, net):
+    """Let torchcfm's module compute in float64: its float32-only steps (GroupNorm32's x.float(), the
+    softmax's weight.float(), the float32 time-feature frequencies) kept for float32 tensors and
+    lifted for float64 ones, with the same formulas."""
     net.dtype = torch.float64                  # UNetModel casts its input to self.dtype (float32 unless fp16)
     original_float = torch.Tensor.float
 
@@ -216,6 +210,19 @@ def test_matches_torchcfm_float64(rng, monkeypatch):
     monkeypatch.setattr(unet, "timestep_embedding", features64)
     monkeypatch.setattr(torch.Tensor, "float",
                         lambda self, *a, **k: self if self.dtype == torch.float64 else original_float(self, *a, **k))
+
+
+@pytest.mark.torch
+def test_matches_torchcfm_float64(rng, monkeypatch):
+    """Same weights, float64: velocity and input gradient to 1e-10 (relative to the largest entry).
+
+    torchcfm runs a few steps in float32 whatever the weights' dtype (GroupNorm32's x.float(), the
+    softmax's weight.float(), the time features' float32 frequencies); in float64 those casts would
+    cap the agreement at float32 rounding. They are lifted here for float64 tensors only, with
+    the same formulas (the float32 test below runs torchcfm unpatched)."""
+    torch, unet = _torchcfm()
+    net = _random_torch_net(torch, unet).double()
+    lift_float32_casts(monkeypatch, torch, unet, net)
     cfg = small_torchcfm_config()
     params = _params_from(net, cfg)
     x, t = rng.standard_normal((3, 3, 16, 16)), rng.uniform(0, 1, 3)

@@ -1,6 +1,7 @@
 """Why are 1-step ITVM samples fuzzier than LFMD's (issue 20 item 5)? docs/results.md, "Why 1-step ITVM samples
 are fuzzier (issue 20 item 5, probe)". Every run is the CLI's quick toy recipe (`distill --recipe quick`: the
-quick teacher, 2000 updates of batch 256 unless --steps says otherwise), resumable, and prints its CLI line.
+quick teacher, 2000 updates of batch 256 unless --steps says otherwise; points: files get their only recipe,
+the full toy one: 2000 updates of batch 512), resumable, and prints its CLI line.
 
     export TTFM_DATA=/work/ttfm_data_fuzz            # teachers and the rings file live there
     python experiments/itvm_fuzz_probe.py rings      # writes $TTFM_DATA/rings.npy (3 noisy rings, for points:)
@@ -53,11 +54,17 @@ def slug(data):
     return recipes.slug(data)
 
 
+def quick(data):
+    """The CLI's default recipe: quick for toy: data, the (only) toy recipe for points: files (as cli.py)."""
+    return recipes.family(data) == "toy"
+
+
 def run_one(data, name, loss_opts, steps, seed):
     """One quick-recipe distillation (resumed when it stopped, reused when finished) -> its eval rows."""
     loss = DistillLossConfig(**loss_opts)
     out = os.path.join(OUT, slug(data), f"{name}-s{seed}-u{steps}")
-    print("$ " + cli_equivalent("distill", data=data, recipe="quick", **loss_opts, steps=steps, seed=seed,
+    recipe = "quick" if quick(data) else None
+    print("$ " + cli_equivalent("distill", data=data, recipe=recipe, **loss_opts, steps=steps, seed=seed,
                                 eval_steps=list(EVAL_STEPS), eval_n=EVAL_N, out=out, resume=True), flush=True)
     done = os.path.join(ROOT, out, "probe_rows.json")
     if not os.path.exists(done):
@@ -70,7 +77,7 @@ def run_one(data, name, loss_opts, steps, seed):
 
 
 def finish(data, loss, out, steps, seed, done):
-    result = pipeline.distill(data, loss=loss, out=os.path.join(ROOT, out), quick=True, resume=True,
+    result = pipeline.distill(data, loss=loss, out=os.path.join(ROOT, out), quick=quick(data), resume=True,
                               eval_steps=EVAL_STEPS, eval_n=EVAL_N, progress=False, steps=steps, seed=seed)
     rows = {r["method"]: r for r in result.rows}
     with open(done, "w") as f:
@@ -165,8 +172,19 @@ def blur_distances(S, T, z, sigmas, k=8, seed=0):
     return out
 
 
+def error_roughness(S_map, T, z, delta=0.03, seed=1):
+    """RMS of e(z) - e(z + delta u) over sqrt(2) RMS e, e = S - T, u a random unit vector: about 0 for an
+    error that is a smooth field over z (a bias that moves whole regions), about 1 for an error that is
+    independent between neighbouring noise samples (jitter)."""
+    u = np.random.default_rng(seed).standard_normal(z.shape)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    z2 = z + delta * u
+    e1, e2 = S_map(z) - T(z), S_map(z2) - T(z2)
+    return float(np.sqrt(np.mean(np.sum((e1 - e2) ** 2, axis=1)) / (2 * np.mean(np.sum(e1 ** 2, axis=1)))))
+
+
 def where(args):
-    teacher_path = pipeline.ensure_teacher(args.data, quick=True)
+    teacher_path = pipeline.ensure_teacher(args.data, quick=quick(args.data))
     tm = sampling.load_model(teacher_path, weights="ema", role="teacher", data=args.data)
     z = tm.noise(EVAL_N, 0)                                       # the evaluation's noise (seed 0)
 
@@ -186,8 +204,8 @@ def where(args):
     print(f"teacher reference: share between modes {gap_mask(T_ref, heldout).mean():.3f}; stretch median "
           f"{q[0]:.2f}, p90 {q[1]:.2f}")
     lines = ["| run | steps | RMS err | " + " | ".join(f"RMS {b}" for b in bins) + " | top-10 % share of sq. err "
-             "| between modes | " + " | ".join(f"to T_{s:g}" for s in SIGMAS) + " |",
-             "|" + "---|" * (5 + len(bins) + len(SIGMAS))]
+             "| between modes | roughness | " + " | ".join(f"to T_{s:g}" for s in SIGMAS) + " |",
+             "|" + "---|" * (6 + len(bins) + len(SIGMAS))]
     for run in args.runs:
         sm = sampling.load_model(run, weights="ema", role="student", data=args.data)
         for n in (1, 2):
@@ -196,9 +214,11 @@ def where(args):
             per_bin = [np.sqrt(sq[m].mean()) for m in bins.values()]
             top = sq[bins["top 10 %"]].sum() / sq.sum()
             blur = blur_distances(S, T, z, SIGMAS) if n == 1 else {s: float("nan") for s in SIGMAS}
+            rough = error_roughness(lambda x: np.asarray(sm.generate(x.astype(np.float32), n, chunk=4096),
+                                                         dtype=np.float64), T, z)
             lines.append(f"| {os.path.basename(run.rstrip('/'))} | {n} | {np.sqrt(sq.mean()):.3f} | "
                          + " | ".join(f"{v:.3f}" for v in per_bin)
-                         + f" | {top:.2f} | {gap_mask(S, heldout).mean():.3f} | "
+                         + f" | {top:.2f} | {gap_mask(S, heldout).mean():.3f} | {rough:.2f} | "
                          + " | ".join(f"{blur[s]:.3f}" for s in SIGMAS) + " |")
             print(lines[-1], flush=True)
     report(args, "where", lines)

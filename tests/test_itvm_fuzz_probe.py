@@ -58,3 +58,17 @@ def test_blur_distances_find_the_blur_of_a_blurred_map(probe):
     assert dist[0.2] < 1e-12
     assert dist[0.0] > 0.1
     assert probe.blur_distances(T(z), T, z, (0.0,))[0.0] == 0.0
+
+
+def test_error_roughness_separates_a_smooth_bias_from_jitter(probe):
+    rng = np.random.default_rng(6)
+    z = rng.standard_normal((500, 2))
+
+    def T(x):
+        return np.sin(x)
+
+    smooth = probe.error_roughness(lambda x: T(x) + 0.1 * np.cos(x), T, z)        # error varies on scale 1
+    noise = np.random.default_rng(7)
+    jitter = probe.error_roughness(lambda x: T(x) + 0.1 * noise.standard_normal(x.shape), T, z)
+    assert smooth < 0.05                      # |d cos| <= delta = 0.03 per unit change: ratio ~0.03 / sqrt(2)
+    assert 0.9 < jitter < 1.1                 # independent errors: E|e1 - e2|^2 = 2 E|e|^2

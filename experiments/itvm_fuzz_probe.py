@@ -46,6 +46,7 @@ SETTINGS = {
     "uniform-gap": dict(pairs="uniform-gap"),
     "frac-t1-0.25": dict(frac_t1=0.25),
     "lambda-term-2": dict(lambda_term=2.0),
+    "lambda-term-4": dict(lambda_term=4.0),
 }
 SIGMAS = (0.0, 0.03, 0.06, 0.1, 0.2)
 
@@ -130,15 +131,19 @@ def report(args, kind, lines):
 
 # ----------------------------------------------------------------------------- (b) where the error lives
 
-def local_stretch(T, z, eps=0.02):
-    """Largest singular value of the Jacobian of the map T at each z (N, 2), by central differences."""
+def local_jacobian(T, z, eps=0.02):
+    """The Jacobian dT/dz of the map T at each z (N, 2) -> (N, 2, 2), by central differences."""
     cols = []
     for k in range(z.shape[1]):
         d = np.zeros_like(z)
         d[:, k] = eps
         cols.append((T(z + d) - T(z - d)) / (2 * eps))            # (N, 2): dT/dz_k
-    J = np.stack(cols, axis=2)                                      # (N, 2, 2)
-    return np.linalg.svd(J, compute_uv=False)[:, 0]
+    return np.stack(cols, axis=2)                                   # (N, 2, 2)
+
+
+def local_stretch(T, z, eps=0.02):
+    """Largest singular value of the Jacobian of the map T at each z (N, 2), by central differences."""
+    return np.linalg.svd(local_jacobian(T, z, eps), compute_uv=False)[:, 0]
 
 
 def gap_mask(points, heldout, bins=32, min_share=0.2):
@@ -192,7 +197,9 @@ def where(args):
         return np.asarray(tm.generate(x.astype(np.float32), steps, "heun", chunk=4096), dtype=np.float64)
 
     T_ref = np.asarray(tm.generate(z, 256, "heun", chunk=4096), dtype=np.float64)
-    stretch = local_stretch(T, z)
+    J_T = local_jacobian(T, z)
+    stretch = np.linalg.svd(J_T, compute_uv=False)[:, 0]
+    logdet_T = np.log(np.abs(np.linalg.det(J_T)) + 1e-12)
     q = np.quantile(stretch, [0.5, 0.9])
     bins = {"stretch < median": stretch < q[0], "median..p90": (stretch >= q[0]) & (stretch < q[1]),
             "top 10 %": stretch >= q[1]}
@@ -204,8 +211,8 @@ def where(args):
     print(f"teacher reference: share between modes {gap_mask(T_ref, heldout).mean():.3f}; stretch median "
           f"{q[0]:.2f}, p90 {q[1]:.2f}")
     lines = ["| run | steps | RMS err | " + " | ".join(f"RMS {b}" for b in bins) + " | top-10 % share of sq. err "
-             "| between modes | roughness | " + " | ".join(f"to T_{s:g}" for s in SIGMAS) + " |",
-             "|" + "---|" * (6 + len(bins) + len(SIGMAS))]
+             "| between modes | roughness | area ratio below median | " + " | ".join(f"to T_{s:g}" for s in SIGMAS) + " |",
+             "|" + "---|" * (7 + len(bins) + len(SIGMAS))]
     for run in args.runs:
         sm = sampling.load_model(run, weights="ema", role="student", data=args.data)
         for n in (1, 2):
@@ -216,9 +223,15 @@ def where(args):
             blur = blur_distances(S, T, z, SIGMAS) if n == 1 else {s: float("nan") for s in SIGMAS}
             rough = error_roughness(lambda x: np.asarray(sm.generate(x.astype(np.float32), n, chunk=4096),
                                                          dtype=np.float64), T, z)
+            # median of |det dS/dz| / |det dT/dz| where T contracts most (the mode interiors): > 1 = the
+            # student spreads a mode's noise over a larger area than the teacher (wider, fuzzier modes)
+            J_S = local_jacobian(lambda x: np.asarray(sm.generate(x.astype(np.float32), n, chunk=4096),
+                                                      dtype=np.float64), z)
+            low = bins["stretch < median"]
+            area = float(np.exp(np.median((np.log(np.abs(np.linalg.det(J_S)) + 1e-12) - logdet_T)[low])))
             lines.append(f"| {os.path.basename(run.rstrip('/'))} | {n} | {np.sqrt(sq.mean()):.3f} | "
                          + " | ".join(f"{v:.3f}" for v in per_bin)
-                         + f" | {top:.2f} | {gap_mask(S, heldout).mean():.3f} | {rough:.2f} | "
+                         + f" | {top:.2f} | {gap_mask(S, heldout).mean():.3f} | {rough:.2f} | {area:.2f} | "
                          + " | ".join(f"{blur[s]:.3f}" for s in SIGMAS) + " |")
             print(lines[-1], flush=True)
     report(args, "where", lines)

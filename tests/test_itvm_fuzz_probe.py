@@ -72,3 +72,11 @@ def test_error_roughness_separates_a_smooth_bias_from_jitter(probe):
     jitter = probe.error_roughness(lambda x: T(x) + 0.1 * noise.standard_normal(x.shape), T, z)
     assert smooth < 0.05                      # |d cos| <= delta = 0.03 per unit change: ratio ~0.03 / sqrt(2)
     assert 0.9 < jitter < 1.1                 # independent errors: E|e1 - e2|^2 = 2 E|e|^2
+
+
+def test_local_jacobian_of_a_nonlinear_map(probe):
+    rng = np.random.default_rng(8)
+    z = rng.standard_normal((20, 2))
+    J = probe.local_jacobian(lambda x: np.stack([x[:, 0] ** 2, x[:, 0] * x[:, 1]], axis=1), z, eps=1e-4)
+    exact = np.stack([np.stack([2 * z[:, 0], np.zeros(20)], 1), np.stack([z[:, 1], z[:, 0]], 1)], 1)
+    np.testing.assert_allclose(J, exact, atol=1e-8)     # central differences are exact for quadratics

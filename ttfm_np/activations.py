@@ -102,16 +102,19 @@ def silu_derivative(x):
     return s * (1.0 + x * (1.0 - s))
 
 
-def silu_second_derivative(x):
-    """silu''(x) = s (1 - s) (2 + x (1 - 2 s)): d/dx of s + x s (1 - s), with s' = s (1 - s)."""
+def silu_derivatives(x):
+    """(silu'(x), silu''(x)) from ONE sigmoid s = sigmoid(x):
+        silu'(x)  = s (1 + x (1 - s))
+        silu''(x) = s (1 - s) (2 + x (1 - 2 s))     (d/dx of s + x s (1 - s), with s' = s (1 - s))"""
     s = sigmoid(x)
-    return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+    return s * (1.0 + x * (1.0 - s)), s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
 
 
 def silu_jvp(x, x_dot):
     """y = silu(x),  y_dot = silu'(x) x_dot  (element-wise) -> (y, y_dot, cache)."""
-    y, cache = silu_forward(x)
-    return y, silu_derivative(x) * x_dot, (x, x_dot)
+    y, (_, s) = silu_forward(x)
+    # silu'(x) = s + x s (1 - s) = s + y (1 - s), with the forward's s: no second sigmoid
+    return y, (s + y * (1.0 - s)) * x_dot, (x, x_dot)
 
 
 def silu_jvp_backward(dy, dy_dot, cache):
@@ -119,5 +122,5 @@ def silu_jvp_backward(dy, dy_dot, cache):
         y = silu(x)              =>  dx     = dy silu'(x)
         y_dot = silu'(x) x_dot   =>  dx    += dy_dot silu''(x) x_dot,   dx_dot = dy_dot silu'(x)"""
     x, x_dot = cache
-    d1 = silu_derivative(x)
-    return dy * d1 + dy_dot * silu_second_derivative(x) * x_dot, dy_dot * d1, {}
+    d1, d2 = silu_derivatives(x)
+    return dy * d1 + dy_dot * d2 * x_dot, dy_dot * d1, {}

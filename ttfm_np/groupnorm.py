@@ -251,15 +251,15 @@ def groupnorm_jvp(x, gamma, beta, groups: int, x_dot, eps: float = 1e-5, silu: b
 
 def groupnorm_jvp_backward(dy, dy_dot, cache):
     """Backward of (y, y_dot) = groupnorm_jvp(...) -> (dx, dx_dot, {"gamma", "beta"})."""
-    from .activations import silu_derivative, silu_second_derivative
+    from .activations import silu_derivatives
     x, x_dot, gamma, beta, mean, rstd, groups, silu = cache
     xhat, c_dot, m, xhat_dot, z, r, gamma4 = _tangent_terms(x, x_dot, gamma, beta, mean, rstd, groups)
     K = xhat.shape[2] * xhat.shape[3]
     gz, gz_dot = _group_view(dy, groups), _group_view(dy_dot, groups)
     if silu:
         # y = silu(z), y_dot = silu'(z) z_dot  =>  gz = dy silu'(z) + dy_dot silu''(z) z_dot,  gz_dot = dy_dot silu'(z)
-        d1 = silu_derivative(z)
-        gz, gz_dot = gz * d1 + gz_dot * silu_second_derivative(z) * (gamma4 * xhat_dot), gz_dot * d1
+        d1, d2 = silu_derivatives(z)
+        gz, gz_dot = gz * d1 + gz_dot * d2 * (gamma4 * xhat_dot), gz_dot * d1
     # z = gamma xhat + beta,  z_dot = gamma xhat_dot
     dgamma = (gz * xhat + gz_dot * xhat_dot).sum(axis=(0, 3)).reshape(-1)
     dbeta = gz.sum(axis=(0, 3)).reshape(-1)

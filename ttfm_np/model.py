@@ -19,24 +19,38 @@ every evaluation given the same dropout_seed drops the same units.
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 from . import adm_unet, mlp, unet
 
-# kind -> (config class, init, forward, backward): the network families
-FAMILIES = {
-    "unet": (unet.UNetConfig, unet.init_unet, unet.unet_forward, unet.unet_backward),
-    "adm": (adm_unet.ADMConfig, adm_unet.init_adm_unet, adm_unet.adm_unet_forward, adm_unet.adm_unet_backward),
-    "mlp": (mlp.MLPConfig, mlp.init_mlp, mlp.mlp_forward, mlp.mlp_backward),
+class Family(NamedTuple):
+    """A network family's functions: its config class, init, forward/backward, and the
+    forward-mode tangent pass with its backward (reverse over forward)."""
+    config: type
+    init: Callable
+    forward: Callable
+    backward: Callable
+    jvp: Callable
+    jvp_backward: Callable
+
+
+FAMILIES = {   # kind -> Family
+    "unet": Family(unet.UNetConfig, unet.init_unet, unet.unet_forward, unet.unet_backward,
+                   unet.unet_jvp, unet.unet_jvp_backward),
+    "adm": Family(adm_unet.ADMConfig, adm_unet.init_adm_unet, adm_unet.adm_unet_forward, adm_unet.adm_unet_backward,
+                  adm_unet.adm_unet_jvp, adm_unet.adm_unet_jvp_backward),
+    "mlp": Family(mlp.MLPConfig, mlp.init_mlp, mlp.mlp_forward, mlp.mlp_backward, mlp.mlp_jvp, mlp.mlp_jvp_backward),
 }
 
 
-def _family(kind):
+def _family(kind) -> Family:
     if kind not in FAMILIES:
         raise ValueError(f"unknown model kind {kind!r} in config (expected one of {', '.join(FAMILIES)})")
     return FAMILIES[kind]
 
 
 def config_from_dict(d: dict):
-    return _family(d.get("kind"))[0].from_dict(d)
+    return _family(d.get("kind")).config.from_dict(d)
 
 
 def make_config(model: str, data_shape: tuple, two_time: bool = False, **overrides):
@@ -62,12 +76,12 @@ def make_config(model: str, data_shape: tuple, two_time: bool = False, **overrid
 
 
 def init_model(cfg, seed: int = 0):
-    return _family(cfg.kind)[1](cfg, seed)
+    return _family(cfg.kind).init(cfg, seed)
 
 
 def model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad: bool = True):
     """u(x, s[, t]) -> (u, cache), or (u, None) when need_grad is False."""
-    forward = _family(cfg.kind)[2]
+    forward = _family(cfg.kind).forward
     u, cache = forward(params, cfg, x, s, t, dropout_seed, need_grad)
     return u, (None if cache is None else (cfg.kind, cache))
 
@@ -78,7 +92,7 @@ def model_backward(du, cache):
         raise ValueError("this evaluation kept no cache: call model_forward with need_grad=True "
                          "for evaluations that need a backward")
     kind, net_cache = cache
-    backward = _family(kind)[3]
+    backward = _family(kind).backward
     return backward(du, net_cache)
 
 
@@ -100,24 +114,13 @@ def time_tangent(value, like):
     return value.astype(like.dtype, copy=False)
 
 
-def _jvp_family(kind):
-    """(jvp, jvp_backward) of a network family; the families without a tangent pass are named in the error."""
-    from . import mlp, unet
-    families = {"unet": (unet.unet_jvp, unet.unet_jvp_backward), "mlp": (mlp.mlp_jvp, mlp.mlp_jvp_backward),
-                "adm": (adm_unet.adm_unet_jvp, adm_unet.adm_unet_jvp_backward)}
-    if kind not in families:
-        raise ValueError(f"no forward-mode (jvp) pass for model kind {kind!r} yet (only {', '.join(families)}): "
-                         "use --lfmd-derivative fd, or another loss than meanflow, with this network")
-    return families[kind]
-
-
 def model_jvp(params, cfg, x, s, t, x_dot, s_dot, t_dot=None, dropout_seed=None, need_grad: bool = True):
     """(u, u_dot, cache): u(x, s[, t]) and its directional derivative
         u_dot = du/dx x_dot + du/ds s_dot [+ du/dt t_dot]
     (parameters fixed). s_dot, t_dot: (N,) arrays or numbers (None = 0). cache None when need_grad is False."""
     s_dot = time_tangent(s_dot, s)
     t_dot = None if t is None else time_tangent(t_dot, t)
-    jvp = _jvp_family(cfg.kind)[0]
+    jvp = _family(cfg.kind).jvp
     u, u_dot, cache = jvp(params, cfg, x, s, t, x_dot, s_dot, t_dot, dropout_seed, need_grad)
     return u, u_dot, (None if cache is None else (cfg.kind, cache))
 
@@ -129,5 +132,5 @@ def model_jvp_backward(du, du_dot, cache):
         raise ValueError("this evaluation kept no cache: call model_jvp with need_grad=True "
                          "for evaluations that need a backward")
     kind, net_cache = cache
-    backward = _jvp_family(kind)[1]
+    backward = _family(kind).jvp_backward
     return backward(du, du_dot, net_cache)

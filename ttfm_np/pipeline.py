@@ -344,8 +344,6 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
         raise ValueError(f"--model {model_given} is not the network of the teacher {teacher}: the student copies "
                          "its teacher's network, so omit --model, or pass a teacher trained with "
                          f"--model {model_given}")
-    if loss.loss == "meanflow" or (loss.loss == "lfmd" and loss.lfmd_derivative == "jvp"):
-        model._jvp_family(tm.cfg.kind)           # refuse a network without a tangent pass before training
     if (loss.loss == "lfmd" and loss.lfmd_derivative == "fd" and loss.fd_step is not None
             and loss.fd_step * tm.cfg.time_scale > 1.0):
         warnings.warn(f"--fd-step {loss.fd_step} is coarse for time features of frequency {tm.cfg.time_scale:g}: "

@@ -184,9 +184,10 @@ def _uses_transposed_backward(xp, kh, kw, stride, padding):
 _CHUNK_BYTES = 10 * 2**20
 
 
-def _sample_chunks(N: int, per_sample_bytes: int):
-    """[(n0, n1), ...] covering range(N), each holding about _CHUNK_BYTES of im2col buffer (at least 1 sample)."""
-    step = max(1, _CHUNK_BYTES // max(1, per_sample_bytes))
+def _sample_chunks(N: int, per_sample_bytes: int, chunk_bytes: int | None = None):
+    """[(n0, n1), ...] covering range(N), each holding about chunk_bytes (default _CHUNK_BYTES) of
+    buffer (at least 1 sample). winograd.py passes its own target (winograd.CHUNK_BYTES)."""
+    step = max(1, (chunk_bytes or _CHUNK_BYTES) // max(1, per_sample_bytes))
     return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""The multi-seed toy study (issue 11): ITVM vs LFMD vs ECD with the same budget
-and the same tuning effort, on the four 2-D toys.
+"""The multi-seed toy study (issues 11 and 20): ITVM against LFMD (finite-difference and exact
+forward-mode derivative), MeanFlow and ECD, with the same budget and the same tuning effort, on the
+four 2-D toys, judged on a per-sample distance AND a distribution distance.
 
 Protocol
   1. tune   every loss gets a grid of the same size (GRIDS, 6 configurations each)
@@ -8,14 +9,29 @@ Protocol
             tuning seed (100, not one of the reported seeds);
   2. ablate every loss gets 3 post-hoc variations (ABLATIONS) with the same seed, so the
             tuning effort is 9 runs per loss per toy;
-  3. select per loss, the setting with the best score = mean over the four toys
-            of log10(MSE at N = 1) + log10(MSE at N = 2) (flow-map error to the
-            teacher's 256-step Heun solution), over its grid and its variations;
-  4. final  the selected setting of every loss with seeds 0, 1, 2 on every toy
-            (`final` for a grid configuration, `final-ablate --loss L --index I` for a variation);
+  3. select per loss and per metric, the setting with the best score over its grid and its
+            variations. Two metrics, two selections (METRICS):
+              mse  per-sample distance: the flow-map error, MSE of the student's N-step sample to
+                   the teacher's 256-step Heun solution FROM THE SAME NOISE (the toy analogue of
+                   the paper's LPIPS to the teacher); score = mean over toys of
+                   log10 MSE(N=1) + log10 MSE(N=2);
+              tv   distribution distance: total variation between 2-D histograms of the samples
+                   and of held-out data (the toy analogue of FID); score = mean over toys of
+                   TV(N=1) + TV(N=2);
+  4. finals every loss's pick under each metric (one run set when both metrics pick the same) with
+            seeds 0, 1, 2 on every toy; each final run is also evaluated at CURVE updates
+            (a constant learning rate after warm-up, so U updates are the prefix of the
+            longer run): quality against updates, and against wall time with the per-update
+            cost that `timing` measures on a quiet machine;
   5. report mean +- standard error over the seeds at N = 1, 2, 4, 8, next to the
-            teacher's own Euler N and Heun N/2 on the same noise, and the cell-by-cell
-            verdicts of ITVM against each baseline (`report`).
+            teacher's own Euler N and Heun N/2 on the same noise, one verdict table of ITVM
+            against each baseline per metric, and the curves with the updates and seconds each
+            loss needs to reach a common target (`report`).
+
+Teachers: one per toy, the same for every loss. `teachers` trains the toy recipe's teacher with
+time features of frequency 1 (`train --time-scale 1`): with the MLP preset's 1000 MeanFlow's
+update is unstable (docs/results.md, "MeanFlow on the toys"), and a fair comparison needs the
+same teacher for every loss.
 
 Every cell: the same teacher per toy (the default teacher of the toy recipe, or --teachers DIR),
 a student warm-started from it and trained by pipeline.distill for STEPS updates of batch BATCH,
@@ -24,9 +40,13 @@ MSE to the teacher's 256-step Heun solution from the same noise, and sliced-W2 /
 total variation to held-out data. Results are JSON lines in
 OUT/results.jsonl; a cell already there is skipped, so the script resumes.
 
-    OPENBLAS_NUM_THREADS=1 python experiments/study_toys.py --out runs/study-toys tune
-    OPENBLAS_NUM_THREADS=1 python experiments/study_toys.py --out runs/study-toys final
-    python experiments/study_toys.py --out runs/study-toys report          # markdown tables
+    export OPENBLAS_NUM_THREADS=1 S="python experiments/study_toys.py --teachers runs/teachers-ts1 --out runs/study-toys"
+    $S teachers                                    # time_scale-1 teachers (12000 steps each)
+    $S tune --losses itvm,lfmd,lfmd-jvp,meanflow,ecd
+    $S ablate --losses itvm,lfmd,lfmd-jvp,meanflow,ecd
+    $S finals --losses itvm,lfmd,lfmd-jvp,meanflow,ecd
+    $S timing                                      # ms per update of every pick, one process, quiet machine
+    $S report                                      # markdown tables
 """
 from __future__ import annotations
 
@@ -79,16 +99,16 @@ GRIDS = {
         dict(frac_t1=0.0, lfmd_teacher_grad=True, lfmd_derivative="jvp"),
         dict(frac_t1=0.0, pairs="uniform-gap", lfmd_derivative="jvp"),
     ],
-    # meanflow_p: the adaptive weight's power (1 = Geng et al.'s, 0 = plain squared error). With the toy
-    # teachers' 1000-frequency time features MeanFlow's update is stable only at a small learning rate
-    # (docs/results.md, "MeanFlow on the toys"), so half its grid is the learning rate ("lr" key).
+    # meanflow_p: the adaptive weight's power (1 = Geng et al.'s, 0 = plain squared error). The study's
+    # teachers have time features of frequency 1, with which MeanFlow's update is stable at the study's
+    # learning rate (docs/results.md, "MeanFlow on the toys"); one entry still tries a smaller rate.
     "meanflow": [
         dict(frac_t1=0.0, meanflow_p=1.0),
         dict(frac_t1=0.0, meanflow_p=0.5),
         dict(frac_t1=0.0, meanflow_p=0.0),
-        dict(frac_t1=0.0, meanflow_p=0.0, lr=1e-4),
-        dict(frac_t1=0.0, meanflow_p=0.0, lr=5e-5),
-        dict(frac_t1=0.0, meanflow_p=0.5, lr=1e-4),
+        dict(frac_t1=0.25, meanflow_p=0.5),
+        dict(frac_t1=0.0, meanflow_p=0.5, ema_decay=0.95),
+        dict(frac_t1=0.0, meanflow_p=0.5, lr=3e-4),
     ],
     "ecd": [
         dict(delta=1 / 64, frac_t1=0.0),
@@ -127,10 +147,10 @@ ABLATIONS = {
         dict(frac_t1=0.1, lfmd_derivative="jvp"),
         dict(frac_t1=0.0, max_gap=0.5, lfmd_derivative="jvp"),
     ],
-    "meanflow": [      # of grid 3 (p = 0, lr 1e-4), the one that learned on toy:checkerboard at 600 updates
-        dict(frac_t1=0.0, meanflow_p=0.0, lr=1e-4, ema_decay=0.9),
-        dict(frac_t1=0.1, meanflow_p=0.0, lr=1e-4),
-        dict(frac_t1=0.0, meanflow_p=0.0, lr=1e-4, pairs="uniform-gap"),
+    "meanflow": [      # of the default p = 0.5: the knobs that moved the other losses
+        dict(frac_t1=0.0, meanflow_p=0.5, ema_decay=0.9),
+        dict(frac_t1=0.1, meanflow_p=0.5),
+        dict(frac_t1=0.0, meanflow_p=0.5, pairs="uniform-gap"),
     ],
     "ecd": [    # of grid 5 (Delta 1/16, frac_t1 0.5, EMA 0.95): the fastest EMA and largest Delta were edges
         dict(delta=1 / 16, frac_t1=0.5, ema_decay=0.9),
@@ -215,21 +235,37 @@ def split_config(loss, cfg):
     return opts, ema_decay
 
 
-def run_cell(teacher_ckpt, toy, loss, cfg, seed, steps, batch, lr, run_dir):
+def run_cell(teacher_ckpt, toy, loss, cfg, seed, steps, batch, lr, run_dir, curve=(), evaluate=None):
     """Distil one student with pipeline.distill (warm start from the teacher, the training loop
-    of the CLI); returns (its checkpoint, seconds per update)."""
+    of the CLI) -> (its checkpoint after `steps` updates, seconds per update, {U: evaluate(ckpt)}).
+
+    curve: further update counts U at which `evaluate` (checkpoint -> rows) is called. The run is
+    trained in segments up to each U (resumed, with a constant learning rate after warm-up the
+    same updates as one long run); the checkpoint after `steps` is copied aside (`steps.h5`)."""
     opts, ema_decay = split_config(loss, cfg)
     lr = cfg.get("lr", lr)                                     # a grid entry may set its own (MeanFlow's)
     if os.path.exists(run_dir):
         shutil.rmtree(run_dir)                                 # an interrupted cell starts over
-    t0 = time.time()
-    res = pipeline.distill(f"toy:{toy}", teacher=teacher_ckpt, loss=opts, out=run_dir, evaluate=False,
-                           progress=False, steps=steps, batch_size=batch, lr=lr, warmup=50, ema_decay=ema_decay,
-                           seed=seed, log_every=max(1, steps // 10), ckpt_every=steps, sample_every=0)
-    return res.checkpoint, (time.time() - t0) / steps
+    budgets = sorted(set(curve) | {steps})
+    train_seconds, at_steps, evals = 0.0, None, {}
+    for i, updates in enumerate(budgets):
+        t0 = time.time()
+        res = pipeline.distill(f"toy:{toy}", teacher=teacher_ckpt, loss=opts, out=run_dir, evaluate=False,
+                               progress=False, steps=updates, batch_size=batch, lr=lr, warmup=50,
+                               ema_decay=ema_decay, seed=seed, resume=i > 0, log_every=max(1, steps // 10),
+                               ckpt_every=updates, sample_every=0)
+        train_seconds += time.time() - t0
+        if updates == steps:
+            at_steps = res.checkpoint
+            if len(budgets) > 1:
+                at_steps = os.path.join(run_dir, "steps.h5")
+                shutil.copyfile(res.checkpoint, at_steps)
+        if evaluate is not None and len(budgets) > 1:
+            evals[updates] = evaluate(res.checkpoint)
+    return at_steps, train_seconds / budgets[-1], evals
 
 
-def run_cells(cells, teachers, out, steps, batch, lr, eval_n):
+def run_cells(cells, teachers, out, steps, batch, lr, eval_n, curve=()):
     os.makedirs(out, exist_ok=True)
     done = read_results(out)
     evals = {}
@@ -243,27 +279,39 @@ def run_cells(cells, teachers, out, steps, batch, lr, eval_n):
             if tkey not in done:
                 append_result(out, dict(key=tkey, toy=toy, rows=evals[toy].teacher_rows()))
         cfg = (ABLATIONS if stage.endswith("ablate") else GRIDS)[loss][cfg_id]
-        ckpt, spu = run_cell(evals[toy].teacher_ckpt, toy, loss, cfg, seed, steps, batch, lr,
-                             os.path.join(out, "runs", key.replace("/", "-")))
-        rows = evals[toy].student_rows(ckpt)
+        ckpt, spu, curve_rows = run_cell(evals[toy].teacher_ckpt, toy, loss, cfg, seed, steps, batch, lr,
+                                         os.path.join(out, "runs", key.replace("/", "-")), curve,
+                                         evals[toy].student_rows)
+        rows = curve_rows.get(steps) or evals[toy].student_rows(ckpt)
         row = dict(key=key, stage=stage, toy=toy, loss=loss, cfg_id=cfg_id, cfg=cfg, seed=seed, steps=steps,
                    batch=batch, lr=lr, eval_n=eval_n, s_per_update=spu, rows={str(n): r for n, r in rows.items()})
+        if curve_rows:
+            row["curve"] = {str(u): {str(n): r for n, r in rs.items()} for u, rs in curve_rows.items()}
         append_result(out, row)
         click.echo(f"{key:32s} {spu * 1000:6.1f} ms/update  " +
-                   "  ".join(f"N={n}: {r['mse']:.2e}" for n, r in rows.items()))
+                   "  ".join(f"N={n}: {r['mse']:.2e}/{r['tv']:.3f}" for n, r in rows.items()), err=False)
 
 
 # ----------------------------------------------------------------------------- selection and report
 
-def score(results, loss, cfg_id, stage="tune"):
-    """mean over toys of log10 MSE(N=1) + log10 MSE(N=2); None if a toy is missing."""
+# The two ways a setting is judged: a per-sample distance and a distribution distance (module docstring).
+METRICS = {
+    "mse": dict(name="flow-map MSE to the teacher (per sample)", log=True, fmt="{:.2e}", se_fmt="{:.1e}"),
+    "tv": dict(name="2-D histogram TV to held-out data (distribution)", log=False, fmt="{:.3f}", se_fmt="{:.3f}"),
+}
+
+
+def score(results, loss, cfg_id, stage="tune", metric="mse"):
+    """mean over toys of f(metric at N=1) + f(metric at N=2), f = log10 for mse and the identity for
+    tv; None if a toy is missing. Lower is better for both."""
+    f = math.log10 if METRICS[metric]["log"] else float
     vals = []
     for toy in TOYS:
         r = [v for v in results.values() if v.get("stage") == stage and v["toy"] == toy and v["loss"] == loss
              and v["cfg_id"] == cfg_id]
         if not r:
             return None
-        vals.append(math.log10(r[0]["rows"]["1"]["mse"]) + math.log10(r[0]["rows"]["2"]["mse"]))
+        vals.append(f(r[0]["rows"]["1"][metric]) + f(r[0]["rows"]["2"][metric]))
     return float(np.mean(vals))
 
 
@@ -345,41 +393,105 @@ def report(results):
     return "\n".join(lines)
 
 
-def selected(results, loss):
-    """The loss's setting with the best tuning score over its grid and its two variations:
-    (final stage, cfg_id) whose seeds 0-2 are the loss's reported result."""
-    scored = [(score(results, loss, i, "tune"), "final", i) for i in range(len(GRIDS[loss]))]
-    scored += [(score(results, loss, i, "ablate"), "final_ablate", i) for i in range(len(ABLATIONS[loss]))]
+def selected(results, loss, metric="mse"):
+    """The loss's setting with the best tuning score (under `metric`) over its grid and its three
+    variations: (final stage, cfg_id) whose seeds 0-2 are the loss's reported result."""
+    scored = [(score(results, loss, i, "tune", metric), "final", i) for i in range(len(GRIDS[loss]))]
+    scored += [(score(results, loss, i, "ablate", metric), "final_ablate", i) for i in range(len(ABLATIONS[loss]))]
     best = min((v for v in scored if v[0] is not None), default=None)
     return None if best is None else best[1:]
 
 
-def verdicts(results, ns=(1, 2)):
-    """Cell by cell: ITVM's selected setting against each baseline's (flow-map MSE, seeds 0-2);
+def verdicts(results, ns=(1, 2), metric="mse"):
+    """Cell by cell: ITVM's setting selected under `metric` against each baseline's (seeds 0-2);
     z = (baseline - ITVM) / sqrt(SE_ITVM^2 + SE_baseline^2); a win or loss where |z| > 2."""
-    picks = {loss: selected(results, loss) for loss in GRIDS}
+    picks = {loss: selected(results, loss, metric) for loss in GRIDS}
     picks = {loss: p for loss, p in picks.items()                         # tuned, with final-seed runs
              if p is not None and _cells(results, p[0], loss, p[1])}
+    if "itvm" not in picks:
+        return f"(no verdicts on {metric}: ITVM's selected setting has no final runs yet)"
     baselines = [loss for loss in picks if loss != "itvm"]
     names = {"final": "grid", "final_ablate": "variation"}
-    lines = ["Selected settings: " + ", ".join(f"{loss} {names[st]} {i}" for loss, (st, i) in picks.items()) + "\n",
+    fmt, se_fmt = METRICS[metric]["fmt"], METRICS[metric]["se_fmt"]
+    lines = [f"Verdicts on {METRICS[metric]['name']}, settings selected on it: "
+             + ", ".join(f"{loss} {names[st]} {i}" for loss, (st, i) in picks.items()) + "\n",
              "| toy | N | ITVM | " + " | ".join(f"{b.upper()} | z | verdict vs {b.upper()}" for b in baselines) + " |",
              "|---|---|---|" + "---|---|---|" * len(baselines)]
     for toy in TOYS:
         for n in ns:
             stats = {}
             for loss, (stage, i) in picks.items():
-                stats[loss] = mean_se([r["rows"][str(n)]["mse"] for r in _cells(results, stage, loss, i, toy)])
+                stats[loss] = mean_se([r["rows"][str(n)][metric] for r in _cells(results, stage, loss, i, toy)])
             m0, se0 = stats["itvm"]
-            row = f"| {toy} | {n} | {m0:.2e} +- {se0:.1e} |"
+            row = f"| {toy} | {n} | {fmt.format(m0)} +- {se_fmt.format(se0)} |"
             for base in baselines:
                 m, se = stats[base]
-                z = (m - m0) / math.sqrt(se0 ** 2 + se ** 2)
+                z = (m - m0) / math.sqrt(se0 ** 2 + se ** 2) if se0 + se > 0 else float("nan")
                 verdict = "**ITVM beats**" if z > 2 else "**ITVM loses**" if z < -2 else \
                     f"within noise ({'ITVM' if z > 0 else base.upper()} lower)"
-                row += f" {m:.2e} +- {se:.1e} | {z:+.1f} | {verdict} |"
+                row += f" {fmt.format(m)} +- {se_fmt.format(se)} | {z:+.1f} | {verdict} |"
             lines.append(row)
     return "\n".join(lines)
+
+
+def final_picks(results, which):
+    """{(stage, cfg_id) of a final run set: the metrics that selected it} for each loss in `which`."""
+    picks = {}
+    for loss in which:
+        for metric in METRICS:
+            pick = selected(results, loss, metric)
+            if pick is None:
+                raise click.ClickException(f"no complete tuning results for {loss}: run tune and ablate first")
+            picks.setdefault((loss,) + pick, []).append(metric)
+    return picks
+
+
+def curve_table(results, metric, n=1):
+    """Mean over the seeds of `metric` at N = n against updates, for each loss's pick under `metric`;
+    then the updates and seconds (updates x the loss's clean ms/update from `timing`) to reach a
+    common target: per toy, the worst of the losses' values at the largest update count, so every
+    loss reaches it inside the curve (log-linear interpolation between the measured counts)."""
+    timing = {r["loss"]: r["ms_per_update"] for r in results.values() if r.get("stage") == "timing"}
+    picks = {loss: selected(results, loss, metric) for loss in GRIDS}
+    fmt = METRICS[metric]["fmt"]
+    lines, budgets = [], None
+    for toy in TOYS:
+        curves = {}
+        for loss, pick in picks.items():
+            rs = [r for r in _cells(results, pick[0], loss, pick[1], toy) if "curve" in r] if pick else []
+            if rs:
+                us = sorted(int(u) for u in rs[0]["curve"])
+                curves[loss] = (us, [float(np.mean([r["curve"][str(u)][str(n)][metric] for r in rs])) for u in us])
+        if not curves:
+            continue
+        if budgets is None:
+            budgets = next(iter(curves.values()))[0]
+            lines += [f"{METRICS[metric]['name']} at N = {n} against updates (mean of the final seeds; pick "
+                      f"selected on {metric}); updates and seconds to the toy's common target\n",
+                      "| toy | loss | " + " | ".join(f"{u} upd." for u in budgets)
+                      + " | target | updates to target | seconds to target |",
+                      "|---|---|" + "---|" * len(budgets) + "---|---|---|"]
+        target = max(v[-1] for _, v in curves.values())
+        for loss, (us, vs) in curves.items():
+            reach = updates_to(us, vs, target)
+            ms = timing.get(loss)
+            secs = "-" if reach is None or ms is None else f"{reach * ms / 1e3:.1f}"
+            lines.append(f"| {toy} | {loss} | " + " | ".join(fmt.format(v) for v in vs) + f" | {fmt.format(target)} | "
+                         + ("-" if reach is None else f"{reach:.0f}") + f" | {secs} |")
+    return "\n".join(lines)
+
+
+def updates_to(us, vs, target):
+    """First update count where the curve (us, vs) is at or below target, interpolated linearly in
+    log(updates) between the measured counts; None if it never gets there."""
+    for i, (u, v) in enumerate(zip(us, vs)):
+        if v <= target:
+            if i == 0:
+                return float(u)
+            u0, v0 = us[i - 1], vs[i - 1]
+            frac = (v0 - target) / (v0 - v) if v0 != v else 1.0
+            return float(math.exp(math.log(u0) + frac * (math.log(u) - math.log(u0))))
+    return None
 
 
 @click.group(context_settings={"show_default": True})
@@ -392,15 +504,31 @@ def verdicts(results, ns=(1, 2)):
 @click.option("--batch-size", default=256)
 @click.option("--lr", default=1e-3)
 @click.option("--eval-n", default=2000)
+@click.option("--curve", default="150,300,1200", help="finals: further update counts at which every final run "
+              "is evaluated (quality against updates)")
 @click.pass_context
-def cli(ctx, teachers, out, toys, steps, batch_size, lr, eval_n):
+def cli(ctx, teachers, out, toys, steps, batch_size, lr, eval_n, curve):
     ctx.obj = dict(teachers=teachers, out=out, toys=toys.split(","), steps=steps, batch=batch_size, lr=lr,
-                   eval_n=eval_n)
+                   eval_n=eval_n, curve=tuple(int(u) for u in curve.split(",") if u))
 
 
-def run_stage(o, cells):
+def run_stage(o, cells, curve=()):
     """run_cells with the group's options (teachers, out, budget, evaluation size)."""
-    run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"])
+    run_cells(cells, o["teachers"], o["out"], o["steps"], o["batch"], o["lr"], o["eval_n"], curve)
+
+
+@cli.command()
+@click.option("--time-scale", default=1.0, help="frequency of the teachers' time features")
+@click.pass_obj
+def teachers(o, time_scale):
+    """Train the toy recipe's teacher (mlp, 12000 updates of batch 512) for every toy into
+    --teachers/<toy>/ (resumed when interrupted, reused when finished)."""
+    if not o["teachers"]:
+        raise click.ClickException("give --teachers DIR: the folder the teachers are written to")
+    for toy in o["toys"]:
+        pipeline.train_teacher(f"toy:{toy}", out=os.path.join(o["teachers"], toy), time_scale=time_scale,
+                               resume=True, progress=False)
+        click.echo(f"teacher: {os.path.join(o['teachers'], toy, 'checkpoint.h5')}")
 
 
 def tuning_cells(o, stage, configs, which):
@@ -410,10 +538,65 @@ def tuning_cells(o, stage, configs, which):
 
 
 @cli.command()
-@click.option("--losses", "which", default="itvm,lfmd,ecd", help=f"any of {','.join(GRIDS)}")
+@click.option("--losses", "which", default=",".join(GRIDS), help="any of these")
 @click.pass_obj
 def tune(o, which):
     run_stage(o, tuning_cells(o, "tune", GRIDS, which))
+
+
+ALL_LOSSES = ",".join(GRIDS)
+
+
+@cli.command()
+@click.option("--losses", "which", default=ALL_LOSSES, help="a loss can start once its own tune and ablate are complete")
+@click.pass_obj
+def finals(o, which):
+    """Every loss's pick under each metric (selected over grid and variations) with seeds 0, 1, 2,
+    each evaluated at --curve update counts too."""
+    picks = final_picks(read_results(o["out"]), which.split(","))
+    for (loss, stage, i), metrics_ in picks.items():
+        click.echo(f"{loss}: {stage} {i} (selected on {', '.join(metrics_)})")
+    run_stage(o, [(stage, toy, loss, i, seed) for (loss, stage, i) in picks for toy in o["toys"]
+                  for seed in FINAL_SEEDS], o["curve"])
+
+
+@cli.command()
+@click.option("--toy", default="checkerboard")
+@click.option("--updates", default=300)
+@click.pass_obj
+def timing(o, toy, updates):
+    """Clean cost per update of each loss's pick (selected on mse), one run after another in this
+    process: run it on an otherwise quiet machine. Wall time between the first and last metrics line."""
+    results = read_results(o["out"])
+    teacher = teacher_path(o["teachers"], toy)
+    for loss in GRIDS:
+        pick = selected(results, loss, "mse")
+        if pick is None:
+            continue
+        cfg = (ABLATIONS if pick[0] == "final_ablate" else GRIDS)[loss][pick[1]]
+        opts, ema_decay = split_config(loss, cfg)
+        run_dir = os.path.join(o["out"], "runs", f"timing-{loss}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        res = pipeline.distill(f"toy:{toy}", teacher=teacher, loss=opts, out=run_dir, evaluate=False, progress=False,
+                               steps=updates, batch_size=o["batch"], lr=cfg.get("lr", o["lr"]), warmup=50,
+                               ema_decay=ema_decay, seed=0, log_every=50, ckpt_every=updates, sample_every=0)
+        with open(os.path.join(res.out, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        first, last = lines[0], lines[-1]
+        ms = 1e3 * (last["time_s"] - first["time_s"]) / (last["step"] - first["step"])
+        row = dict(key=f"timing/{loss}", stage="timing", loss=loss, toy=toy, pick=list(pick), ms_per_update=ms,
+                   batch=o["batch"], threads=os.environ.get("OPENBLAS_NUM_THREADS"), cpu=_cpu_name())
+        results[row["key"]] = row
+        append_result(o["out"], row)
+        click.echo(f"{loss:10s} {ms:6.2f} ms/update")
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "?"
 
 
 @cli.command()
@@ -459,7 +642,7 @@ def gaps(o, stage):
 
 
 @cli.command()
-@click.option("--losses", "which", default="itvm,lfmd,ecd")
+@click.option("--losses", "which", default=",".join(GRIDS))
 @click.pass_obj
 def ablate(o, which):
     run_stage(o, tuning_cells(o, "ablate", ABLATIONS, which))
@@ -478,7 +661,10 @@ def final_ablate(o, loss, index):
 def report_cmd(o):
     results = read_results(o["out"])
     click.echo(report(results))
-    click.echo(verdicts(results))
+    for metric in METRICS:
+        click.echo(verdicts(results, metric=metric) + "\n")
+    for metric in METRICS:
+        click.echo(curve_table(results, metric) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ def study():
 
 def _row(stage, toy, loss, cfg_id, seed, mse1, mse2):
     return dict(key=f"{stage}/{toy}/{loss}/{cfg_id}/{seed}", stage=stage, toy=toy, loss=loss, cfg_id=cfg_id,
-                seed=seed, rows={"1": dict(mse=mse1, tv=0.3), "2": dict(mse=mse2, tv=0.3),
-                                 "4": dict(mse=mse2, tv=0.3), "8": dict(mse=mse2, tv=0.3)})
+                seed=seed, rows={"1": dict(mse=mse1, tv=0.3 + mse1), "2": dict(mse=mse2, tv=0.3 + mse2),
+                                 "4": dict(mse=mse2, tv=0.3 + mse2), "8": dict(mse=mse2, tv=0.3 + mse2)})
 
 
 def _results(study, rng):
@@ -113,3 +113,75 @@ def test_a_grid_entry_may_set_its_own_learning_rate(study, monkeypatch, tmp_path
         study.run_cell("teacher", "moons", "meanflow", cfg, 0, 1, 8, 1e-3, str(tmp_path / "cell"))
     assert [lr for _, lr in seen] == [1e-3, with_lr["lr"]] and with_lr["lr"] != 1e-3
     assert all(opts.loss == "meanflow" and not hasattr(opts, "lr") for opts, _ in seen)
+
+
+def test_each_metric_selects_its_own_setting(study, rng):
+    """Selection on the distribution distance (tv: mean of TV(1) + TV(2), no log) can differ from the
+    one on the per-sample distance; finals run the union of both picks, once each."""
+    results = _results(study, rng)
+    for key, r in results.items():                       # grid 1 of ITVM has the best TV on every toy
+        if r["stage"] == "tune" and r["loss"] == "itvm" and r["cfg_id"] == 1:
+            for n in ("1", "2"):
+                r["rows"][n] = dict(r["rows"][n], tv=0.1)
+    assert study.selected(results, "itvm", "mse") == ("final_ablate", 0)
+    assert study.selected(results, "itvm", "tv") == ("final", 1)
+    assert study.score(results, "itvm", 1, "tune", "tv") == pytest.approx(0.2)
+    picks = study.final_picks(results, ["itvm", "lfmd"])
+    assert picks == {("itvm", "final_ablate", 0): ["mse"], ("itvm", "final", 1): ["tv"],
+                     ("lfmd", "final_ablate", 0): ["mse", "tv"]}
+
+
+def test_verdict_tables_per_metric(study, rng):
+    results = _results(study, rng)
+    for r in results.values():                           # ITVM's samples the worst by TV
+        if r["stage"] == "final_ablate":
+            for n in r["rows"]:
+                r["rows"][n] = dict(r["rows"][n], tv=(0.5 if r["loss"] == "itvm" else 0.3) + 0.01 * rng.random())
+    mse, tv = study.verdicts(results, metric="mse"), study.verdicts(results, metric="tv")
+    assert "per sample" in mse and "distribution" in tv
+    line = next(l for l in tv.splitlines() if l.startswith("| moons | 1 |"))
+    assert line.count("**ITVM loses**") == 4 and "**ITVM beats**" not in line
+
+
+def test_updates_to_target_interpolates_in_log_updates(study):
+    us, vs = [150, 300, 600, 1200], [0.8, 0.4, 0.2, 0.1]
+    assert study.updates_to(us, vs, 0.4) == pytest.approx(300)
+    assert study.updates_to(us, vs, 0.3) == pytest.approx(math.exp((math.log(300) + math.log(600)) / 2))
+    assert study.updates_to(us, vs, 0.9) == 150 and study.updates_to(us, vs, 0.05) is None
+
+
+def test_curve_table_reports_updates_and_seconds_to_the_common_target(study, rng):
+    results = _results(study, rng)
+    for r in list(results.values()):
+        if r["stage"] == "final_ablate":                  # ITVM halves its MSE per doubling, LFMD is flat
+            scale = {"itvm": 1.0, "lfmd": 0.25}.get(r["loss"], 0.5)
+            r["curve"] = {str(u): {"1": dict(mse=scale * 150 / u, tv=0.3)} for u in (150, 300, 600, 1200)}
+            if r["loss"] == "lfmd":
+                r["curve"] = {str(u): {"1": dict(mse=0.25, tv=0.3)} for u in (150, 300, 600, 1200)}
+    results["timing/itvm"] = dict(key="timing/itvm", stage="timing", loss="itvm", ms_per_update=10.0)
+    text = study.curve_table(results, "mse")
+    line = next(l for l in text.splitlines() if l.startswith("| moons | itvm |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # target = the worst final value = LFMD's 0.25; ITVM: 1.0 * 150 / u = 0.25 at u = 600
+    assert cells[-3] == "2.50e-01" and float(cells[-2]) == pytest.approx(600) and float(cells[-1]) == pytest.approx(6.0)
+
+
+def test_run_cell_evaluates_the_curve_on_one_resumed_run(study, monkeypatch, tmp_path):
+    """The curve is one run trained in segments (resume), the row's checkpoint the one after --steps."""
+    calls = []
+
+    class Done:
+        def __init__(self, out, steps):
+            self.checkpoint = os.path.join(out, "checkpoint.h5")
+            with open(self.checkpoint, "w") as f:
+                f.write(str(steps))
+
+    def distill(data, **k):
+        os.makedirs(k["out"], exist_ok=True)
+        calls.append((k["steps"], k["resume"]))
+        return Done(k["out"], k["steps"])
+    monkeypatch.setattr(study.pipeline, "distill", distill)
+    ckpt, spu, evals = study.run_cell("teacher", "moons", "itvm", study.GRIDS["itvm"][0], 0, 600, 8, 1e-3,
+                                      str(tmp_path / "cell"), curve=(150, 1200), evaluate=lambda c: open(c).read())
+    assert calls == [(150, False), (600, True), (1200, True)]
+    assert evals == {150: "150", 600: "600", 1200: "1200"} and open(ckpt).read() == "600" and spu > 0

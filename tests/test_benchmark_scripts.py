@@ -47,3 +47,27 @@ def test_torch_distill_step_runs(objective):
     text = _run("torch_distill_step.py", "--objective", objective, "--batch", "8", "--warmup", "0", "--iters", "1",
                 "--rounds", "1", "--threads", "1")
     assert "torch" in text.lower() and "ratio" in text.lower()
+
+
+def test_simd_levels_runs_the_command_at_each_level():
+    """benchmarks/simd_levels.sh: the native run, then (on an AVX-512 CPU) the AVX2 run with NumPy's
+    AVX-512 loops really disabled (np.show_runtime's view: X86_V4 not found)."""
+    probe = ("import numpy as np; from numpy._core._multiarray_umath import __cpu_features__ as f; "
+             "print('X86_V4', f.get('X86_V4', False))")
+    r = subprocess.run(["bash", os.path.join(BENCH, "simd_levels.sh"), sys.executable, "-c", probe], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("== level: native")
+    with open("/proc/cpuinfo") as f:
+        avx512 = "avx512f" in f.read()
+    if avx512:
+        at = lines.index(next(l for l in lines if l.startswith("== level: AVX2 (emulated)")))
+        assert lines[at + 1] == "X86_V4 False"
+    else:
+        assert "nothing to emulate" in r.stdout
+
+
+def test_simd_levels_without_a_command_is_a_usage_error():
+    r = subprocess.run(["bash", os.path.join(BENCH, "simd_levels.sh")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "usage:" in r.stderr

@@ -29,7 +29,7 @@ import time
 import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ttfm_np import backend, blas, flow, model, optim  # noqa: E402
+from ttfm_np import backend, blas, conv, flow, model, optim  # noqa: E402
 import numpy as np  # noqa: E402  (after ttfm_np, which picks the OpenBLAS kernels first: ttfm_np/blas.py)
 from ttfm_np.unet import layout  # noqa: E402
 
@@ -204,9 +204,12 @@ def alternate_rounds(rec, rounds, ours_fn, torch_fn, ours, theirs):
 @click.option("--rounds", type=click.IntRange(1), default=1,
               help="with --against torch: this many more rounds of ours then torch, alternating, after the first "
               "(on a busy machine the load changes between the two; the per-round ratio is reported)")
+@click.option("--conv3x3", type=click.Choice(conv.CONV3X3_ALGORITHMS), default=conv.CONV3X3,
+              help="ttfm_np's algorithm for the NumPy 3x3 / stride 1 / padding 1 convolutions (ttfm_np/conv.py)")
 def main(model_name, batch, resolution, channels, warmup, iters, device, against, torch_only, json_out, threads,
-         rounds):
+         rounds, conv3x3):
     xp = backend.select_device(device)
+    conv.set_conv3x3_algorithm(conv3x3)
     if threads is not None and not blas.set_threads(threads):
         raise click.UsageError("--threads: NumPy bundles no OpenBLAS here, so its thread count cannot be set")
     if model_name == "mlp":
@@ -221,9 +224,9 @@ def main(model_name, batch, resolution, channels, warmup, iters, device, against
                params=int(n_params), device=device, step_gflop=flops / 1e9,
                machine=platform.processor() or platform.machine(), threads=os.cpu_count(),
                blas_threads=None if backend.is_cupy(xp) else blas.get_threads(),
-               simd=simd_levels())
+               simd=simd_levels(), conv3x3=conv3x3)
     click.echo(f"{model_name} ({n_params:,} params), batch {batch}, {device}: step = {flops / 1e9:.1f} GFLOP")
-    click.echo(f"  SIMD: {rec['simd']}, OpenBLAS threads {rec['blas_threads']}")
+    click.echo(f"  SIMD: {rec['simd']}, OpenBLAS threads {rec['blas_threads']}, 3x3 convs: {conv3x3}")
     if not torch_only:
         ours, ours_mem = time_ours(cfg, batch, warmup, iters, xp)   # first: freed buffers would hide memory
         peak = sgemm_peak(xp)

@@ -81,7 +81,11 @@ AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)                 
 
 # Samples per chunk: the chunk's V (16 C t_h t_w floats per sample) and M are written and read back
 # while they sit in the CPU's cache. Measured with the small U-Net's shapes (see conv.py).
-CHUNK_BYTES = 4 * 2**20
+CHUNK_BYTES = 2 * 2**20
+
+# What the forward keeps for the backward: False = x only (the backward recomputes V, one more
+# input transform), True = V itself (about 4x the activation, written out of cache). Measured: see conv.py.
+CACHE_V = False
 
 
 def _chunks(N, per_sample_bytes):
@@ -95,92 +99,107 @@ def weight_transform(W):
     return np.ascontiguousarray(U, dtype=W.dtype).reshape(16, W.shape[0], W.shape[1])
 
 
-def input_transform(xt, th, tw, out=None):
-    """xt (C, n, H, W), any strides (a transposed view of x is fine) -> V (4, 4, C, n, th, tw) = B^T d B.
+def _parity(size, f):
+    """Padded index 2i + f (padding 1) holds input index 2i + f - 1: -> (first i, input slice, count)."""
+    return (0, slice(0, None, 2), (size + 1) // 2) if f == 1 else (1, slice(1, None, 2), size // 2)
 
-    d is the 4x4 tile of the zero-padded input starting at padded row 2i, column 2j.
+
+def input_transform(xt, th, tw):
+    """xt (C, n, H, W), any strides (a transposed view of x is fine) -> V (4, 4, C, n, th*(tw+1)) = B^T d B.
+
+    d is the 4x4 tile of the zero-padded input at padded row 2i, column 2j. The tile grid is
+    th x (tw+1): column j = tw is a spare tile (it reads the next row's first pixels) that lets every
+    pass below run over whole contiguous (th, tw+1) blocks instead of rows of tw floats (NumPy's
+    per-row overhead dominated those short runs, 8-32 floats). Its GEMM columns are dropped by
+    output_transform, and the backward gives them zero gradient.
     """
     C, n, H, W = xt.shape
     dt = xt.dtype
-    nw1, nw0 = (W + 1) // 2, W // 2          # x columns 0, 2, 4, ... and 1, 3, 5, ...
-    # P[c, m, h, e, j] = xpad[c, m, h, 2j + e],  xpad[h, k] = x[h - 1, k - 1] inside, 0 on the border
-    P = np.empty((C, n, 2 * th + 2, 2, tw + 1), dtype=dt)
-    P[:, :, 0] = 0
-    P[:, :, H + 1:] = 0
-    body = P[:, :, 1:H + 1]
-    body[:, :, :, 1, :nw1] = xt[:, :, :, 0::2]            # padded column 2j+1 = x column 2j
-    body[:, :, :, 1, nw1:] = 0
-    body[:, :, :, 0, 0] = 0                                # padded column 0
-    body[:, :, :, 0, 1:nw0 + 1] = xt[:, :, :, 1::2]       # padded column 2j = x column 2j-1
-    body[:, :, :, 0, nw0 + 1:] = 0
-    # rows: T[a] = sum_k B^T[a, k] R_k,  R_k = padded rows 2i + k  (C, n, th, 2, tw+1)
-    R0, R1, R2, R3 = (P[:, :, k:k + 2 * th - 1:2] for k in range(4))
-    T = np.empty((4, C, n, th, 2, tw + 1), dtype=dt)
+    tw1 = tw + 1
+    L = th * tw1
+    # P[c, m, f, e, i, j] = xpad[c, m, 2i + f, 2j + e]: rows and columns de-interleaved by parity,
+    # xpad[h, k] = x[h - 1, k - 1] inside, 0 on the border (and on the odd-size overhang)
+    P = np.zeros((C, n, 2, 2, th + 1, tw1), dtype=dt)
+    for f in range(2):
+        i0, rs, nr = _parity(H, f)
+        for e in range(2):
+            j0, cs, nc = _parity(W, e)
+            P[:, :, f, e, i0:i0 + nr, j0:j0 + nc] = xt[:, :, rs, cs]
+    # rows: T[a] = sum_k B^T[a, k] R_k,  R_k = padded rows 2i + k,  each (C, n, 2, th, tw+1)
+    R0, R2 = P[:, :, 0, :, :th], P[:, :, 0, :, 1:]        # rows 2i, 2i + 2
+    R1, R3 = P[:, :, 1, :, :th], P[:, :, 1, :, 1:]        # rows 2i + 1, 2i + 3
+    T = np.empty((4, C, n, 2, th, tw1), dtype=dt)
     np.subtract(R0, R2, out=T[0])                          # T0 = d0 - d2
     np.add(R1, R2, out=T[1])                               # T1 = d1 + d2
     np.subtract(R2, R1, out=T[2])                          # T2 = d2 - d1
     np.subtract(R1, R3, out=T[3])                          # T3 = d1 - d3
-    # columns, the same combinations: tile column l = 0, 1, 2, 3 is E[j], O[j], E[j+1], O[j+1]
-    E, Od = T[:, :, :, :, 0], T[:, :, :, :, 1]             # (4, C, n, th, tw+1): even / odd padded columns
-    V = np.empty((4, 4, C, n, th, tw), dtype=dt) if out is None else out
-    np.subtract(E[..., :tw], E[..., 1:], out=V[:, 0])      # V[a, 0] = T[a] col 0 - col 2
-    np.add(Od[..., :tw], E[..., 1:], out=V[:, 1])          # V[a, 1] = col 1 + col 2
-    np.subtract(E[..., 1:], Od[..., :tw], out=V[:, 2])     # V[a, 2] = col 2 - col 1
-    np.subtract(Od[..., :tw], Od[..., 1:], out=V[:, 3])    # V[a, 3] = col 1 - col 3
+    # columns, the same combinations: tile column l = 0, 1, 2, 3 is E[k], O[k], E[k+1], O[k+1] with
+    # k = i (tw+1) + j the flat index of the (th, tw+1) block: one shifted run per block
+    E = T[:, :, :, 0].reshape(4, C, n, L)                  # even padded columns 2j
+    Od = T[:, :, :, 1].reshape(4, C, n, L)                 # odd padded columns 2j + 1
+    V = np.empty((4, 4, C, n, L), dtype=dt)
+    np.subtract(E[..., :-1], E[..., 1:], out=V[:, 0, ..., :-1])      # V[a, 0] = col 0 - col 2
+    np.add(Od[..., :-1], E[..., 1:], out=V[:, 1, ..., :-1])          # V[a, 1] = col 1 + col 2
+    np.subtract(E[..., 1:], Od[..., :-1], out=V[:, 2, ..., :-1])     # V[a, 2] = col 2 - col 1
+    np.subtract(Od[..., :-1], Od[..., 1:], out=V[:, 3, ..., :-1])    # V[a, 3] = col 1 - col 3
+    V[..., -1] = 0                                         # the last spare tile would read past the block
     return V
 
 
 def output_transform(M, y, b=None):
-    """M (4, 4, O, n, th, tw) -> y (n, O, H, W) = A^T M A per tile (+ b), written into y."""
-    _, _, O, n, th, tw = M.shape
+    """M (4, 4, O, n, th, tw+1) -> y (n, O, H, W) = A^T M A per tile (+ b), written into y (spare tiles dropped)."""
+    _, _, O, n, th, tw1 = M.shape
     H, W = y.shape[2:]
     dt = M.dtype
-    # rows: Mr[r] = sum_a A^T[r, a] M[a]:  Mr0 = M0 + M1 + M2,  Mr1 = M1 - M2 - M3     (2, 4, O, n, th, tw)
-    Mr = np.empty((2, 4, O, n, th, tw), dtype=dt)
+    # rows: Mr[r] = sum_a A^T[r, a] M[a]:  Mr0 = M0 + M1 + M2,  Mr1 = M1 - M2 - M3     (2, 4, O, n, th, tw+1)
+    Mr = np.empty((2, 4, O, n, th, tw1), dtype=dt)
     np.add(M[1], M[2], out=Mr[0])
     Mr[0] += M[0]
     np.subtract(M[1], M[2], out=Mr[1])
     Mr[1] -= M[3]
-    # columns: Y[r, s] = sum_b A^T[s, b] Mr[r, b], written interleaved: y[m, o, 2i+r, 2j+s]
-    if H == 2 * th and W == 2 * tw:
-        Z = y
-    else:
-        Z = np.empty((n, O, 2 * th, 2 * tw), dtype=dt)    # odd H or W: the tile grid overhangs by one; crop below
-    Yv = Z.reshape(n, O, th, 2, tw, 2).transpose(3, 5, 1, 0, 2, 4)        # (r, s, O, n, th, tw) view of Z
-    S = np.add(Mr[:, 1], Mr[:, 2])                                         # (2, O, n, th, tw)
-    np.add(Mr[:, 0], S, out=Yv[:, 0])                                      # Y[r, 0] = Mr0 + Mr1 + Mr2
-    np.subtract(Mr[:, 1], Mr[:, 2], out=S)
-    np.subtract(S, Mr[:, 3], out=Yv[:, 1])                                 # Y[r, 1] = Mr1 - Mr2 - Mr3
-    if Z is not y:
-        y[...] = Z[:, :, :H, :W]
-    if b is not None:
-        y += b.reshape(1, O, 1, 1)                                         # bias on the final write
+    # columns: Y[r, s] = sum_b A^T[s, b] Mr[r, b]:  Y0 = Mr0 + Mr1 + Mr2,  Y1 = Mr1 - Mr2 - Mr3
+    Y = np.empty((2, 2, O, n, th, tw1), dtype=dt)
+    np.add(Mr[:, 1], Mr[:, 2], out=Y[:, 0])
+    Y[:, 0] += Mr[:, 0]
+    np.subtract(Mr[:, 1], Mr[:, 2], out=Y[:, 1])
+    Y[:, 1] -= Mr[:, 3]
+    # y[m, o, 2i + r, 2j + s] = Y[r, s, o, m, i, j] (+ b[o]): the bias rides on this copy
+    for r in range(2):
+        for s in range(2):
+            dst = y[:, :, r::2, s::2]                                      # (n, O, H_r, W_s), odd sizes cropped
+            src = Y[r, s, :, :, :dst.shape[2], :dst.shape[3]].transpose(1, 0, 2, 3)
+            if b is not None:
+                np.add(src, b.reshape(1, O, 1, 1), out=dst)
+            else:
+                dst[...] = src
     return y
 
 
-def winograd3x3_forward(x, W, b=None, cache_v: bool = False):
+def winograd3x3_forward(x, W, b=None, cache_v: bool | None = None):
     """x (N, C, H, W), W (O, C, 3, 3), b (O,) or None -> y (N, O, H, W), cache. Stride 1, padding 1.
 
-    cache_v=False keeps only x (by reference, as linear.py does) and the backward recomputes V;
-    cache_v=True keeps V (16, C, N t_h t_w): 4x the activation. See CACHE_V.
+    cache_v (default CACHE_V): False keeps only x (by reference, as linear.py does) and the
+    backward recomputes V; True keeps V (16, C, N th (tw+1)): about 4x the activation.
     """
     N, C, H, Wd = x.shape
     O = W.shape[0]
     if W.shape[1:] != (C, 3, 3):
         raise ValueError(f"winograd3x3: weight {W.shape} does not fit input {x.shape}")
+    cache_v = CACHE_V if cache_v is None else cache_v
     th, tw = (H + 1) // 2, (Wd + 1) // 2
+    L = th * (tw + 1)                                                      # tiles per sample, spare column included
     dt = np.result_type(x, W)
     U = weight_transform(W.astype(dt, copy=False))                        # (16, O, C)
-    xt = x.transpose(1, 0, 2, 3)                                           # (C, N, H, W) view
+    xt = x.astype(dt, copy=False).transpose(1, 0, 2, 3)                   # (C, N, H, W) view
     y = np.empty((N, O, H, Wd), dtype=dt)
-    Vs = np.empty((4, 4, C, N, th, tw), dtype=dt) if cache_v else None
-    for n0, n1 in _chunks(N, 16 * max(C, O) * th * tw * np.dtype(dt).itemsize):
+    Vs = np.empty((4, 4, C, N, L), dtype=dt) if cache_v else None
+    for n0, n1 in _chunks(N, 16 * max(C, O) * L * np.dtype(dt).itemsize):
         n = n1 - n0
-        V = input_transform(xt[:, n0:n1], th, tw)                          # (4, 4, C, n, th, tw)
+        V = input_transform(xt[:, n0:n1], th, tw)                          # (4, 4, C, n, L)
         if cache_v:
             Vs[:, :, :, n0:n1] = V
-        M = gemm(U, V.reshape(16, C, n * th * tw))                         # M[xi] = U[xi] @ V[xi]   (16, O, P)
-        output_transform(M.reshape(4, 4, O, n, th, tw), y[n0:n1], b)       # y = A^T M A + b
+        M = gemm(U, V.reshape(16, C, n * L))                               # M[xi] = U[xi] @ V[xi]   (16, O, n L)
+        output_transform(M.reshape(4, 4, O, n, th, tw + 1), y[n0:n1], b)   # y = A^T M A + b
     return y, (Vs if cache_v else x, W, U, x.shape, b is not None)
 
 
@@ -190,33 +209,32 @@ def winograd3x3_backward(dy, cache):
     N, C, H, Wd = x_shape
     O = W.shape[0]
     th, tw = (H + 1) // 2, (Wd + 1) // 2
+    L = th * (tw + 1)
     dt = U.dtype
     grads = {}
     if has_bias:
         # y = A^T M A + b  =>  db = sum of dy over samples and pixels
         grads["bias"] = dy.reshape(N, O, H * Wd).sum(axis=2).sum(axis=0)
     UT = np.ascontiguousarray(U.transpose(0, 2, 1))                        # (16, C, O)
-    cached_v = saved.ndim == 6
+    cached_v = saved.ndim == 5
     dx = np.empty((N, C, H, Wd), dtype=dt)
     dxt = dx.transpose(1, 0, 2, 3)                                         # (C, N, H, W) view
     dU = None
-    for n0, n1 in _chunks(N, 16 * max(C, O) * th * tw * np.dtype(dt).itemsize):
-        n, P = n1 - n0, (n1 - n0) * th * tw
+    for n0, n1 in _chunks(N, 16 * max(C, O) * L * np.dtype(dt).itemsize):
+        n = n1 - n0
         if cached_v:
-            V = saved[:, :, :, n0:n1]                                      # (4, 4, C, n, th, tw) view
-            V = np.ascontiguousarray(V)
+            V = np.ascontiguousarray(saved[:, :, :, n0:n1])                # (4, 4, C, n, L)
         else:
-            V = input_transform(saved.transpose(1, 0, 2, 3)[:, n0:n1], th, tw)   # recomputed, as in the forward
-        dM = _output_transform_adjoint(dy[n0:n1], th, tw)                  # (4, 4, O, n, th, tw)
-        dM16 = dM.reshape(16, O, P)
+            V = input_transform(saved.astype(dt, copy=False).transpose(1, 0, 2, 3)[:, n0:n1], th, tw)  # as the forward
+        dM = _output_transform_adjoint(dy[n0:n1], th, tw).reshape(16, O, n * L)
         # M[xi] = U[xi] @ V[xi]  =>  dU[xi] = dM[xi] @ V[xi]^T  (summed over chunks),  dV[xi] = U[xi]^T @ dM[xi]
-        part = gemm(dM16, V.reshape(16, C, P).transpose(0, 2, 1))         # (16, O, C)
+        part = gemm(dM, V.reshape(16, C, n * L).transpose(0, 2, 1))       # (16, O, C)
         if dU is None:
             dU = part
         else:
             dU += part
-        dV = gemm(UT, dM16).reshape(4, 4, C, n, th, tw)                    # (16, C, P)
-        _input_transform_adjoint(dV, dxt[:, n0:n1])
+        dV = gemm(UT, dM).reshape(4, 4, C, n, L)                           # (16, C, n L)
+        _input_transform_adjoint(dV, th, tw, dxt[:, n0:n1])
     # U = G g G^T  =>  dg = G^T dU G   (float64, as the forward's U)
     dW = np.einsum("ap,aboc,bq->ocpq", G, dU.reshape(4, 4, O, C).astype(np.float64), G, optimize=True)
     grads["weight"] = np.ascontiguousarray(dW, dtype=W.dtype)
@@ -224,24 +242,26 @@ def winograd3x3_backward(dy, cache):
 
 
 def _output_transform_adjoint(dy, th, tw):
-    """dy (n, O, H, W) -> dM (4, 4, O, n, th, tw) = A dY A^T per tile (transpose of output_transform)."""
+    """dy (n, O, H, W) -> dM (4, 4, O, n, th, tw+1) = A dY A^T per tile (the transpose of output_transform);
+    the spare tiles and the odd-size overhang, which output_transform drops, get zero gradient."""
     n, O, H, W = dy.shape
     dt = dy.dtype
-    if H != 2 * th or W != 2 * tw:
-        dyp = np.zeros((n, O, 2 * th, 2 * tw), dtype=dt)                  # the cropped overhang gets no gradient
-        dyp[:, :, :H, :W] = dy
-        dy = dyp
-    dYv = dy.reshape(n, O, th, 2, tw, 2).transpose(3, 5, 1, 0, 2, 4)      # (r, s, O, n, th, tw): dY[r, s]
-    # columns: Y[r, 0] = Mr0 + Mr1 + Mr2, Y[r, 1] = Mr1 - Mr2 - Mr3
-    #   =>  dMr0 = dY0,  dMr1 = dY0 + dY1,  dMr2 = dY0 - dY1,  dMr3 = -dY1     (dMr = dY A^T)
-    dMr = np.empty((2, 4, O, n, th, tw), dtype=dt)
-    dMr[:, 0] = dYv[:, 0]
-    np.add(dYv[:, 0], dYv[:, 1], out=dMr[:, 1])
-    np.subtract(dYv[:, 0], dYv[:, 1], out=dMr[:, 2])
-    np.negative(dYv[:, 1], out=dMr[:, 3])
-    # rows: Mr0 = M0 + M1 + M2, Mr1 = M1 - M2 - M3
-    #   =>  dM0 = dMr0,  dM1 = dMr0 + dMr1,  dM2 = dMr0 - dMr1,  dM3 = -dMr1     (dM = A dMr)
-    dM = np.empty((4, 4, O, n, th, tw), dtype=dt)
+    # y[m, o, 2i + r, 2j + s] = Y[r, s, o, m, i, j]  =>  dY[r, s, o, m, i, j] = dy[m, o, 2i + r, 2j + s]
+    dY = np.zeros((2, 2, O, n, th, tw + 1), dtype=dt)
+    for r in range(2):
+        for s in range(2):
+            src = dy[:, :, r::2, s::2]
+            dY[r, s, :, :, :src.shape[2], :src.shape[3]] = src.transpose(1, 0, 2, 3)
+    # columns: Y0 = Mr0 + Mr1 + Mr2,  Y1 = Mr1 - Mr2 - Mr3
+    #   =>  dMr0 = dY0,  dMr1 = dY0 + dY1,  dMr2 = dY0 - dY1,  dMr3 = -dY1          (dMr = dY A^T)
+    dMr = np.empty((2, 4, O, n, th, tw + 1), dtype=dt)
+    dMr[:, 0] = dY[:, 0]
+    np.add(dY[:, 0], dY[:, 1], out=dMr[:, 1])
+    np.subtract(dY[:, 0], dY[:, 1], out=dMr[:, 2])
+    np.negative(dY[:, 1], out=dMr[:, 3])
+    # rows: Mr0 = M0 + M1 + M2,  Mr1 = M1 - M2 - M3
+    #   =>  dM0 = dMr0,  dM1 = dMr0 + dMr1,  dM2 = dMr0 - dMr1,  dM3 = -dMr1          (dM = A dMr)
+    dM = np.empty((4, 4, O, n, th, tw + 1), dtype=dt)
     dM[0] = dMr[0]
     np.add(dMr[0], dMr[1], out=dM[1])
     np.subtract(dMr[0], dMr[1], out=dM[2])
@@ -249,40 +269,43 @@ def _output_transform_adjoint(dy, th, tw):
     return dM
 
 
-def _input_transform_adjoint(dV, dxt):
-    """dV (4, 4, C, n, th, tw) -> dxt (C, n, H, W) (a view into dx): B dV B^T per tile, overlap-added
-    into the padded grid (stride 2), then cropped to the input: the transpose of input_transform."""
-    _, _, C, n, th, tw = dV.shape
+def _input_transform_adjoint(dV, th, tw, dxt):
+    """dV (4, 4, C, n, th*(tw+1)) -> dxt (C, n, H, W) (a view into dx): B dV B^T per tile, overlap-added
+    (tiles overlap by 2) into the padded grid, then cropped to the input: the transpose of input_transform."""
+    _, _, C, n, L = dV.shape
     H, W = dxt.shape[2:]
     dt = dV.dtype
-    # columns: V[a,0] = E[j] - E[j+1], V[a,1] = O[j] + E[j+1], V[a,2] = E[j+1] - O[j], V[a,3] = O[j] - O[j+1]
-    #   =>  dE[j] += dV0,  dE[j+1] += dV1 + dV2 - dV0,  dO[j] += dV1 - dV2 + dV3,  dO[j+1] -= dV3
-    dT = np.empty((4, C, n, th, 2, tw + 1), dtype=dt)
-    dE, dO = dT[:, :, :, :, 0], dT[:, :, :, :, 1]                          # (4, C, n, th, tw+1)
-    dE[..., :tw] = dV[:, 0]
-    dE[..., tw] = 0
-    g = np.add(dV[:, 1], dV[:, 2])                                         # (4, C, n, th, tw)
-    g -= dV[:, 0]
+    # columns: V0[k] = E[k] - E[k+1],  V1[k] = O[k] + E[k+1],  V2[k] = E[k+1] - O[k],  V3[k] = O[k] - O[k+1]
+    # (k < L - 1; V[L - 1] = 0)  =>  dE[k] += dV0[k],  dE[k+1] += dV1 + dV2 - dV0,
+    #                                dO[k] += dV1 - dV2 + dV3,  dO[k+1] -= dV3
+    dT = np.empty((4, C, n, 2, L), dtype=dt)
+    dE, dO = dT[:, :, :, 0], dT[:, :, :, 1]                                # (4, C, n, L)
+    dV0, dV1, dV2, dV3 = dV[:, 0, ..., :-1], dV[:, 1, ..., :-1], dV[:, 2, ..., :-1], dV[:, 3, ..., :-1]
+    dE[..., :-1] = dV0
+    dE[..., -1] = 0
+    g = np.add(dV1, dV2)
+    g -= dV0
     dE[..., 1:] += g
-    np.subtract(dV[:, 1], dV[:, 2], out=g)
-    np.add(g, dV[:, 3], out=dO[..., :tw])
-    dO[..., tw] = 0
-    dO[..., 1:] -= dV[:, 3]
-    # rows: T0 = R0 - R2, T1 = R1 + R2, T2 = R2 - R1, T3 = R1 - R3  (R_k: padded rows 2i + k)
+    np.subtract(dV1, dV2, out=g)
+    np.add(g, dV3, out=dO[..., :-1])
+    dO[..., -1] = 0
+    dO[..., 1:] -= dV3
+    # rows: T0 = R0 - R2,  T1 = R1 + R2,  T2 = R2 - R1,  T3 = R1 - R3  (R_k: padded rows 2i + k)
     #   =>  dR0 = dT0,  dR1 = dT1 - dT2 + dT3,  dR2 = dT1 + dT2 - dT0,  dR3 = -dT3
-    # D[:, :, i, f] = gradient of padded row 2i + f (f = 0: even rows R0/R2, f = 1: odd rows R1/R3)
-    D = np.empty((C, n, th + 1, 2, 2, tw + 1), dtype=dt)
-    D[:, :, :th, 0] = dT[0]                                                # dR0 -> row 2i
-    D[:, :, th, 0] = 0
+    dT = dT.reshape(4, C, n, 2, th, tw + 1)
+    dP = np.empty((C, n, 2, 2, th + 1, tw + 1), dtype=dt)                  # as P: [c, m, f, e, i, j]
+    dP[:, :, 0, :, :th] = dT[0]                                            # dR0 -> row 2i
+    dP[:, :, 0, :, th] = 0
     h = np.add(dT[1], dT[2])
     h -= dT[0]
-    D[:, :, 1:, 0] += h                                                    # dR2 -> row 2(i+1)
+    dP[:, :, 0, :, 1:] += h                                                # dR2 -> row 2i + 2
     np.subtract(dT[1], dT[2], out=h)
-    np.add(h, dT[3], out=D[:, :, :th, 1])                                  # dR1 -> row 2i+1
-    D[:, :, th, 1] = 0
-    D[:, :, 1:, 1] -= dT[3]                                                # dR3 -> row 2(i+1)+1
-    dP = D.reshape(C, n, 2 * th + 2, 2, tw + 1)                            # dP[c, m, h, e, j]: padded pixel (h, 2j+e)
-    # crop the padding: x[h, k] = xpad[h+1, k+1];  column 2j of x is (e=1, j), column 2j+1 is (e=0, j+1)
-    nw1, nw0 = (W + 1) // 2, W // 2
-    dxt[:, :, :, 0::2] = dP[:, :, 1:H + 1, 1, :nw1]
-    dxt[:, :, :, 1::2] = dP[:, :, 1:H + 1, 0, 1:nw0 + 1]
+    np.add(h, dT[3], out=dP[:, :, 1, :, :th])                              # dR1 -> row 2i + 1
+    dP[:, :, 1, :, th] = 0
+    dP[:, :, 1, :, 1:] -= dT[3]                                            # dR3 -> row 2i + 3
+    # P[c, m, f, e, i0 + .., j0 + ..] = x[rows of parity f, columns of parity e]: copy back, padding cropped
+    for f in range(2):
+        i0, rs, nr = _parity(H, f)
+        for e in range(2):
+            j0, cs, nc = _parity(W, e)
+            dxt[:, :, rs, cs] = dP[:, :, f, e, i0:i0 + nr, j0:j0 + nc]

@@ -28,18 +28,27 @@ v7: v6 a few samples at a time (the library's _sample_chunks), as ttfm_np/conv.p
     98 / 107 / 106 ms, 32x128->128x8x8 26 / 30 / 31 ms, 32x32->64x32x32 70 / 74 / 74 ms. The
     longer runs make the unfold only 1-2 ms cheaper per call (16x16: 4.8 -> 3.8 + 0.7 ms for the
     pad), less than the (W+2)/W more GEMM work (12.5% at 16x16, 25% at 8x8) costs. Not adopted.
+v8: Winograd F(2x2, 3x3) (ttfm_np/winograd.py, the library's NumPy path since): 16 GEMMs of
+    (O x C) @ (C x tiles) on 4x4 input tiles (stride 2) transformed by slice arithmetic, instead of
+    one (O x 9C) @ (9C x pixels): 2.25x fewer GEMM FLOPs; the backward recomputes the input transform.
+    Other shapes (N,C,O,H) from the environment, e.g. the small U-Net's 32x32 level:
+    `CONV2D_SHAPE=32,64,64,32 python dev/conv2d.py 8`.
 Measured on the small U-Net's 16x16 level (see docs/performance.md).
 """
+import os
+
 import numpy as np
 
 from harness import Registry, run_study
-from ttfm_np import conv
+from ttfm_np import conv, winograd
 
 registry = Registry()
 
 
 def make_inputs(quick, rng):
     N, C, O, H = (2, 4, 5, 6) if quick else (32, 128, 128, 16)
+    if not quick and os.environ.get("CONV2D_SHAPE"):
+        N, C, O, H = (int(v) for v in os.environ["CONV2D_SHAPE"].split(","))
     x = rng.standard_normal((N, C, H, H)).astype(np.float32)
     W = (rng.standard_normal((O, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
     b = rng.standard_normal(O).astype(np.float32)
@@ -312,6 +321,14 @@ def v7(inp):
         dWf += dy_cols @ x_wide[:, n0 * L:n1 * L].T
     dW = np.ascontiguousarray(dWf.reshape(O, 3, 3, C)[:, ::-1, ::-1, :].transpose(0, 3, 1, 2))
     return y, dx, dW, dy.sum(axis=(0, 2, 3))
+
+
+@registry.version(8, "Winograd F(2x2, 3x3): 16 GEMMs on 4x4 tiles, 2.25x fewer FLOPs (ttfm_np/winograd.py)")
+def v8(inp):
+    x, W, b, dy = inp
+    y, cache = winograd.winograd3x3_forward(x, W, b)
+    dx, grads = winograd.winograd3x3_backward(dy, cache)
+    return y, dx, grads["weight"], grads["bias"]
 
 
 def flops(inp):

@@ -25,6 +25,7 @@ imports numpy. Rules, in order:
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import sys
@@ -84,8 +85,10 @@ def kernel_set() -> str:
 THREAD_ENVS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
+@functools.lru_cache(maxsize=None)
 def _openblas_function(*names):
-    """A function of NumPy's bundled OpenBLAS by the first name that exists, or None."""
+    """A function of NumPy's bundled OpenBLAS by the first name that exists, or None (looked up
+    once: parallel.run_split asks for the thread count around every split)."""
     import numpy as np
     libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
     for path in sorted(glob.glob(os.path.join(libdir, "*openblas*"))):

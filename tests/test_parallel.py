@@ -1,0 +1,90 @@
+"""ttfm_np/parallel.py: the static split, ordered results, serial fallbacks, errors, BLAS threads."""
+import threading
+
+import numpy as np
+import pytest
+
+from ttfm_np import blas, parallel
+
+
+@pytest.fixture(autouse=True)
+def _unpinned():
+    yield
+    parallel.set_workers(None)
+
+
+@pytest.mark.parametrize("n, parts", [(10, 2), (11, 2), (3, 4), (1, 2), (7, 3), (0, 2)])
+def test_split_range_covers_every_row_once_in_contiguous_blocks(n, parts):
+    blocks = parallel.split_range(n, parts)
+    rows = [i for lo, hi in blocks for i in range(lo, hi)]
+    assert rows == list(range(n))
+    assert all(hi > lo for lo, hi in blocks) and len(blocks) <= max(1, min(parts, n))
+    sizes = [hi - lo for lo, hi in blocks]
+    assert not sizes or max(sizes) - min(sizes) <= 1
+
+
+def test_run_split_runs_the_blocks_on_separate_threads_and_returns_them_in_order(rng):
+    parallel.set_workers(2)
+    x = rng.standard_normal((9, 5))
+    seen = []
+
+    def part(lo, hi):
+        seen.append(threading.current_thread().name)
+        return x[lo:hi].sum(axis=0)
+    parts = parallel.run_split(part, len(x))
+    assert len(parts) == 2 and len(set(seen)) == 2
+    np.testing.assert_array_equal(parts[0], x[:5].sum(axis=0))
+    np.testing.assert_array_equal(parts[1], x[5:].sum(axis=0))
+
+
+def test_run_split_is_serial_outside_the_main_thread_and_for_small_blocks():
+    parallel.set_workers(2)
+    names = []
+    t = threading.Thread(target=lambda: names.append(parallel.run_split(
+        lambda lo, hi: (threading.current_thread().name, lo, hi), 8)), name="a-rank")
+    t.start()
+    t.join()
+    assert names == [[("a-rank", 0, 8)]]                                    # one block, on the calling thread
+    assert parallel.run_split(lambda lo, hi: (lo, hi), 8, min_rows=5) == [(0, 8)]   # 8 // 5 = 1 worker
+
+
+def test_an_error_in_a_worker_is_raised_after_every_block_finished():
+    parallel.set_workers(2)
+    finished = []
+
+    def part(lo, hi):
+        if lo > 0:
+            raise ValueError("block 2 failed")
+        finished.append(lo)
+        return lo
+    with pytest.raises(ValueError, match="block 2 failed"):
+        parallel.run_split(part, 4)
+    assert finished == [0]
+
+
+def test_blas_threads_are_one_inside_the_split_and_restored_after():
+    if blas.get_threads() is None:
+        pytest.skip("NumPy bundles no OpenBLAS here: no thread count to check")
+    before = blas.get_threads()
+    blas.set_threads(2)
+    try:
+        parallel.set_workers(2)
+        inside = parallel.run_split(lambda lo, hi: blas.get_threads(), 4)
+        assert inside == [1, 1] and blas.get_threads() == 2
+    finally:
+        blas.set_threads(before)
+
+
+def test_worker_count_follows_openblas_unless_pinned():
+    if blas.get_threads() is None:
+        pytest.skip("NumPy bundles no OpenBLAS here")
+    before = blas.get_threads()
+    try:
+        blas.set_threads(1)
+        assert parallel.workers() == 1
+        parallel.set_workers(2)
+        assert parallel.workers() == min(2, __import__("os").cpu_count())
+        with pytest.raises(ValueError, match=">= 1"):
+            parallel.set_workers(0)
+    finally:
+        blas.set_threads(before)

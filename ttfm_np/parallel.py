@@ -1,0 +1,107 @@
+"""Split a batch over CPU threads for the NumPy passes that OpenBLAS does not thread.
+
+Why: with two BLAS threads a matrix product runs on both cores, but NumPy's ufuncs,
+slice copies and reductions (im2col, the Winograd transforms, GroupNorm, SiLU) run
+on one. PyTorch splits those over its threads too, so at two threads the U-Net step
+of ttfm_np fell behind it (docs/benchmarks.md). NumPy releases the GIL inside its
+loops, so plain Python threads that each take a contiguous block of samples run
+those passes side by side.
+
+    parts = run_split(lambda lo, hi: work(x[lo:hi]), n=len(x))     # one call per worker, in order
+
+Rules that keep the results reproducible and the machine sane:
+  * static split: worker k always gets the same contiguous rows (split_range), and
+    run_split returns the results in row order, so a sum over parts is taken in a
+    fixed order: the same bits for the same worker count on every run;
+  * while the workers run, OpenBLAS is asked for one thread (each worker's products
+    then run on its own core instead of fighting over both), and the previous count
+    is restored afterwards;
+  * only the main thread splits; a call from any other thread (a worker itself, or
+    the thread ranks of ttfm_np/distributed.py) runs serially, so splits never nest;
+  * the worker count is OpenBLAS's thread count, so OPENBLAS_NUM_THREADS=1 (and
+    blas.single_threaded_small_gemms, which the 2-D models run under) means serial.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from . import blas
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_forced: int | None = None          # set_workers(): tests and benchmarks pin the count
+
+
+def set_workers(n: int | None) -> None:
+    """Pin the worker count (None: follow OpenBLAS's thread count again)."""
+    global _forced
+    if n is not None and int(n) < 1:
+        raise ValueError(f"parallel.set_workers({n}): the worker count must be >= 1 (or None)")
+    _forced = None if n is None else int(n)
+
+
+def workers() -> int:
+    """How many threads run_split uses now: 1 outside the main thread, else the pinned count or
+    OpenBLAS's thread count (1 where NumPy bundles no OpenBLAS), at most the CPU count."""
+    if threading.current_thread() is not threading.main_thread():
+        return 1
+    n = _forced if _forced is not None else (blas.get_threads() or 1)
+    return max(1, min(n, os.cpu_count() or 1))
+
+
+def split_range(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous (lo, hi) blocks covering range(n), the first n % parts one row longer; no empty block."""
+    if n <= 0:
+        return []
+    parts = max(1, min(parts, n))
+    base, extra = divmod(n, parts)
+    out, lo = [], 0
+    for k in range(parts):
+        hi = lo + base + (1 if k < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def _executor(size: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    if _pool is None or _pool_size < size:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=size, thread_name_prefix="ttfm-split"), size
+    return _pool
+
+
+def run_split(fn, n: int, min_rows: int = 1) -> list:
+    """[fn(lo, hi) for each block of split_range(n, workers)], the blocks run on separate threads.
+
+    min_rows: blocks smaller than this are not worth a thread; fewer workers are used then.
+    The calling thread runs the first block itself. An exception in any block is raised here
+    (after every block has finished, so no worker still writes into shared output)."""
+    k = min(workers(), max(1, n // max(1, min_rows)))
+    blocks = split_range(n, k)
+    if len(blocks) <= 1:
+        return [fn(lo, hi) for lo, hi in blocks]
+    previous = blas.get_threads()
+    if previous is not None and previous > 1:
+        blas.set_threads(1)              # one BLAS thread per worker: the workers are the parallelism
+    try:
+        futures = [_executor(len(blocks) - 1).submit(fn, lo, hi) for lo, hi in blocks[1:]]
+        first_error, results = None, []
+        try:
+            results.append(fn(*blocks[0]))
+        except BaseException as exc:     # noqa: BLE001 (re-raised below, after the workers are done)
+            first_error = exc
+        for f in futures:
+            try:
+                results.append(f.result())
+            except BaseException as exc:  # noqa: BLE001
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return results
+    finally:
+        if previous is not None and previous > 1:
+            blas.set_threads(previous)

@@ -88,3 +88,42 @@ def test_worker_count_follows_openblas_unless_pinned():
             parallel.set_workers(0)
     finally:
         blas.set_threads(before)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_groupnorm_split_over_threads_matches_the_serial_pass(rng, silu, dtype):
+    """GroupNorm(+SiLU) on NumPy splits the batch over workers; every sample's rows are computed by
+    the same code either way, and dgamma/dbeta add the blocks' partial sums (rounding only)."""
+    from ttfm_np import groupnorm
+    N, C, H, W = 5, 8, 16, 16                                 # 2048 entries a sample: 32 rows a block
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    gamma, beta = (1 + 0.1 * rng.standard_normal(C)).astype(dtype), (0.1 * rng.standard_normal(C)).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dy_before = dy.copy()
+    out = {}
+    for k in (1, 2):
+        parallel.set_workers(k)
+        y, cache = groupnorm.groupnorm_forward(x, gamma, beta, 4, silu=silu)
+        dx, g = groupnorm.groupnorm_backward(dy, cache)
+        out[k] = (y, dx, g["gamma"], g["beta"])
+    np.testing.assert_array_equal(dy, dy_before)              # the caller's dy is never written
+    tol = 1e-13 if dtype == np.float64 else 2e-6
+    for a, b in zip(out[1], out[2]):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_groupnorm_backward_writes_into_the_given_block_in_every_branch(rng):
+    """groupnorm_backward_numpy(dx_out=...): with the cached sigmoid, with it recomputed, without SiLU."""
+    from ttfm_np import groupnorm
+    x = rng.standard_normal((2, 4, 3, 3))
+    gamma, beta, dy = rng.standard_normal(4), rng.standard_normal(4), rng.standard_normal((2, 4, 3, 3))
+    for silu, keep in ((True, True), (True, False), (False, False)):
+        y, mean, rstd, s = groupnorm._forward_numpy_keep_sigmoid(x, gamma, beta, 2, 1e-5, silu)
+        ref = groupnorm.groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, 2, silu,
+                                                 y if keep else None, s if keep else None)
+        out = np.full_like(x, np.nan)
+        got = groupnorm.groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, 2, silu,
+                                                 y if keep else None, s if keep else None, dx_out=out)
+        np.testing.assert_allclose(out, ref[0], rtol=1e-14, atol=1e-14)
+        assert np.shares_memory(got[0], out)

@@ -34,20 +34,20 @@ def numpy_uses_avx512() -> bool:
 SIGMOID_FORM = "tanh" if numpy_uses_avx512() else "exp"
 
 
-def _sigmoid_tanh(x, xp):
+def _sigmoid_tanh(x, xp, out=None):
     # 1 / (1 + e^-x) = (tanh(x / 2) + 1) / 2, computed in place in one buffer
-    s = xp.multiply(x, 0.5)
+    s = xp.multiply(x, 0.5, out=out)
     xp.tanh(s, out=s)
     s += 1.0
     s *= 0.5
     return s
 
 
-def _sigmoid_exp(x):
+def _sigmoid_exp(x, out=None):
     # 1 / (1 + e^-x), in place in one buffer; e^-x overflows to inf for x < -88 (float32),
     # where 1 / (1 + inf) = 0 is the correctly rounded answer, and underflows to 0 for x > 88,
     # where 1 / (1 + 0) = 1 is; so both warnings are silenced
-    s = np.negative(x)
+    s = np.negative(x, out=out)
     with np.errstate(over="ignore", under="ignore"):
         np.exp(s, out=s)
     s += 1.0
@@ -55,16 +55,16 @@ def _sigmoid_exp(x):
     return s
 
 
-def sigmoid(x, form: str | None = None):
-    """sigmoid(x) = 1 / (1 + e^-x) in a new array; form 'tanh' or 'exp' (default SIGMOID_FORM;
-    the GPU always takes the tanh form, the choice is about NumPy's CPU loops)."""
+def sigmoid(x, form: str | None = None, out=None):
+    """sigmoid(x) = 1 / (1 + e^-x) in a new array (or in `out`, like x); form 'tanh' or 'exp' (default
+    SIGMOID_FORM; the GPU always takes the tanh form, the choice is about NumPy's CPU loops)."""
     xp = backend.array_module(x)
     form = form or SIGMOID_FORM
     if form not in ("tanh", "exp"):
         raise ValueError(f"sigmoid: form must be 'tanh' or 'exp', got {form!r}")
     if form == "exp" and not backend.is_cupy(xp):
-        return _sigmoid_exp(x)
-    return _sigmoid_tanh(x, xp)
+        return _sigmoid_exp(x, out)
+    return _sigmoid_tanh(x, xp, out)
 
 
 def silu_forward(x, overwrite_x: bool = False):

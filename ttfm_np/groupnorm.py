@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend
+from . import backend, parallel
 from .activations import sigmoid
 
 
@@ -47,14 +47,16 @@ def groupnorm_forward_numpy(x, gamma, beta, groups: int, eps: float = 1e-5, silu
     return y, (mean, rstd)
 
 
-def _forward_numpy_keep_sigmoid(x, gamma, beta, groups, eps, silu):
-    """-> y, mean (N, G), rstd (N, G), s = sigmoid(z) (N, C, HW) with SiLU (else None), kept for the backward."""
+def _forward_numpy_keep_sigmoid(x, gamma, beta, groups, eps, silu, y_out=None, s_out=None):
+    """-> y, mean (N, G), rstd (N, G), s = sigmoid(z) (N, C, HW) with SiLU (else None), kept for the backward.
+    y_out, s_out: arrays like x to write y and s into (a block of samples of a larger output), or None."""
     N, C = x.shape[:2]
     cg = C // groups
     x3 = x.reshape(N, C, -1)                                       # (N, C, HW)
     K = cg * x3.shape[2]                                           # entries per group
     mean = x3.sum(axis=2).reshape(N, groups, cg).sum(axis=2) / K   # (N, G)
-    z = x3 - _per_channel(mean, cg)[:, :, None]                    # x - mu, (N, C, HW)
+    z = np.subtract(x3, _per_channel(mean, cg)[:, :, None],        # x - mu, (N, C, HW)
+                    out=None if y_out is None else y_out.reshape(x3.shape))
     # var = mean((x - mu)^2): centred (not E[x^2] - mu^2), the square summed by einsum without a temporary
     var = np.einsum("nck,nck->nc", z, z).reshape(N, groups, cg).sum(axis=2) / K
     rstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)              # (N, G)
@@ -63,7 +65,7 @@ def _forward_numpy_keep_sigmoid(x, gamma, beta, groups, eps, silu):
     z += beta[:, None]
     s = None
     if silu:                                                       # y = z * sigmoid(z)
-        s = sigmoid(z)                   # the per-SIMD-level form (activations.SIGMOID_FORM)
+        s = sigmoid(z, out=None if s_out is None else s_out.reshape(z.shape))   # form per SIMD level
         y = z
         y *= s                           # in z's buffer: z is not needed again
         s = s.reshape(x.shape)
@@ -72,9 +74,11 @@ def _forward_numpy_keep_sigmoid(x, gamma, beta, groups, eps, silu):
     return y.reshape(x.shape), mean.astype(x.dtype), rstd, s
 
 
-def groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups: int, silu: bool, y=None, s=None):
+def groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups: int, silu: bool, y=None, s=None,
+                             dx_out=None):
     """y, s: the forward's output and sigmoid(z) (from its cache); without them (the reference for the
-    CUDA kernel's tests) z and the sigmoid are recomputed from x."""
+    CUDA kernel's tests) z and the sigmoid are recomputed from x. dx_out: an array like x to write dx
+    into (a block of samples of a larger output), or None."""
     N, C = x.shape[:2]
     cg = C // groups
     x3, dy3 = x.reshape(N, C, -1), dy.reshape(N, C, -1)            # (N, C, HW)
@@ -83,9 +87,12 @@ def groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups: int, silu: 
     # xhat = (x - mu) * rstd = x * rstd - mu * rstd      (recomputed: one pass)
     xhat = x3 * rstd_c[:, :, None]
     xhat -= (_per_channel(mean, cg) * rstd_c)[:, :, None]
+    dz_in_dx_out = False                                           # dz already lives in dx_out's buffer
     if silu and s is not None:
         # y = z * s(z)  =>  dz = dy * (s + z s (1 - s)) = dy * (s + y (1 - s)): no sigmoid, no z
-        dz = np.subtract(1.0, s.reshape(dy3.shape), dtype=s.dtype)     # 1 - s
+        dz = np.subtract(1.0, s.reshape(dy3.shape), dtype=s.dtype,     # 1 - s
+                         out=None if dx_out is None else dx_out.reshape(dy3.shape))
+        dz_in_dx_out = dx_out is not None
         dz *= y.reshape(dy3.shape)
         dz += s.reshape(dy3.shape)
         dz *= dy3
@@ -112,8 +119,9 @@ def groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups: int, silu: 
     m1 = (S1 * gamma).reshape(N, groups, cg).sum(axis=2) / K       # mean_g(dxhat), (N, G)
     m2 = (S2 * gamma).reshape(N, groups, cg).sum(axis=2) / K       # mean_g(dxhat * xhat)
     A = (rstd_c * gamma)[:, :, None]
-    if dz is dy3:
-        dx = dz * A                                                # never write into the caller's dy
+    if dz is dy3 or (dx_out is not None and not dz_in_dx_out):
+        # never write into the caller's dy; dx_out given and dz elsewhere (no SiLU, or recomputed s)
+        dx = np.multiply(dz, A, out=None if dx_out is None else dx_out.reshape(dy3.shape))
     else:
         dx = dz
         dx *= A
@@ -194,7 +202,7 @@ def groupnorm_forward(x, gamma, beta, groups: int, eps: float = 1e-5, silu: bool
         y, (mean, rstd) = groupnorm_forward_cupy(x, gamma, beta, groups, eps, silu)
         s = None                                      # the CUDA backward recomputes z and its sigmoid
     else:
-        y, mean, rstd, s = _forward_numpy_keep_sigmoid(x, gamma, beta, groups, eps, silu)
+        y, mean, rstd, s = _forward_numpy_split(x, gamma, beta, groups, eps, silu)
     # with SiLU on NumPy the cache also holds y and s = sigmoid(z): the backward's dz = dy (s + y (1 - s))
     return y, (x, gamma, beta, mean, rstd, groups, silu, y if s is not None else None, s)
 
@@ -205,8 +213,42 @@ def groupnorm_backward(dy, cache):
     if backend.is_cupy(backend.array_module(x)):
         dx, dgamma, dbeta = groupnorm_backward_cupy(dy, x, gamma, beta, mean, rstd, groups, silu)
     else:
-        dx, dgamma, dbeta = groupnorm_backward_numpy(dy, x, gamma, beta, mean, rstd, groups, silu, y, s)
+        dx, dgamma, dbeta = _backward_numpy_split(dy, x, gamma, beta, mean, rstd, groups, silu, y, s)
     return dx, {"gamma": dgamma, "beta": dbeta}
+
+
+# Every sample is normalised on its own, so the NumPy path splits the batch over threads
+# (parallel.run_split: one block of samples per worker, each writing its rows of the outputs;
+# serial with one BLAS thread). Blocks below this many entries are not worth a thread.
+_MIN_SPLIT_ENTRIES = 1 << 16
+
+
+def _min_rows(x):
+    return max(1, _MIN_SPLIT_ENTRIES // max(1, x[0].size))
+
+
+def _forward_numpy_split(x, gamma, beta, groups, eps, silu):
+    N = x.shape[0]
+    y = np.empty_like(x)
+    s = np.empty_like(x) if silu else None
+    parts = parallel.run_split(lambda lo, hi: _forward_numpy_keep_sigmoid(
+        x[lo:hi], gamma, beta, groups, eps, silu, y[lo:hi], None if s is None else s[lo:hi]), N, _min_rows(x))
+    mean = np.concatenate([p[1] for p in parts])                   # (N, G) each
+    rstd = np.concatenate([p[2] for p in parts])
+    return y, mean, rstd, s
+
+
+def _backward_numpy_split(dy, x, gamma, beta, mean, rstd, groups, silu, y, s):
+    dx = np.empty(x.shape, dtype=np.result_type(dy, x))
+    parts = parallel.run_split(lambda lo, hi: groupnorm_backward_numpy(
+        dy[lo:hi], x[lo:hi], gamma, beta, mean[lo:hi], rstd[lo:hi], groups, silu,
+        None if y is None else y[lo:hi], None if s is None else s[lo:hi], dx[lo:hi]), x.shape[0], _min_rows(x))
+    # dgamma, dbeta: sums over samples, the blocks' partial sums added in block order (fixed for a worker count)
+    dgamma, dbeta = parts[0][1], parts[0][2]
+    for _, dg, db in parts[1:]:
+        dgamma = dgamma + dg
+        dbeta = dbeta + db
+    return dx, dgamma, dbeta
 
 
 # ----------------------------------------------------------------------------

@@ -35,8 +35,9 @@ def rel(a, b):
 
 
 @pytest.fixture
-def algorithm():
-    """Restore conv.CONV3X3 after a test that switches it."""
+def algorithm(monkeypatch):
+    """Restore conv.CONV3X3 after a test that switches it; Winograd for images of any size here."""
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_PIXELS", 1)
     previous = conv.CONV3X3
     yield conv.set_conv3x3_algorithm
     conv.set_conv3x3_algorithm(previous)
@@ -153,7 +154,8 @@ def test_winograd_matches_im2col_through_conv2d(rng, algorithm, shape):
 
 def test_dispatch(rng, algorithm):
     """NumPy 3x3 / stride 1 / padding 1 in fp32 (or float64) -> Winograd; tf32, other strides,
-    paddings and kernels, or the switch set to im2col -> im2col. The backward follows the forward."""
+    paddings and kernels, images under WINOGRAD_MIN_PIXELS, or the switch set to im2col -> im2col.
+    The backward follows the forward."""
     x, Wt, b = inputs(rng, 2, 3, 4, 6, 6, dtype=np.float32)
 
     def uses(*args):
@@ -165,6 +167,11 @@ def test_dispatch(rng, algorithm):
     assert not uses(x, Wt, b, 1, 0)
     assert not uses(x, Wt, b, 1, (1, 0))
     assert not uses(x, rng.standard_normal((4, 3, 5, 5)).astype(np.float32), b, 1, 1)
+    conv.WINOGRAD_MIN_PIXELS = 16 * 16                          # the library's default (monkeypatch restores)
+    assert not uses(x, Wt, b, 1, 1)                             # 6x6: im2col
+    assert uses(np.zeros((1, 3, 16, 16), np.float32), Wt, b, 1, 1)
+    assert not uses(np.zeros((1, 3, 8, 8), np.float32), Wt, b, 1, 1)
+    conv.WINOGRAD_MIN_PIXELS = 1
     with precision.using("tf32"):
         assert not uses(x, Wt, b, 1, 1)                        # the emulation rounds x and W as the GPU does
         assert uses(x.astype(np.float64), Wt.astype(np.float64), b, 1, 1)   # float64 is never rounded
@@ -182,7 +189,7 @@ def test_dispatch(rng, algorithm):
     assert cache2[0] == "winograd" and rel(dx2, dx.astype(np.float64)) < 1e-5
 
 
-def test_jvp_follows_the_dispatch(rng):
+def test_jvp_follows_the_dispatch(rng, algorithm):
     """conv2d_jvp runs conv2d_forward twice (x and x_dot): both through Winograd, both exact."""
     x, Wt, b = inputs(rng, 2, 3, 4, 5, 6)
     x_dot = rng.standard_normal(x.shape)

@@ -256,26 +256,29 @@ def _output_transform_adjoint(dy, th, tw):
     the spare tiles and the odd-size overhang, which output_transform drops, get zero gradient."""
     n, O, H, W = dy.shape
     dt = dy.dtype
-    # y[m, o, 2i + r, 2j + s] = Y[r, s, o, m, i, j]  =>  dY[r, s, o, m, i, j] = dy[m, o, 2i + r, 2j + s]
-    dY = np.zeros((2, 2, O, n, th, tw + 1), dtype=dt)
-    for r in range(2):
-        for s in range(2):
-            src = dy[:, :, r::2, s::2]
-            dY[r, s, :, :, :src.shape[2], :src.shape[3]] = src.transpose(1, 0, 2, 3)
-    # columns: Y0 = Mr0 + Mr1 + Mr2,  Y1 = Mr1 - Mr2 - Mr3
-    #   =>  dMr0 = dY0,  dMr1 = dY0 + dY1,  dMr2 = dY0 - dY1,  dMr3 = -dY1          (dMr = dY A^T)
-    dMr = np.empty((2, 4, O, n, th, tw + 1), dtype=dt)
-    dMr[:, 0] = dY[:, 0]
-    np.add(dY[:, 0], dY[:, 1], out=dMr[:, 1])
-    np.subtract(dY[:, 0], dY[:, 1], out=dMr[:, 2])
-    np.negative(dY[:, 1], out=dMr[:, 3])
-    # rows: Mr0 = M0 + M1 + M2,  Mr1 = M1 - M2 - M3
-    #   =>  dM0 = dMr0,  dM1 = dMr0 + dMr1,  dM2 = dMr0 - dMr1,  dM3 = -dMr1          (dM = A dMr)
     dM = np.empty((4, 4, O, n, th, tw + 1), dtype=dt)
-    dM[0] = dMr[0]
-    np.add(dMr[0], dMr[1], out=dM[1])
-    np.subtract(dMr[0], dMr[1], out=dM[2])
-    np.negative(dMr[1], out=dM[3])
+    dMr0, dMr1 = dM[0], np.empty((4, O, n, th, tw + 1), dtype=dt)          # dMr0 is built in dM0's place
+    # columns: Y0 = Mr0 + Mr1 + Mr2,  Y1 = Mr1 - Mr2 - Mr3                                (dMr = dY A^T)
+    #   =>  dMr0 = dY0,  dMr3 = -dY1,  dMr1 = dY0 + dY1 = dMr0 - dMr3,  dMr2 = dY0 - dY1 = dMr0 + dMr3
+    # with dY[r, s, o, m, i, j] = dy[m, o, 2i + r, 2j + s] (y[m, o, 2i + r, 2j + s] = Y[r, s, o, m, i, j])
+    for r, dMr in enumerate((dMr0, dMr1)):
+        for s, b in ((0, 0), (1, 3)):
+            src = dy[:, :, r::2, s::2].transpose(1, 0, 2, 3)                # (O, n, H_r, W_s)
+            hr, ws = src.shape[2:]
+            dst = dMr[b]
+            if s == 0:
+                dst[:, :, :hr, :ws] = src
+            else:
+                np.negative(src, out=dst[:, :, :hr, :ws])
+            dst[:, :, hr:] = 0                                              # odd-size overhang: no gradient
+            dst[:, :, :hr, ws:] = 0                                         # spare column (and overhang)
+        np.subtract(dMr[0], dMr[3], out=dMr[1])
+        np.add(dMr[0], dMr[3], out=dMr[2])
+    # rows: Mr0 = M0 + M1 + M2,  Mr1 = M1 - M2 - M3
+    #   =>  dM0 = dMr0 (already in place),  dM1 = dMr0 + dMr1,  dM2 = dMr0 - dMr1,  dM3 = -dMr1   (dM = A dMr)
+    np.add(dMr0, dMr1, out=dM[1])
+    np.subtract(dMr0, dMr1, out=dM[2])
+    np.negative(dMr1, out=dM[3])
     return dM
 
 
@@ -286,33 +289,37 @@ def _input_transform_adjoint(dV, th, tw, dxt):
     H, W = dxt.shape[2:]
     dt = dV.dtype
     # columns: V0[k] = E[k] - E[k+1],  V1[k] = O[k] + E[k+1],  V2[k] = E[k+1] - O[k],  V3[k] = O[k] - O[k+1]
-    # (k < L - 1; V[L - 1] = 0)  =>  dE[k] += dV0[k],  dE[k+1] += dV1 + dV2 - dV0,
-    #                                dO[k] += dV1 - dV2 + dV3,  dO[k+1] -= dV3
+    # (k < L - 1; V[L - 1] = 0)  =>  dE[k] = dV0[k] + g[k-1],  g = dV1 + dV2 - dV0
+    #                                dO[k] = h[k] - dV3[k-1],   h = dV1 - dV2 + dV3     (terms out of range: 0)
     dT = np.empty((4, C, n, 2, L), dtype=dt)
     dE, dO = dT[:, :, :, 0], dT[:, :, :, 1]                                # (4, C, n, L)
-    dV0, dV1, dV2, dV3 = dV[:, 0, ..., :-1], dV[:, 1, ..., :-1], dV[:, 2, ..., :-1], dV[:, 3, ..., :-1]
-    dE[..., :-1] = dV0
-    dE[..., -1] = 0
+    dV0, dV1, dV2, dV3 = (dV[:, b, ..., :-1] for b in range(4))            # (4, C, n, L - 1)
     g = np.add(dV1, dV2)
     g -= dV0
-    dE[..., 1:] += g
+    dE[..., 0] = dV0[..., 0]
+    np.add(dV0[..., 1:], g[..., :-1], out=dE[..., 1:-1])
+    dE[..., -1] = g[..., -1]
     np.subtract(dV1, dV2, out=g)
-    np.add(g, dV3, out=dO[..., :-1])
-    dO[..., -1] = 0
-    dO[..., 1:] -= dV3
-    # rows: T0 = R0 - R2,  T1 = R1 + R2,  T2 = R2 - R1,  T3 = R1 - R3  (R_k: padded rows 2i + k)
-    #   =>  dR0 = dT0,  dR1 = dT1 - dT2 + dT3,  dR2 = dT1 + dT2 - dT0,  dR3 = -dT3
+    g += dV3                                                               # g is h now
+    dO[..., 0] = g[..., 0]
+    np.subtract(g[..., 1:], dV3[..., :-1], out=dO[..., 1:-1])
+    np.negative(dV3[..., -1], out=dO[..., -1])
+    # rows: T0 = R0 - R2,  T1 = R1 + R2,  T2 = R2 - R1,  T3 = R1 - R3  (R_k: padded rows 2i + k), so
+    #   even rows 2i:     dP0[i] = dR0[i] + dR2[i-1],  dR0 = dT0,  dR2 = dT1 + dT2 - dT0
+    #   odd rows 2i + 1:  dP1[i] = dR1[i] + dR3[i-1],  dR1 = dT1 - dT2 + dT3,  dR3 = -dT3
     dT = dT.reshape(4, C, n, 2, th, tw + 1)
     dP = np.empty((C, n, 2, 2, th + 1, tw + 1), dtype=dt)                  # as P: [c, m, f, e, i, j]
-    dP[:, :, 0, :, :th] = dT[0]                                            # dR0 -> row 2i
-    dP[:, :, 0, :, th] = 0
+    dP0, dP1 = dP[:, :, 0], dP[:, :, 1]                                    # (C, n, 2, th + 1, tw + 1)
     h = np.add(dT[1], dT[2])
-    h -= dT[0]
-    dP[:, :, 0, :, 1:] += h                                                # dR2 -> row 2i + 2
+    h -= dT[0]                                                             # dR2
+    dP0[:, :, :, 0] = dT[0][:, :, :, 0]
+    np.add(dT[0][:, :, :, 1:], h[:, :, :, :-1], out=dP0[:, :, :, 1:th])
+    dP0[:, :, :, th] = h[:, :, :, -1]
     np.subtract(dT[1], dT[2], out=h)
-    np.add(h, dT[3], out=dP[:, :, 1, :, :th])                              # dR1 -> row 2i + 1
-    dP[:, :, 1, :, th] = 0
-    dP[:, :, 1, :, 1:] -= dT[3]                                            # dR3 -> row 2i + 3
+    h += dT[3]                                                             # dR1
+    dP1[:, :, :, 0] = h[:, :, :, 0]
+    np.subtract(h[:, :, :, 1:], dT[3][:, :, :, :-1], out=dP1[:, :, :, 1:th])
+    np.negative(dT[3][:, :, :, -1], out=dP1[:, :, :, th])
     # P[c, m, f, e, i0 + .., j0 + ..] = x[rows of parity f, columns of parity e]: copy back, padding cropped
     for f in range(2):
         i0, rs, nr = _parity(H, f)

@@ -200,3 +200,21 @@ def test_jvp_follows_the_dispatch(rng, algorithm):
     dx, dx_dot, grads = conv.conv2d_jvp_backward(dy, dy_dot, cache)
     dxr, _ = wg.winograd3x3_backward(dy, cache[0][1])
     assert rel(dx, dxr) < 1e-15 and math.isfinite(float(grads["weight"].sum()))
+
+
+@pytest.mark.parametrize("two_time", [False, True])
+def test_tiny_unet_gradients_through_winograd(rng, algorithm, monkeypatch, two_time):
+    """test_networks.py's whole-network float64 gradient check of the tiny U-Net (8x8 and 4x4
+    levels, which the library's default WINOGRAD_MIN_PIXELS sends to im2col) with every 3x3 stride-1
+    convolution through Winograd; counts that Winograd really ran."""
+    import test_networks
+    algorithm("winograd")
+    calls = []
+    forward = wg.winograd3x3_forward
+    monkeypatch.setattr(wg, "winograd3x3_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    cfg = test_networks._tiny_unet(two_time)
+    x = rng.standard_normal((2, 1, 8, 8))
+    s = rng.uniform(0, 1, 2)
+    t = np.clip(s + rng.uniform(0, 0.5, 2), 0, 1) if two_time else None
+    test_networks._check_network(cfg, x, s, t, rng, dropout_seed=3, n_max=2)
+    assert len(calls) > 10

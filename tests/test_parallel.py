@@ -127,3 +127,23 @@ def test_groupnorm_backward_writes_into_the_given_block_in_every_branch(rng):
                                                  y if keep else None, s if keep else None, dx_out=out)
         np.testing.assert_allclose(out, ref[0], rtol=1e-14, atol=1e-14)
         assert np.shares_memory(got[0], out)
+
+
+@pytest.mark.parametrize("H, algorithm", [(16, "winograd"), (8, "im2col"), (5, "im2col")])
+def test_conv3x3_split_over_threads_matches_the_serial_pass(rng, H, algorithm):
+    """The stride-1 3x3 convolution (Winograd at 16x16 and up, the im2col/transposed path below) splits
+    its sample chunks over workers: y and dx exactly as serial (each sample's arithmetic is the same),
+    dW and db as sums of the blocks' parts (float64: rounding only)."""
+    from ttfm_np import conv
+    x = rng.standard_normal((5, 3, H, H))
+    W, b = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    dy = rng.standard_normal((5, 4, H, H))
+    out = {}
+    for k in (1, 2):
+        parallel.set_workers(k)
+        y, cache = conv.conv2d_forward(x, W, b, 1, 1)
+        assert (isinstance(cache[0], str) and cache[0] == "winograd") == (algorithm == "winograd")
+        dx, g = conv.conv2d_backward(dy, cache)
+        out[k] = (y, dx, g["weight"], g["bias"])
+    for a, c in zip(out[1], out[2]):
+        np.testing.assert_allclose(a, c, rtol=1e-13, atol=1e-12)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
-from . import precision, winograd
+from . import parallel, precision, winograd
 from .precision import matmul as gemm   # fp32, or TF32 inputs with --precision tf32 (precision.py)
 
 
@@ -259,14 +259,19 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
         xc = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(C, N * H * Wd)   # channel-major x
         Wm = W.reshape(O, C * kh * kw)
         y = xp.empty((N, O, Ho, Wo), dtype=xp.result_type(x, W))
-        for n0, n1 in _sample_chunks(N, C * kh * kw * Ho * Wo * x.itemsize):
-            # the same GEMM as below on the columns of samples n0..n1-1 (cache-sized chunks, _CHUNK_BYTES)
-            cols = im2col_cnhw_numpy(xc.reshape(C, N, H, Wd)[:, n0:n1], kh, kw, stride, padding)
-            Yt = gemm(Wm, cols).reshape(O, n1 - n0, Ho, Wo).transpose(1, 0, 2, 3)   # (n1-n0, O, Ho, Wo)
-            if b is not None:
-                xp.add(Yt, b.reshape(1, O, 1, 1), out=y[n0:n1])                     # y = Y^T + b
-            else:
-                y[n0:n1] = Yt
+
+        def samples(lo, hi):
+            """Samples lo..hi-1 (one block per parallel.run_split worker) in cache-sized chunks."""
+            for c0, c1 in _sample_chunks(hi - lo, C * kh * kw * Ho * Wo * x.itemsize):
+                n0, n1 = lo + c0, lo + c1
+                # the same GEMM as below on the columns of samples n0..n1-1 (cache-sized chunks, _CHUNK_BYTES)
+                cols = im2col_cnhw_numpy(xc.reshape(C, N, H, Wd)[:, n0:n1], kh, kw, stride, padding)
+                Yt = gemm(Wm, cols).reshape(O, n1 - n0, Ho, Wo).transpose(1, 0, 2, 3)   # (n1-n0, O, Ho, Wo)
+                if b is not None:
+                    xp.add(Yt, b.reshape(1, O, 1, 1), out=y[n0:n1])                     # y = Y^T + b
+                else:
+                    y[n0:n1] = Yt
+        parallel.run_split(samples, N)                   # serial with one BLAS thread
         return y, (xc, W, x.shape, stride, padding, b is not None)
     if pointwise:
         cols = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(C, N * H * Wd)   # channel-major x
@@ -311,19 +316,28 @@ def conv2d_backward(dy, cache):
         ph, pw = as_pair(padding)
         Wf = xp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, O * kh * kw)
         dx = xp.empty((N, C, H, Wd), dtype=xp.result_type(dy, W))
-        dWf = None
         HW = H * Wd
-        # samples n0..n1-1 at a time (cache-sized im2col buffers, _CHUNK_BYTES); the sums over (n, a, b) add up
-        for n0, n1 in _sample_chunks(N, O * kh * kw * HW * dy.itemsize):
-            # dy_cols straight from the channel-major view of dy (no transposed copy of dy first)
-            dy_cols = im2col_cnhw_numpy(dy.transpose(1, 0, 2, 3)[:, n0:n1], kh, kw, 1, (kh - 1 - ph, kw - 1 - pw))
-            dx[n0:n1] = gemm(Wf, dy_cols).reshape(C, n1 - n0, H, Wd).transpose(1, 0, 2, 3)   # dX (C, N*H*W)
-            # dW[o,c,p,q] = sum_{n,i,j} dy[n,o,i,j] x[n,c,i+p-ph,j+q-pw] = sum_{n,a,b} dy_cols[(o,kh-1-p,kw-1-q),(n,a,b)] x[n,c,a,b]
-            part = gemm(dy_cols, xc[:, n0 * HW:n1 * HW].T)  # (O*kh*kw, C), rows (o, p', q')
-            if dWf is None:
-                dWf = part
-            else:
-                dWf += part
+
+        def samples(lo, hi):
+            """Samples lo..hi-1 (one block per parallel.run_split worker) -> this block's part of dWf."""
+            dWf = None
+            # cache-sized im2col buffers (_CHUNK_BYTES); the sums over (n, a, b) add up
+            for c0, c1 in _sample_chunks(hi - lo, O * kh * kw * HW * dy.itemsize):
+                n0, n1 = lo + c0, lo + c1
+                # dy_cols straight from the channel-major view of dy (no transposed copy of dy first)
+                dy_cols = im2col_cnhw_numpy(dy.transpose(1, 0, 2, 3)[:, n0:n1], kh, kw, 1, (kh - 1 - ph, kw - 1 - pw))
+                dx[n0:n1] = gemm(Wf, dy_cols).reshape(C, n1 - n0, H, Wd).transpose(1, 0, 2, 3)   # dX (C, N*H*W)
+                # dW[o,c,p,q] = sum_{n,i,j} dy[n,o,i,j] x[n,c,i+p-ph,j+q-pw] = sum_{n,a,b} dy_cols[(o,kh-1-p,kw-1-q),(n,a,b)] x[n,c,a,b]
+                part = gemm(dy_cols, xc[:, n0 * HW:n1 * HW].T)  # (O*kh*kw, C), rows (o, p', q')
+                if dWf is None:
+                    dWf = part
+                else:
+                    dWf += part
+            return dWf
+        parts = parallel.run_split(samples, N)           # the blocks' parts added in block order
+        dWf = parts[0]
+        for part in parts[1:]:
+            dWf = dWf + part
         dW = dWf.reshape(O, kh, kw, C)[:, ::-1, ::-1, :].transpose(0, 3, 1, 2)
         grads["weight"] = xp.ascontiguousarray(dW)
         return dx, grads

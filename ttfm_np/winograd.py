@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import parallel
 from .precision import matmul as gemm   # stacked operands (16, ., .): one BLAS GEMM per point xi
 
 # The F(2x2, 3x3) matrices (float64; the transforms below are these written out as slice arithmetic).
@@ -205,13 +206,18 @@ def winograd3x3_forward(x, W, b=None, cache_v: bool | None = None):
     xt = x.astype(dt, copy=False).transpose(1, 0, 2, 3)                   # (C, N, H, W) view
     y = np.empty((N, O, H, Wd), dtype=dt)
     Vs = np.empty((4, 4, C, N, L), dtype=dt) if cache_v else None
-    for n0, n1 in _chunks(N, 16 * max(C, O) * L * np.dtype(dt).itemsize):
-        n = n1 - n0
-        V = input_transform(xt[:, n0:n1], th, tw)                          # (4, 4, C, n, L)
-        if cache_v:
-            Vs[:, :, :, n0:n1] = V
-        M = gemm(U, V.reshape(16, C, n * L))                               # M[xi] = U[xi] @ V[xi]   (16, O, n L)
-        output_transform(M.reshape(4, 4, O, n, th, tw + 1), y[n0:n1], b)   # y = A^T M A + b
+
+    def samples(lo, hi):
+        """Samples lo..hi-1, in cache-sized chunks; each worker of parallel.run_split takes one block."""
+        for c0, c1 in _chunks(hi - lo, 16 * max(C, O) * L * np.dtype(dt).itemsize):
+            n0, n1 = lo + c0, lo + c1
+            n = n1 - n0
+            V = input_transform(xt[:, n0:n1], th, tw)                      # (4, 4, C, n, L)
+            if cache_v:
+                Vs[:, :, :, n0:n1] = V
+            M = gemm(U, V.reshape(16, C, n * L))                           # M[xi] = U[xi] @ V[xi]   (16, O, n L)
+            output_transform(M.reshape(4, 4, O, n, th, tw + 1), y[n0:n1], b)   # y = A^T M A + b
+    parallel.run_split(samples, N)                                         # serial with one BLAS thread
     return y, (Vs if cache_v else x, W, U, x.shape, b is not None)
 
 
@@ -231,22 +237,32 @@ def winograd3x3_backward(dy, cache):
     cached_v = saved.ndim == 5
     dx = np.empty((N, C, H, Wd), dtype=dt)
     dxt = dx.transpose(1, 0, 2, 3)                                         # (C, N, H, W) view
-    dU = None
-    for n0, n1 in _chunks(N, 16 * max(C, O) * L * np.dtype(dt).itemsize):
-        n = n1 - n0
-        if cached_v:
-            V = np.ascontiguousarray(saved[:, :, :, n0:n1])                # (4, 4, C, n, L)
-        else:
-            V = input_transform(saved.astype(dt, copy=False).transpose(1, 0, 2, 3)[:, n0:n1], th, tw)  # as the forward
-        dM = _output_transform_adjoint(dy[n0:n1], th, tw).reshape(16, O, n * L)
-        # M[xi] = U[xi] @ V[xi]  =>  dU[xi] = dM[xi] @ V[xi]^T  (summed over chunks),  dV[xi] = U[xi]^T @ dM[xi]
-        part = gemm(dM, V.reshape(16, C, n * L).transpose(0, 2, 1))       # (16, O, C)
-        if dU is None:
-            dU = part
-        else:
-            dU += part
-        dV = gemm(UT, dM).reshape(4, 4, C, n, L)                           # (16, C, n L)
-        _input_transform_adjoint(dV, th, tw, dxt[:, n0:n1])
+
+    def samples(lo, hi):
+        """Samples lo..hi-1 in cache-sized chunks -> this block's part of dU (16, O, C)."""
+        dU = None
+        for c0, c1 in _chunks(hi - lo, 16 * max(C, O) * L * np.dtype(dt).itemsize):
+            n0, n1 = lo + c0, lo + c1
+            n = n1 - n0
+            if cached_v:
+                V = np.ascontiguousarray(saved[:, :, :, n0:n1])            # (4, 4, C, n, L)
+            else:
+                V = input_transform(saved.astype(dt, copy=False).transpose(1, 0, 2, 3)[:, n0:n1], th, tw)  # as the forward
+            dM = _output_transform_adjoint(dy[n0:n1], th, tw).reshape(16, O, n * L)
+            # M[xi] = U[xi] @ V[xi]  =>  dU[xi] = dM[xi] @ V[xi]^T  (summed over chunks),  dV[xi] = U[xi]^T @ dM[xi]
+            part = gemm(dM, V.reshape(16, C, n * L).transpose(0, 2, 1))   # (16, O, C)
+            if dU is None:
+                dU = part
+            else:
+                dU += part
+            dV = gemm(UT, dM).reshape(4, 4, C, n, L)                       # (16, C, n L)
+            _input_transform_adjoint(dV, th, tw, dxt[:, n0:n1])
+        return dU
+    # one block of samples per worker (parallel.run_split); their dU parts added in block order
+    parts = parallel.run_split(samples, N)
+    dU = parts[0]
+    for part in parts[1:]:
+        dU = dU + part
     # U = G g G^T  =>  dg = G^T dU G   (float64, as the forward's U)
     dW = np.einsum("ap,aboc,bq->ocpq", G, dU.reshape(4, 4, O, C).astype(np.float64), G, optimize=True)
     grads["weight"] = np.ascontiguousarray(dW, dtype=W.dtype)

@@ -35,6 +35,20 @@ def test_user_setting_wins_and_numpy_first_changes_nothing():
     assert _run("import os, numpy, ttfm_np; print(os.environ.get('OPENBLAS_CORETYPE', 'unset'))") == "unset"
 
 
+def test_idle_blas_threads_sleep_unless_the_user_chose_otherwise():
+    """OPENBLAS_THREAD_TIMEOUT=4 (sleep at once) is set with the kernel choice, before numpy loads;
+    a value of the user's wins, and numpy first changes nothing."""
+    base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+
+    def run(code, **env):
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(base, **env), capture_output=True,
+                              text=True, check=True).stdout.strip()
+    show = "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset'))"
+    assert run(f"import os, ttfm_np; {show}") == blas.THREAD_TIMEOUT == "4"
+    assert run(f"import os, ttfm_np; {show}", OPENBLAS_THREAD_TIMEOUT="20") == "20"
+    assert run(f"import os, numpy, ttfm_np; {show}") == "unset"
+
+
 def test_kernel_set_names_the_running_kernels():
     import glob
     import numpy as np

@@ -21,6 +21,15 @@ imports numpy. Rules, in order:
   which kernels are in use; import ttfm_np first to get the tuned choice).
 * an AMD CPU with AVX-512: OPENBLAS_CORETYPE=Haswell. Every other CPU keeps
   OpenBLAS's own choice (not measured here, so not changed).
+
+The same moment sets OPENBLAS_THREAD_TIMEOUT (unless you did): how long an idle
+OpenBLAS thread spins before it sleeps, 2^n cycles. OpenBLAS's default n = 28 is
+about 0.1 s, so after every threaded product the helper thread keeps a core busy
+while NumPy's single-threaded passes and ttfm_np's own worker threads
+(parallel.py) run, and they share the core with it. n = 4 lets it sleep at once.
+Measured on the `small` U-Net step with 2 BLAS threads and 2 split workers
+(AMD EPYC Zen 4, 2 cores, quiet): 3.5 s with the default, 2.1 s with n = 4
+(docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -31,6 +40,8 @@ import os
 import sys
 
 CORETYPE_ENV = "OPENBLAS_CORETYPE"
+THREAD_TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"
+THREAD_TIMEOUT = "4"             # 2^4 cycles of spinning, OpenBLAS's minimum (module doc)
 
 
 def _cpu_info() -> tuple[str, set]:
@@ -61,8 +72,12 @@ def preferred_coretype(vendor: str, flags: set) -> str | None:
 
 
 def prefer_measured_kernels() -> str | None:
-    """Set OPENBLAS_CORETYPE before numpy loads OpenBLAS (see the module doc). Returns what was set."""
-    if CORETYPE_ENV in os.environ or "numpy" in sys.modules:
+    """Set OPENBLAS_CORETYPE and OPENBLAS_THREAD_TIMEOUT before numpy loads OpenBLAS (see the module
+    doc), each only where you did not. Returns the kernel set asked for (None: OpenBLAS's own)."""
+    if "numpy" in sys.modules:
+        return None
+    os.environ.setdefault(THREAD_TIMEOUT_ENV, THREAD_TIMEOUT)
+    if CORETYPE_ENV in os.environ:
         return None
     choice = preferred_coretype(*_cpu_info())
     if choice is not None:

@@ -105,12 +105,16 @@ def test_model_prediction_for_the_itvm_step():
 
 
 def test_gemm_counter_counts_2mnk_and_restores(rng):
-    from ttfm_np import conv, linear, precision
+    from ttfm_np import conv, linear, parallel, precision
     totals = dict(flops=0.0, bytes=0.0, calls=0)
     x, W = rng.standard_normal((5, 7)), rng.standard_normal((3, 7))
-    with gpu_check.count_gemms(totals):
-        linear.linear_forward(x, W)
-        conv.conv2d_forward(rng.standard_normal((2, 4, 6, 6)), rng.standard_normal((8, 4, 3, 3)), None, 1, 1)
+    parallel.set_workers(1)              # one block of samples: the conv is one GEMM (the GPU never splits)
+    try:
+        with gpu_check.count_gemms(totals):
+            linear.linear_forward(x, W)
+            conv.conv2d_forward(rng.standard_normal((2, 4, 6, 6)), rng.standard_normal((8, 4, 3, 3)), None, 1, 1)
+    finally:
+        parallel.set_workers(None)
     assert totals["calls"] == 2
     assert totals["flops"] == 2 * 5 * 3 * 7 + 2 * 8 * (4 * 9) * (2 * 36)
     assert linear.gemm is precision.matmul and conv.gemm is precision.matmul     # unpatched afterwards

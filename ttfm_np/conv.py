@@ -191,8 +191,7 @@ _CHUNK_BYTES = 10 * 2**20
 def _sample_chunks(N: int, per_sample_bytes: int, chunk_bytes: int | None = None):
     """[(n0, n1), ...] covering range(N), each holding about chunk_bytes (default _CHUNK_BYTES) of
     buffer (at least 1 sample). winograd.py passes its own target (winograd.CHUNK_BYTES)."""
-    step = max(1, (chunk_bytes or _CHUNK_BYTES) // max(1, per_sample_bytes))
-    return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+    return parallel.chunk_range(N, per_sample_bytes, chunk_bytes or _CHUNK_BYTES)
 
 
 # 3x3 / stride 1 / padding 1 convolutions on NumPy arrays in fp32 (or float64) GEMM precision:

@@ -65,6 +65,13 @@ def split_range(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
+def chunk_range(n: int, per_row_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """[(lo, hi), ...] covering range(n), each about chunk_bytes of buffer (at least one row): the
+    cache-sized chunks a worker's block is processed in (conv.py's im2col, winograd.py's tiles)."""
+    step = max(1, chunk_bytes // max(1, per_row_bytes))
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
 def _executor(size: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     if _pool is None or _pool_size < size:

@@ -102,8 +102,7 @@ CACHE_V = False
 
 
 def _chunks(N, per_sample_bytes):
-    from .conv import _sample_chunks        # conv imports this module: import late
-    return _sample_chunks(N, per_sample_bytes, CHUNK_BYTES)
+    return parallel.chunk_range(N, per_sample_bytes, CHUNK_BYTES)
 
 
 def weight_transform(W):

@@ -446,11 +446,12 @@ def final_picks(results, which):
     return picks
 
 
-def curve_table(results, metric, n=1):
+def curve_table(results, metric, n=1, steps=600):
     """Mean over the seeds of `metric` at N = n against updates, for each loss's pick under `metric`;
-    then the updates and seconds (updates x the loss's clean ms/update from `timing`) to reach a
-    common target: per toy, the worst of the losses' values at the largest update count, so every
-    loss reaches it inside the curve (log-linear interpolation between the measured counts)."""
+    then the updates and seconds (updates x the loss's clean ms/update from `timing`) each loss needs
+    to reach a common target: per toy, ITVM's own value after the study's budget (`steps` updates),
+    i.e. how long every loss takes to match ITVM's quality (log-linear interpolation between the
+    measured counts; "<= U" when the first count is already there, "> U" when the last is not)."""
     timing = {r["loss"]: r["ms_per_update"] for r in results.values() if r.get("stage") == "timing"}
     picks = {loss: selected(results, loss, metric) for loss in GRIDS}
     fmt = METRICS[metric]["fmt"]
@@ -462,22 +463,28 @@ def curve_table(results, metric, n=1):
             if rs:
                 us = sorted(int(u) for u in rs[0]["curve"])
                 curves[loss] = (us, [float(np.mean([r["curve"][str(u)][str(n)][metric] for r in rs])) for u in us])
-        if not curves:
+        if "itvm" not in curves or steps not in curves["itvm"][0]:
             continue
         if budgets is None:
-            budgets = next(iter(curves.values()))[0]
+            budgets = curves["itvm"][0]
             lines += [f"{METRICS[metric]['name']} at N = {n} against updates (mean of the final seeds; pick "
-                      f"selected on {metric}); updates and seconds to the toy's common target\n",
+                      f"selected on {metric}); updates and seconds to reach ITVM's value at {steps} updates\n",
                       "| toy | loss | " + " | ".join(f"{u} upd." for u in budgets)
                       + " | target | updates to target | seconds to target |",
                       "|---|---|" + "---|" * len(budgets) + "---|---|---|"]
-        target = max(v[-1] for _, v in curves.values())
+        us_i, vs_i = curves["itvm"]
+        target = vs_i[us_i.index(steps)]
         for loss, (us, vs) in curves.items():
             reach = updates_to(us, vs, target)
             ms = timing.get(loss)
-            secs = "-" if reach is None or ms is None else f"{reach * ms / 1e3:.1f}"
+            if reach is None:
+                upd, secs = f"> {us[-1]}", "-" if ms is None else f"> {us[-1] * ms / 1e3:.1f}"
+            else:
+                first = reach == us[0] and vs[0] <= target
+                upd = f"<= {us[0]}" if first else f"{reach:.0f}"
+                secs = "-" if ms is None else (f"<= {reach * ms / 1e3:.1f}" if first else f"{reach * ms / 1e3:.1f}")
             lines.append(f"| {toy} | {loss} | " + " | ".join(fmt.format(v) for v in vs) + f" | {fmt.format(target)} | "
-                         + ("-" if reach is None else f"{reach:.0f}") + f" | {secs} |")
+                         f"{upd} | {secs} |")
     return "\n".join(lines)
 
 
@@ -664,7 +671,7 @@ def report_cmd(o):
     for metric in METRICS:
         click.echo(verdicts(results, metric=metric) + "\n")
     for metric in METRICS:
-        click.echo(curve_table(results, metric) + "\n")
+        click.echo(curve_table(results, metric, steps=o["steps"]) + "\n")
 
 
 if __name__ == "__main__":

@@ -147,3 +147,26 @@ def test_conv3x3_split_over_threads_matches_the_serial_pass(rng, H, algorithm):
         out[k] = (y, dx, g["weight"], g["bias"])
     for a, c in zip(out[1], out[2]):
         np.testing.assert_allclose(a, c, rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_split_over_threads_matches_the_serial_pass(rng, bias):
+    """1x1 convolutions on NumPy: per-sample products straight in NCHW, split over workers."""
+    from ttfm_np import conv
+    x = rng.standard_normal((5, 6, 4, 3))
+    W, b = rng.standard_normal((7, 6, 1, 1)), (rng.standard_normal(7) if bias else None)
+    dy = rng.standard_normal((5, 7, 4, 3))
+    out = {}
+    for k in (1, 2):
+        parallel.set_workers(k)
+        y, cache = conv.conv2d_forward(x, W, b, 1, 0)
+        assert cache[0] == "pointwise"
+        dx, g = conv.conv2d_backward(dy, cache)
+        out[k] = (y, dx, g["weight"]) + ((g["bias"],) if bias else ())
+        # against the definition: y[n, o, i, j] = b[o] + sum_c W[o, c] x[n, c, i, j]
+        ref = np.einsum("oc,nchw->nohw", W[:, :, 0, 0], x) + (b.reshape(1, 7, 1, 1) if bias else 0)
+        np.testing.assert_allclose(y, ref, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(g["weight"][:, :, 0, 0], np.einsum("nohw,nchw->oc", dy, x), rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(dx, np.einsum("oc,nohw->nchw", W[:, :, 0, 0], dy), rtol=1e-13, atol=1e-13)
+    for a, c in zip(out[1], out[2]):
+        np.testing.assert_allclose(a, c, rtol=1e-13, atol=1e-12)

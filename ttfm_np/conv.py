@@ -253,14 +253,17 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
     ph, pw = as_pair(padding)
     Ho, Wo = conv_output_size(H, kh, stride, ph), conv_output_size(Wd, kw, stride, pw)
     pointwise = _is_pointwise(kh, kw, stride, padding)
+    if pointwise and not backend.is_cupy(xp):
+        return _pointwise_forward_numpy(x, W, b)
     transposed = _uses_transposed_backward(xp, kh, kw, stride, padding)
     if transposed:
-        xc = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(C, N * H * Wd)   # channel-major x
+        xc = xp.empty((C, N, H, Wd), dtype=x.dtype)                  # channel-major x, filled per block below
         Wm = W.reshape(O, C * kh * kw)
         y = xp.empty((N, O, Ho, Wo), dtype=xp.result_type(x, W))
 
         def samples(lo, hi):
             """Samples lo..hi-1 (one block per parallel.run_split worker) in cache-sized chunks."""
+            xc[:, lo:hi] = x[lo:hi].transpose(1, 0, 2, 3)            # this block's part of the copy
             for c0, c1 in _sample_chunks(hi - lo, C * kh * kw * Ho * Wo * x.itemsize):
                 n0, n1 = lo + c0, lo + c1
                 # the same GEMM as below on the columns of samples n0..n1-1 (cache-sized chunks, _CHUNK_BYTES)
@@ -271,7 +274,7 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
                 else:
                     y[n0:n1] = Yt
         parallel.run_split(samples, N)                   # serial with one BLAS thread
-        return y, (xc, W, x.shape, stride, padding, b is not None)
+        return y, (xc.reshape(C, N * H * Wd), W, x.shape, stride, padding, b is not None)
     if pointwise:
         cols = xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(C, N * H * Wd)   # channel-major x
     else:
@@ -291,20 +294,73 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
     return y, cache
 
 
+# 1x1 convolutions on the CPU: per sample, y[n] = W x[n] with x[n] the (C, H*W) block that NCHW
+# already stores contiguously, so the products read and write NCHW directly: no transposed copies
+# to and from a channel-major layout (the im2col path's), and the batch splits over the
+# parallel.run_split workers like the 3x3 convolutions.
+
+def _pointwise_forward_numpy(x, W, b):
+    """x (N, C, H, W), W (O, C, 1, 1) -> y (N, O, H, W), ("pointwise", cache)."""
+    N, C, H, Wd = x.shape
+    O = W.shape[0]
+    Wm = W.reshape(O, C)
+    x3 = x.reshape(N, C, H * Wd)                                       # (N, C, HW), a view
+    y = np.empty((N, O, H * Wd), dtype=np.result_type(x, W))
+
+    def samples(lo, hi):
+        # y[n] = Wm @ x[n] (+ b): one stacked product over the block's samples, (hi-lo, O, HW)
+        prod = gemm(Wm, x3[lo:hi])
+        if b is not None:
+            np.add(prod, b.reshape(1, O, 1), out=y[lo:hi])
+        else:
+            y[lo:hi] = prod
+    parallel.run_split(samples, N)
+    return y.reshape(N, O, H, Wd), ("pointwise", (x3, W, b is not None))
+
+
+def _pointwise_backward_numpy(dy, cache):
+    """dy (N, O, H, W) -> dx (N, C, H, W), {"weight": dW (O, C, 1, 1)[, "bias": db (O,)]}."""
+    x3, W, has_bias = cache
+    N, O, H, Wd = dy.shape
+    C = W.shape[1]
+    dy3 = dy.reshape(N, O, H * Wd)
+    Wt = np.ascontiguousarray(W.reshape(O, C).T)                       # (C, O)
+    dx = np.empty((N, C, H * Wd), dtype=np.result_type(dy, W))
+
+    def samples(lo, hi):
+        # y[n] = Wm x[n] + b  =>  dx[n] = Wm^T dy[n],  dWm = sum_n dy[n] x[n]^T,  db = sum_{n,k} dy[n, :, k]
+        dx[lo:hi] = gemm(Wt, dy3[lo:hi])
+        dWm = gemm(dy3[lo:hi], x3[lo:hi].transpose(0, 2, 1)).sum(axis=0)     # (O, C)
+        db = dy3[lo:hi].sum(axis=2).sum(axis=0) if has_bias else None
+        return dWm, db
+    parts = parallel.run_split(samples, N)               # the blocks' sums added in block order
+    dWm, db = parts[0]
+    for part, db_part in parts[1:]:
+        dWm = dWm + part
+        db = None if db is None else db + db_part
+    grads = {"weight": dWm.reshape(W.shape)}
+    if has_bias:
+        grads["bias"] = db
+    return dx.reshape(N, C, H, Wd), grads
+
+
 def conv2d_backward(dy, cache):
     """dy (N, O, Ho, Wo) -> dx (N, C, H, W), {"weight": dW (O, C, kh, kw)[, "bias": db (O,)]}."""
     if isinstance(cache[0], str) and cache[0] == "winograd":
         return winograd.winograd3x3_backward(dy, cache[1])
+    if isinstance(cache[0], str) and cache[0] == "pointwise":
+        return _pointwise_backward_numpy(dy, cache[1])
     saved, W, x_shape, stride, padding, has_bias = cache
     xp = backend.array_module(dy)
     N, O, Ho, Wo = dy.shape
     _, C, kh, kw = W.shape
     H, Wd = x_shape[2:]
     grads = {}
-    if has_bias:
+    transposed = _uses_transposed_backward(xp, kh, kw, stride, padding)
+    if has_bias and not transposed:
         # y = Y^T + b     =>  db = sum of dy over samples and pixels
         grads["bias"] = dy.reshape(N, O, Ho * Wo).sum(axis=2).sum(axis=0)
-    if _uses_transposed_backward(xp, kh, kw, stride, padding):
+    if transposed:
         # y[n,o,i,j] = sum_{c,p,q} W[o,c,p,q] x[n,c,i+p-ph,j+q-pw]  =>
         # dx[n,c,a,b] = sum_{o,p',q'} Wf[c,o,p',q'] dy[n,o,a+p'-ph',b+q'-pw'],
         # Wf[c,o,p',q'] = W[o,c,kh-1-p',kw-1-q'],  ph' = kh-1-ph, pw' = kw-1-pw:
@@ -320,6 +376,8 @@ def conv2d_backward(dy, cache):
         def samples(lo, hi):
             """Samples lo..hi-1 (one block per parallel.run_split worker) -> this block's part of dWf."""
             dWf = None
+            # y = Y^T + b  =>  db = sum of dy over samples and pixels (this block's samples)
+            db = dy[lo:hi].reshape(hi - lo, O, Ho * Wo).sum(axis=2).sum(axis=0) if has_bias else None
             # cache-sized im2col buffers (_CHUNK_BYTES); the sums over (n, a, b) add up
             for c0, c1 in _sample_chunks(hi - lo, O * kh * kw * HW * dy.itemsize):
                 n0, n1 = lo + c0, lo + c1
@@ -332,11 +390,14 @@ def conv2d_backward(dy, cache):
                     dWf = part
                 else:
                     dWf += part
-            return dWf
+            return dWf, db
         parts = parallel.run_split(samples, N)           # the blocks' parts added in block order
-        dWf = parts[0]
-        for part in parts[1:]:
+        dWf, db = parts[0]
+        for part, db_part in parts[1:]:
             dWf = dWf + part
+            db = None if db is None else db + db_part
+        if has_bias:
+            grads["bias"] = db
         dW = dWf.reshape(O, kh, kw, C)[:, ::-1, ::-1, :].transpose(0, 3, 1, 2)
         grads["weight"] = xp.ascontiguousarray(dW)
         return dx, grads

@@ -229,16 +229,15 @@ def winograd3x3_backward(dy, cache):
     L = th * (tw + 1)
     dt = U.dtype
     grads = {}
-    if has_bias:
-        # y = A^T M A + b  =>  db = sum of dy over samples and pixels
-        grads["bias"] = dy.reshape(N, O, H * Wd).sum(axis=2).sum(axis=0)
     UT = np.ascontiguousarray(U.transpose(0, 2, 1))                        # (16, C, O)
     cached_v = saved.ndim == 5
     dx = np.empty((N, C, H, Wd), dtype=dt)
     dxt = dx.transpose(1, 0, 2, 3)                                         # (C, N, H, W) view
 
     def samples(lo, hi):
-        """Samples lo..hi-1 in cache-sized chunks -> this block's part of dU (16, O, C)."""
+        """Samples lo..hi-1 in cache-sized chunks -> this block's parts of dU (16, O, C) and db (O,)."""
+        # y = A^T M A + b  =>  db = sum of dy over samples and pixels (this block's samples)
+        db = dy[lo:hi].reshape(hi - lo, O, H * Wd).sum(axis=2).sum(axis=0) if has_bias else None
         dU = None
         for c0, c1 in _chunks(hi - lo, 16 * max(C, O) * L * np.dtype(dt).itemsize):
             n0, n1 = lo + c0, lo + c1
@@ -256,12 +255,15 @@ def winograd3x3_backward(dy, cache):
                 dU += part
             dV = gemm(UT, dM).reshape(4, 4, C, n, L)                       # (16, C, n L)
             _input_transform_adjoint(dV, th, tw, dxt[:, n0:n1])
-        return dU
-    # one block of samples per worker (parallel.run_split); their dU parts added in block order
+        return dU, db
+    # one block of samples per worker (parallel.run_split); their dU and db parts added in block order
     parts = parallel.run_split(samples, N)
-    dU = parts[0]
-    for part in parts[1:]:
+    dU, db = parts[0]
+    for part, db_part in parts[1:]:
         dU = dU + part
+        db = None if db is None else db + db_part
+    if has_bias:
+        grads["bias"] = db
     # U = G g G^T  =>  dg = G^T dU G   (float64, as the forward's U)
     dW = np.einsum("ap,aboc,bq->ocpq", G, dU.reshape(4, 4, O, C).astype(np.float64), G, optimize=True)
     grads["weight"] = np.ascontiguousarray(dW, dtype=W.dtype)

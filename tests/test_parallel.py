@@ -170,3 +170,10 @@ def test_pointwise_conv_split_over_threads_matches_the_serial_pass(rng, bias):
         np.testing.assert_allclose(dx, np.einsum("oc,nohw->nchw", W[:, :, 0, 0], dy), rtol=1e-13, atol=1e-13)
     for a, c in zip(out[1], out[2]):
         np.testing.assert_allclose(a, c, rtol=1e-13, atol=1e-12)
+
+
+def test_sum_split_adds_the_blocks_fields_in_block_order_and_keeps_none():
+    parallel.set_workers(2)
+    x = np.arange(10.0)
+    total, nothing = parallel.sum_split(lambda lo, hi: (x[lo:hi].sum(keepdims=True), None), len(x))
+    assert nothing is None and total.tolist() == [45.0]

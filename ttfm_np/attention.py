@@ -30,7 +30,6 @@ def softmax_lastaxis(S):
 
 
 def attention_forward(x, W_qkv, b_qkv, W_out, b_out, heads: int):
-    xp = backend.array_module(x)
     N, C, H, W = x.shape
     if C % heads:
         raise ValueError(f"attention: {C} channels cannot be split into {heads} heads")

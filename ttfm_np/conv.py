@@ -333,11 +333,7 @@ def _pointwise_backward_numpy(dy, cache):
         dWm = gemm(dy3[lo:hi], x3[lo:hi].transpose(0, 2, 1)).sum(axis=0)     # (O, C)
         db = dy3[lo:hi].sum(axis=2).sum(axis=0) if has_bias else None
         return dWm, db
-    parts = parallel.run_split(samples, N)               # the blocks' sums added in block order
-    dWm, db = parts[0]
-    for part, db_part in parts[1:]:
-        dWm = dWm + part
-        db = None if db is None else db + db_part
+    dWm, db = parallel.sum_split(samples, N)             # the blocks' sums added in block order
     grads = {"weight": dWm.reshape(W.shape)}
     if has_bias:
         grads["bias"] = db
@@ -391,11 +387,7 @@ def conv2d_backward(dy, cache):
                 else:
                     dWf += part
             return dWf, db
-        parts = parallel.run_split(samples, N)           # the blocks' parts added in block order
-        dWf, db = parts[0]
-        for part, db_part in parts[1:]:
-            dWf = dWf + part
-            db = None if db is None else db + db_part
+        dWf, db = parallel.sum_split(samples, N)         # the blocks' parts added in block order
         if has_bias:
             grads["bias"] = db
         dW = dWf.reshape(O, kh, kw, C)[:, ::-1, ::-1, :].transpose(0, 3, 1, 2)

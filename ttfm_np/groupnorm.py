@@ -240,14 +240,13 @@ def _forward_numpy_split(x, gamma, beta, groups, eps, silu):
 
 def _backward_numpy_split(dy, x, gamma, beta, mean, rstd, groups, silu, y, s):
     dx = np.empty(x.shape, dtype=np.result_type(dy, x))
-    parts = parallel.run_split(lambda lo, hi: groupnorm_backward_numpy(
-        dy[lo:hi], x[lo:hi], gamma, beta, mean[lo:hi], rstd[lo:hi], groups, silu,
-        None if y is None else y[lo:hi], None if s is None else s[lo:hi], dx[lo:hi]), x.shape[0], _min_rows(x))
     # dgamma, dbeta: sums over samples, the blocks' partial sums added in block order (fixed for a worker count)
-    dgamma, dbeta = parts[0][1], parts[0][2]
-    for _, dg, db in parts[1:]:
-        dgamma = dgamma + dg
-        dbeta = dbeta + db
+    def block(lo, hi):
+        _, dg, db = groupnorm_backward_numpy(dy[lo:hi], x[lo:hi], gamma, beta, mean[lo:hi], rstd[lo:hi], groups,
+                                             silu, None if y is None else y[lo:hi], None if s is None else s[lo:hi],
+                                             dx[lo:hi])               # dx: written into its rows of dx
+        return dg, db
+    dgamma, dbeta = parallel.sum_split(block, x.shape[0], _min_rows(x))
     return dx, dgamma, dbeta
 
 

@@ -187,7 +187,6 @@ def itvm_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout
     terminal term's forwards, so at most one student cache is alive at a time.
     """
     params, cfg = student
-    xp = backend.array_module(x_s)
     grads, metrics, loss = {}, {}, 0.0
     if opts.lambda_init > 0:
         # L_init = || u(x_s, s, s) - v(x_s, s) ||^2

@@ -65,6 +65,16 @@ def split_range(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
+def sum_split(fn, n: int, min_rows: int = 1) -> tuple:
+    """run_split(fn, n) where every block returns a tuple of partial sums (arrays or None): the
+    tuples added field by field in block order, so the result is the same for a given worker count."""
+    parts = run_split(fn, n, min_rows)
+    total = list(parts[0])
+    for part in parts[1:]:
+        total = [None if a is None else a + b for a, b in zip(total, part)]
+    return tuple(total)
+
+
 def chunk_range(n: int, per_row_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
     """[(lo, hi), ...] covering range(n), each about chunk_bytes of buffer (at least one row): the
     cache-sized chunks a worker's block is processed in (conv.py's im2col, winograd.py's tiles)."""

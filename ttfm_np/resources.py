@@ -43,7 +43,6 @@ Only CPU runs are guarded (GPU memory is the device's; its runs are fast).
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import time

@@ -9,7 +9,6 @@ a student (two-time network) takes `steps` jumps phi(x, tau_k, tau_{k+1}).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np

@@ -257,11 +257,7 @@ def winograd3x3_backward(dy, cache):
             _input_transform_adjoint(dV, th, tw, dxt[:, n0:n1])
         return dU, db
     # one block of samples per worker (parallel.run_split); their dU and db parts added in block order
-    parts = parallel.run_split(samples, N)
-    dU, db = parts[0]
-    for part, db_part in parts[1:]:
-        dU = dU + part
-        db = None if db is None else db + db_part
+    dU, db = parallel.sum_split(samples, N)
     if has_bias:
         grads["bias"] = db
     # U = G g G^T  =>  dg = G^T dU G   (float64, as the forward's U)

@@ -177,3 +177,22 @@ def test_sum_split_adds_the_blocks_fields_in_block_order_and_keeps_none():
     x = np.arange(10.0)
     total, nothing = parallel.sum_split(lambda lo, hi: (x[lo:hi].sum(keepdims=True), None), len(x))
     assert nothing is None and total.tolist() == [45.0]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_starts_its_own_workers():
+    """The parent's worker threads do not exist in a forked child: run_split there must not wait on them."""
+    import os
+    parallel.set_workers(2)
+    assert parallel.run_split(lambda lo, hi: hi - lo, 4) == [2, 2]          # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:                                                             # child: exit 0 only if it works
+        import signal
+        signal.alarm(60)                  # a child stuck on the parent's dead workers is killed, not waited on
+        code = 1
+        try:
+            code = 0 if parallel.run_split(lambda lo, hi: hi - lo, 4) == [2, 2] else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

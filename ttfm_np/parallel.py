@@ -82,6 +82,16 @@ def chunk_range(n: int, per_row_bytes: int, chunk_bytes: int) -> list[tuple[int,
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
+def _forget_pool_in_child():
+    """After os.fork the child has the pool object but none of its threads: start a new one there."""
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _executor(size: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     if _pool is None or _pool_size < size:

@@ -196,3 +196,37 @@ def test_a_forked_child_starts_its_own_workers():
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("preset", ["tiny"])
+def test_unet_pass_split_into_sample_blocks_matches_the_serial_pass(rng, preset):
+    """model_forward / model_backward of a U-Net run each block of samples as its own pass on a worker:
+    u and dx the same rows as one pass, parameter gradients the blocks' sums (float64: rounding only)."""
+    from ttfm_np import model
+    cfg = model.make_config(preset, (3, 16, 16))
+    params = {k: v.astype(np.float64) for k, v in model.init_model(cfg, 0).items()}
+    params = {k: v + 0.01 * rng.standard_normal(v.shape) for k, v in params.items()}   # no zero-init outputs
+    x = rng.standard_normal((5, 3, 16, 16))
+    s = rng.random(5)
+    du = rng.standard_normal(x.shape)
+    out = {}
+    for k in (1, 2):
+        parallel.set_workers(k)
+        assert (model._sample_blocks(cfg, x, None) is not None) == (k == 2)
+        u, cache = model.model_forward(params, cfg, x, s)
+        dx, grads = model.model_backward(du, cache)
+        out[k] = (u, dx, grads)
+    np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out[2][1], out[1][1], rtol=1e-12, atol=1e-12)
+    for name, g in out[1][2].items():
+        np.testing.assert_allclose(out[2][2][name], g, rtol=1e-11, atol=1e-12, err_msg=name)
+
+
+def test_seeded_dropout_and_the_mlp_are_not_split_into_sample_blocks(rng):
+    from ttfm_np import model
+    parallel.set_workers(2)
+    x = rng.standard_normal((4, 3, 16, 16))
+    drop = model.make_config("tiny", (3, 16, 16), dropout=0.1)
+    assert model._sample_blocks(drop, x, dropout_seed=7) is None          # masks are drawn for the whole batch
+    assert model._sample_blocks(drop, x, dropout_seed=None) is not None
+    assert model._sample_blocks(model.make_config("mlp", (2,)), rng.standard_normal((8, 2)), None) is None

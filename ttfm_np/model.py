@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from . import adm_unet, mlp, unet
+import numpy as np
+
+from . import adm_unet, backend, mlp, parallel, unet
 
 class Family(NamedTuple):
     """A network family's functions: its config class, init, forward/backward, and the
@@ -79,9 +81,39 @@ def init_model(cfg, seed: int = 0):
     return _family(cfg.kind).init(cfg, seed)
 
 
+def _sample_blocks(cfg, x, dropout_seed):
+    """Blocks of samples that model_forward runs as separate passes on parallel workers, or None.
+
+    With more than one worker (parallel.workers(): OpenBLAS's thread count) a U-Net on NumPy runs
+    each block's whole forward and backward on its own thread: every layer works per sample
+    (GroupNorm normalises within a sample), so the blocks' outputs are the batch's, and the
+    parameter gradients are the blocks' sums. Nothing then runs on one thread alone, which the
+    per-layer splits (groupnorm.py, conv.py) leave to the attention, the residual adds and the
+    copies. Not split: the MLP (the 2-D models run on one thread), CuPy arrays, and dropout with a
+    seed (its masks are drawn for the whole batch)."""
+    if cfg.kind == "mlp" or backend.is_cupy(backend.array_module(x)):
+        return None
+    if dropout_seed is not None and getattr(cfg, "dropout", 0.0) > 0:
+        return None
+    blocks = parallel.split_range(len(x), parallel.workers())
+    return blocks if len(blocks) > 1 else None
+
+
+def _rows(a, lo, hi):
+    """Rows lo..hi-1 of a per-sample time array; a number or None stays as it is."""
+    return a if a is None or np.ndim(a) == 0 else a[lo:hi]
+
+
 def model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad: bool = True):
     """u(x, s[, t]) -> (u, cache), or (u, None) when need_grad is False."""
     forward = _family(cfg.kind).forward
+    blocks = _sample_blocks(cfg, x, dropout_seed)
+    if blocks is not None:
+        parts = parallel.run_blocks(lambda lo, hi: forward(params, cfg, x[lo:hi], _rows(s, lo, hi), _rows(t, lo, hi),
+                                                           dropout_seed, need_grad), blocks)
+        u = np.concatenate([p[0] for p in parts])
+        cache = None if not need_grad else ("blocks", (blocks, [p[1] for p in parts]))
+        return u, (None if cache is None else (cfg.kind, cache))
     u, cache = forward(params, cfg, x, s, t, dropout_seed, need_grad)
     return u, (None if cache is None else (cfg.kind, cache))
 
@@ -93,6 +125,17 @@ def model_backward(du, cache):
                          "for evaluations that need a backward")
     kind, net_cache = cache
     backward = _family(kind).backward
+    if isinstance(net_cache, tuple) and len(net_cache) == 2 and isinstance(net_cache[0], str) \
+            and net_cache[0] == "blocks":
+        # the forward ran per block of samples: the backward too, on the same blocks; dx stacks,
+        # the parameter gradients add up (in block order: the same sum for the same worker count)
+        blocks, caches = net_cache[1]
+        parts = parallel.run_blocks(lambda lo, hi: backward(du[lo:hi], caches[blocks.index((lo, hi))]), blocks)
+        dx = np.concatenate([p[0] for p in parts])
+        grads = dict(parts[0][1])
+        for _, g in parts[1:]:
+            grads = {k: grads[k] + g[k] for k in grads}
+        return dx, grads
     return backward(du, net_cache)
 
 

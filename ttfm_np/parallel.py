@@ -108,7 +108,12 @@ def run_split(fn, n: int, min_rows: int = 1) -> list:
     The calling thread runs the first block itself. An exception in any block is raised here
     (after every block has finished, so no worker still writes into shared output)."""
     k = min(workers(), max(1, n // max(1, min_rows)))
-    blocks = split_range(n, k)
+    return run_blocks(fn, split_range(n, k))
+
+
+def run_blocks(fn, blocks) -> list:
+    """[fn(lo, hi) for (lo, hi) in blocks], the blocks on separate threads (run_split's engine; a caller
+    that must reuse the blocks of an earlier split, such as a backward, passes them here)."""
     if len(blocks) <= 1:
         return [fn(lo, hi) for lo, hi in blocks]
     previous = blas.get_threads()

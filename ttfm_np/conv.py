@@ -267,7 +267,7 @@ def conv2d_forward(x, W, b=None, stride: int = 1, padding=0):
             for c0, c1 in _sample_chunks(hi - lo, C * kh * kw * Ho * Wo * x.itemsize):
                 n0, n1 = lo + c0, lo + c1
                 # the same GEMM as below on the columns of samples n0..n1-1 (cache-sized chunks, _CHUNK_BYTES)
-                cols = im2col_cnhw_numpy(xc.reshape(C, N, H, Wd)[:, n0:n1], kh, kw, stride, padding)
+                cols = im2col_cnhw_numpy(xc[:, n0:n1], kh, kw, stride, padding)
                 Yt = gemm(Wm, cols).reshape(O, n1 - n0, Ho, Wo).transpose(1, 0, 2, 3)   # (n1-n0, O, Ho, Wo)
                 if b is not None:
                     xp.add(Yt, b.reshape(1, O, 1, 1), out=y[n0:n1])                     # y = Y^T + b

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import adm_unet, backend, mlp, parallel, unet
 
+
 class Family(NamedTuple):
     """A network family's functions: its config class, init, forward/backward, and the
     forward-mode tangent pass with its backward (reverse over forward)."""
@@ -99,6 +100,12 @@ def _sample_blocks(cfg, x, dropout_seed):
     return blocks if len(blocks) > 1 else None
 
 
+class _BlockCaches(NamedTuple):
+    """The cache of a forward run per block of samples: the blocks and one network cache each."""
+    blocks: list
+    caches: list
+
+
 def _rows(a, lo, hi):
     """Rows lo..hi-1 of a per-sample time array; a number or None stays as it is."""
     return a if a is None or np.ndim(a) == 0 else a[lo:hi]
@@ -112,7 +119,7 @@ def model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad: bool 
         parts = parallel.run_blocks(lambda lo, hi: forward(params, cfg, x[lo:hi], _rows(s, lo, hi), _rows(t, lo, hi),
                                                            dropout_seed, need_grad), blocks)
         u = np.concatenate([p[0] for p in parts])
-        cache = None if not need_grad else ("blocks", (blocks, [p[1] for p in parts]))
+        cache = _BlockCaches(blocks, [p[1] for p in parts]) if need_grad else None
         return u, (None if cache is None else (cfg.kind, cache))
     u, cache = forward(params, cfg, x, s, t, dropout_seed, need_grad)
     return u, (None if cache is None else (cfg.kind, cache))
@@ -125,12 +132,11 @@ def model_backward(du, cache):
                          "for evaluations that need a backward")
     kind, net_cache = cache
     backward = _family(kind).backward
-    if isinstance(net_cache, tuple) and len(net_cache) == 2 and isinstance(net_cache[0], str) \
-            and net_cache[0] == "blocks":
+    if isinstance(net_cache, _BlockCaches):
         # the forward ran per block of samples: the backward too, on the same blocks; dx stacks,
         # the parameter gradients add up (in block order: the same sum for the same worker count)
-        blocks, caches = net_cache[1]
-        parts = parallel.run_blocks(lambda lo, hi: backward(du[lo:hi], caches[blocks.index((lo, hi))]), blocks)
+        by_block = dict(zip(net_cache.blocks, net_cache.caches))
+        parts = parallel.run_blocks(lambda lo, hi: backward(du[lo:hi], by_block[(lo, hi)]), net_cache.blocks)
         dx = np.concatenate([p[0] for p in parts])
         grads = dict(parts[0][1])
         for _, g in parts[1:]:
@@ -145,7 +151,6 @@ def model_backward(du, cache):
 
 def time_tangent(value, like):
     """A time tangent as an (N,) array of like's dtype: None -> 0, a number -> that number for every row."""
-    from . import backend
     xp = backend.array_module(like)
     if value is None:
         return xp.zeros(like.shape, dtype=like.dtype)

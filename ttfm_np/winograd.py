@@ -233,6 +233,7 @@ def winograd3x3_backward(dy, cache):
     cached_v = saved.ndim == 5
     dx = np.empty((N, C, H, Wd), dtype=dt)
     dxt = dx.transpose(1, 0, 2, 3)                                         # (C, N, H, W) view
+    xt = None if cached_v else saved.astype(dt, copy=False).transpose(1, 0, 2, 3)   # as the forward's xt
 
     def samples(lo, hi):
         """Samples lo..hi-1 in cache-sized chunks -> this block's parts of dU (16, O, C) and db (O,)."""
@@ -245,7 +246,7 @@ def winograd3x3_backward(dy, cache):
             if cached_v:
                 V = np.ascontiguousarray(saved[:, :, :, n0:n1])            # (4, 4, C, n, L)
             else:
-                V = input_transform(saved.astype(dt, copy=False).transpose(1, 0, 2, 3)[:, n0:n1], th, tw)  # as the forward
+                V = input_transform(xt[:, n0:n1], th, tw)                  # recomputed, as the forward
             dM = _output_transform_adjoint(dy[n0:n1], th, tw).reshape(16, O, n * L)
             # M[xi] = U[xi] @ V[xi]  =>  dU[xi] = dM[xi] @ V[xi]^T  (summed over chunks),  dV[xi] = U[xi]^T @ dM[xi]
             part = gemm(dM, V.reshape(16, C, n * L).transpose(0, 2, 1))   # (16, O, C)

@@ -88,6 +88,29 @@ def test_loss_gradients_mlp(rng, kw):
     check_gradients(f, sp, grads, n_max=4, tol=1e-6)
 
 
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_itvm_one_batched_pass_equals_two_passes(rng, monkeypatch, solver):
+    """The MLP on the CPU runs ITVM's two student passes as one pass of 2N rows (and the teacher's
+    v(x_s, s), v(y, t') as one): the same loss, metrics and gradient as the two-pass form, in float64
+    to rounding (the only difference is the order of the sums over rows in the weight gradients)."""
+    tp, tcfg = _teacher()
+    sp, scfg = ttfm.student_from_teacher(tp, tcfg)
+    sp = P.randomize(sp, seed=5, std=0.3)
+    ema = P.randomize(sp, seed=6, std=0.3)
+    x_s, s, t = _batch(rng, (2,), 7)
+    opts = losses.DistillLossConfig(delta=0.1, target_solver=solver, lambda_init=0.7, lambda_term=1.3).validate()
+    args = ((sp, scfg), (ema, scfg), (tp, tcfg), x_s, s, t, opts)
+    assert losses._batch_itvm_passes(scfg, x_s)
+    loss_b, grads_b, m_b = losses.distill_loss(*args)
+    monkeypatch.setattr(losses, "_batch_itvm_passes", lambda cfg, x: False)
+    loss_2, grads_2, m_2 = losses.distill_loss(*args)
+    assert loss_b == pytest.approx(loss_2, rel=1e-13)
+    assert m_b.keys() == m_2.keys() and all(m_b[k] == pytest.approx(m_2[k], rel=1e-13) for k in m_2)
+    assert grads_b.keys() == grads_2.keys()
+    for k in grads_2:
+        np.testing.assert_allclose(grads_b[k], grads_2[k], rtol=1e-12, atol=1e-14 * np.abs(grads_2[k]).max())
+
+
 def test_lfmd_semi_gradient_treats_teacher_output_as_constant(rng):
     """lfmd_teacher_grad=False: the gradient of ||dphi/dt - c||^2 with c = v(phi(theta0), t) frozen."""
     tp, tcfg = _teacher()

@@ -162,12 +162,16 @@ def itvm_terminal_target(ema, teacher, x_s, s, t, opts: DistillLossConfig):
     ema = (params, cfg) of theta^- (or of theta itself when EMA targets are off).
     Pairs with t = s get u_tgt = 0 and must be masked out by the caller.
     """
-    xp = backend.array_module(x_s)
     t_prime = itvm_target_times(s, t, opts)
-    d = bcast(t - t_prime, x_s)
     # y = phi_{theta^-}(x_s, s, t')   (= x_s exactly where t' = s)
     y, _ = phi_forward(ema[0], ema[1], x_s, s, t_prime, need_grad=False)
-    v1 = teacher_velocity(teacher, y, t_prime)
+    return _terminal_target_from(teacher, x_s, s, t, t_prime, y, teacher_velocity(teacher, y, t_prime), opts)
+
+
+def _terminal_target_from(teacher, x_s, s, t, t_prime, y, v1, opts: DistillLossConfig):
+    """The teacher's step from (y, t') to t, given v1 = v(y, t'): u_tgt = (y_hat - x_s) / (t - s)."""
+    xp = backend.array_module(x_s)
+    d = bcast(t - t_prime, x_s)
     if opts.target_solver == "euler":
         y_hat = y + d * v1                                     # y_hat = y + d v(y, t')
     else:                                                      # Heun: trapezoid with an Euler predictor
@@ -187,6 +191,8 @@ def itvm_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout
     terminal term's forwards, so at most one student cache is alive at a time.
     """
     params, cfg = student
+    if opts.lambda_init > 0 and opts.lambda_term > 0 and _batch_itvm_passes(cfg, x_s):
+        return _itvm_loss_batched(student, ema, teacher, x_s, s, t, opts)
     grads, metrics, loss = {}, {}, 0.0
     if opts.lambda_init > 0:
         # L_init = || u(x_s, s, s) - v(x_s, s) ||^2
@@ -210,6 +216,46 @@ def itvm_loss(student, ema, teacher, x_s, s, t, opts: DistillLossConfig, dropout
         metrics["loss_term"] = l_term
     metrics["loss"] = loss
     return loss, grads, metrics
+
+
+def _batch_itvm_passes(cfg, x_s) -> bool:
+    """Run ITVM's two student passes (and two of its teacher passes) as one pass of 2N samples?
+
+    Yes for the MLP on the CPU: its layers are so small (batch 256 x width 128 in the main job) that
+    a pass costs little more than its Python and per-call overhead, which one pass of 2N samples pays
+    once instead of twice (docs/benchmarks.md, "Main job"). No for U-Nets and on the GPU, where
+    a pass is dominated by arithmetic and the separate passes keep only one student cache alive.
+    """
+    return getattr(cfg, "kind", None) == "mlp" and not backend.is_cupy(backend.array_module(x_s))
+
+
+def _itvm_loss_batched(student, ema, teacher, x_s, s, t, opts: DistillLossConfig):
+    """itvm_loss with both terms in one student pass over the 2N rows [x_s; x_s] at times
+    ([s; s], [s; t]), and the teacher's v(x_s, s) and v(y, t') in one pass over [x_s; y].
+
+    The same loss and gradient as the two-pass form: the MLP treats every row on its own, the
+    two terms keep their own means (each over its N rows), and the backward of the stacked
+    output gradient [lambda_init du_init; lambda_term du_term] sums both terms' parameter
+    gradients, as adding the two backwards does (up to float32 rounding of the sums)."""
+    params, cfg = student
+    xp = backend.array_module(x_s)
+    n = x_s.shape[0]
+    t_prime = itvm_target_times(s, t, opts)
+    y, _ = phi_forward(ema[0], ema[1], x_s, s, t_prime, need_grad=False)   # y = phi_{theta^-}(x_s, s, t')
+    v_both = teacher_velocity(teacher, xp.concatenate([x_s, y]), xp.concatenate([s, t_prime]))
+    v_s, v1 = v_both[:n], v_both[n:]                                       # v(x_s, s), v(y, t')
+    u_tgt = _terminal_target_from(teacher, x_s, s, t, t_prime, y, v1, opts)
+    valid = (t - s > 0).astype(x_s.dtype)                                  # the terminal term needs t > s
+    # rows [0, n): u(x_s, s, s) for L_init; rows [n, 2n): u(x_s, s, t) for L_term
+    u_both, cache = model_forward(params, cfg, xp.concatenate([x_s, x_s]), xp.concatenate([s, s]),
+                                  xp.concatenate([s, t]))
+    l_init, du_init = mse_and_grad(u_both[:n], v_s)
+    l_term, du_term = mse_and_grad(u_both[n:], u_tgt, weight=valid)
+    du_init *= opts.lambda_init
+    du_term *= opts.lambda_term
+    grads = model_backward(xp.concatenate([du_init, du_term]), cache)[1]
+    loss = opts.lambda_init * l_init + opts.lambda_term * l_term
+    return loss, grads, dict(loss_init=l_init, loss_term=l_term, loss=loss)
 
 
 # ----------------------------------------------------------------------------- LFMD

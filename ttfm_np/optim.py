@@ -36,10 +36,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backend
+from .flatparams import FlatParams, all_flat
+from .flatparams import zeros_like as flat_zeros_like
 
 # Elements per chunk in the NumPy path: 256 KiB per array, so p, g, m, v and
 # the scratch buffers of one chunk stay in L2 cache together.
 _CHUNK_BYTES = 256 * 1024
+# Elements per partial sum of a FlatParams' squared gradient norm (global_grad_norm).
+_NORM_PIECE = 1 << 16
 
 
 @dataclass
@@ -51,7 +55,9 @@ class AdamState:
 
 
 def adam_init(params) -> AdamState:
-    """Fresh state: step 0, zero moments."""
+    """Fresh state: step 0, zero moments (in one buffer each when params is a FlatParams)."""
+    if isinstance(params, FlatParams):
+        return AdamState(step=0, m=flat_zeros_like(params), v=flat_zeros_like(params))
     return AdamState(step=0,
                      m={k: backend.array_module(p).zeros_like(p) for k, p in params.items()},
                      v={k: backend.array_module(p).zeros_like(p) for k, p in params.items()})
@@ -207,11 +213,23 @@ def adam_step(params, grads, state: AdamState, lr: float, betas=(0.9, 0.999), ep
     state.step += 1
     c = _coefficients(state.step, lr, betas, eps, weight_decay, decoupled)
     scratch = _Scratch(2)              # NumPy: one pair of chunk buffers per dtype, shared by all tensors
+    if all_flat(params, state.m, state.v):
+        # one update over the whole buffers (flatparams.py): the same arithmetic element for element
+        _adam_update(params.buffer, _flat_gradient(params, grads), state.m.buffer, state.v.buffer, c, scratch)
+        return
     for k, p in params.items():
         g, m, v = grads[k], state.m[k], state.v[k]
         if g.dtype != p.dtype:         # e.g. float32 gradients for float64 parameters: g^2 in p's precision
             g = g.astype(p.dtype)
         _adam_update(p, g, m, v, c, scratch)
+
+
+def _flat_gradient(params: FlatParams, grads):
+    """grads as one 1-D array lined up with params.buffer (grads' own buffer when it is a FlatParams alike)."""
+    xp = backend.array_module(params.buffer)
+    if params.same_layout(grads):
+        return grads.buffer
+    return xp.concatenate([xp.ravel(grads[k]).astype(params.buffer.dtype, copy=False) for k in params])
 
 
 class _Scratch:
@@ -237,9 +255,13 @@ def global_grad_norm(grads) -> float:
         return 0.0
     first = next(iter(grads.values()))
     xp = backend.array_module(first)
+    # a FlatParams: the buffer in pieces of _NORM_PIECE elements (a float32 dot over millions of
+    # elements would lose digits; each piece's sum is added in float64 like a tensor's)
+    pieces = ([grads.buffer[a:a + _NORM_PIECE] for a in range(0, grads.buffer.size, _NORM_PIECE)]
+              if isinstance(grads, FlatParams) else [g.ravel() for g in grads.values()])
     # sum g^2 per tensor (BLAS dot), added in float64; on the GPU the sums stay on the device
     # and only the total comes back (one sync); on the CPU they are host floats already
-    squares = [xp.vdot(g.ravel(), g.ravel()).astype(np.float64) for g in grads.values()]
+    squares = [xp.vdot(g, g).astype(np.float64) for g in pieces]
     total = xp.stack(squares).sum() if backend.is_cupy(xp) else np.sum(squares, dtype=np.float64)
     return math.sqrt(float(total))
 
@@ -256,7 +278,7 @@ def clip_grad_norm(grads, max_norm: float) -> float:
     norm = global_grad_norm(grads)
     if math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-12)                # 1e-12 guards nothing here but mirrors torch's form
-        for g in grads.values():
+        for g in ([grads.buffer] if isinstance(grads, FlatParams) else grads.values()):
             g *= scale
     return norm
 
@@ -279,6 +301,9 @@ def ema_update(ema_params, params, decay: float) -> None:
             raise ValueError(f"{k}: EMA copy {e.shape} and parameter {params[k].shape} must have one shape")
     one_minus = 1.0 - decay
     scratch = _Scratch(1)
+    if all_flat(ema_params, params):                     # one pass over the buffers (flatparams.py)
+        _ema_update(ema_params.buffer, params.buffer, decay, one_minus, scratch)
+        return
     for k, e in ema_params.items():
         _ema_update(e, params[k], decay, one_minus, scratch)
 

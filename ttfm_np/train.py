@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import atomic, backend, ckpt, distributed, optim, precision, progress as _progress, seeds
+from . import atomic, backend, ckpt, distributed, flatparams, optim, precision, progress as _progress, seeds
 from . import params as P
 from .ckpt import CHECKPOINT_NAME
 from .losses import VALUE_BEFORE_OPTION, DistillLossConfig
@@ -334,6 +334,11 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
         step = 0
         guard = _Guard(tcfg.explode_factor)
 
+    # parameters, EMA, moments and (in loss_at) gradients each in one buffer: Adam, the EMA and the
+    # gradient norm then run once per step over ~all parameters instead of once per tensor (flatparams.py)
+    params, ema = flatparams.pack(params), flatparams.pack(ema, like=params)
+    opt = optim.AdamState(step=opt.step, m=flatparams.pack(opt.m, like=params),
+                          v=flatparams.pack(opt.v, like=params))
     # every rank must now hold the same state (same seed / same checkpoint): compared bit for bit
     distributed.check_replicas(comm, {"params": params, "ema": ema, "adam_m": opt.m, "adam_v": opt.v,
                                       "adam_step": opt.step, "step": step, "data": data_iter.state_dict()})
@@ -365,7 +370,7 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
                                                         dp.dropout_seed(step_seed(tcfg.seed, step_index, 1)))
         # g = sum_r (n_r / B) g_r: the global-batch mean, the same on every rank (one all-reduce)
         loss, grads, metrics, _ = dp.reduce(loss, grads, metrics)
-        return loss, grads, metrics
+        return loss, flatparams.pack(grads, like=params), metrics
 
     def diverged(problem, at_step):
         saved = ckpt_path if os.path.exists(ckpt_path) else None

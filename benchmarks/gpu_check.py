@@ -48,7 +48,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import numpy as np  # noqa: E402
 
-from ttfm_np import backend, losses, model, objectives, optim, precision, ttfm  # noqa: E402
+from ttfm_np import backend, flatparams, losses, model, objectives, optim, precision, ttfm  # noqa: E402
 from ttfm_np import params as P  # noqa: E402
 
 KINDS = ("itvm", "teacher", "lfmd", "ecd", "meanflow")    # (the order rows are measured in: the main job first)
@@ -151,6 +151,8 @@ def time_ours(kind, preset, batch, warmup, iters, xp, shape=(3, 32, 32), precisi
         opts = losses.DistillLossConfig(loss=loss, **({"lfmd_derivative": derivative} if derivative else {}))
         objective = objectives.DistillObjective(scfg, teacher, opts)
         params, ema = P.to_device(shost, xp), P.to_device(shost, xp)
+    # one buffer each for parameters, EMA, moments and gradients, as train.train_loop keeps them
+    params, ema = flatparams.pack(params), flatparams.pack(ema, like=params)
     state = optim.adam_init(params)
     x1 = xp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch,) + tuple(shape)).astype(np.float32))
     pool = xp.get_default_memory_pool() if backend.is_cupy(xp) else None
@@ -164,6 +166,7 @@ def time_ours(kind, preset, batch, warmup, iters, xp, shape=(3, 32, 32), precisi
             with (count_gemms(totals) if (i == 0 and counts is not None) else contextlib.nullcontext()):
                 t0 = time.perf_counter()
                 loss, grads, _ = objective.loss_and_grads(params, ema, x1, np.random.default_rng(i), i)
+                grads = flatparams.pack(grads, like=params)
                 optim.clip_grad_norm(grads, 1.0)
                 optim.adam_step(params, grads, state, 1e-4)
                 optim.ema_update(ema, params, 0.999)

@@ -86,3 +86,38 @@ def test_unwritable_cache_warns_and_still_evaluates(tmp_path):
     with pytest.warns(UserWarning, match="could not cache"):
         x = evaluate.reference_solution(tm, z, 4, str(blocker / "cache"))
     np.testing.assert_array_equal(x, tm.generate(z, 4, "heun"))
+
+
+def test_precomputed_teacher_solutions_are_exactly_what_the_evaluation_reads(tmp_path, monkeypatch):
+    """pipeline.distill solves the teacher ahead in a child process (evaluate.precompute_teacher_solutions);
+    its plan (teacher_solutions_needed) must cover every teacher solution generate_samples asks for,
+    with the same noise and cache keys, or the evaluation would compute them again."""
+    from ttfm_np import ckpt, pipeline
+    fake = _teacher(tmp_path)
+    path = str(tmp_path / "teacher" / "checkpoint.h5")        # a real checkpoint: the child loads it
+    os.makedirs(os.path.dirname(path))
+    ckpt.save_checkpoint(path, fake.params, ema=fake.params, config=dict(task="teacher", model=fake.cfg.to_dict()))
+    tm = sampling.load_model(path, weights="ema", dtype="float32", role="teacher")
+    cache = str(tmp_path / "reference_cache")
+    steps, n_ref, n, seed = (1, 2, 3, 4), 8, 12, 5
+    evaluate.precompute_teacher_solutions(tm.path, n, seed, steps, n_ref, "float32", cache)
+    assert len(os.listdir(cache)) == len(evaluate.teacher_solutions_needed(steps, n_ref)) == 1 + 4 + 2
+    loaded = sampling.load_model(tm.path, weights="ema", dtype="float32", role="teacher")
+    calls = []
+    monkeypatch.setattr(sampling.LoadedModel, "generate", lambda self, *a: calls.append(a) or 1 / 0)
+    samples = evaluate.generate_samples(loaded, None, loaded.noise(n, seed), steps, n_ref, cache)
+    assert calls == [] and set(samples) == {"reference", "euler_1", "euler_2", "euler_3", "euler_4",
+                                            "heun_1", "heun_2"}
+    # the background process of pipeline.distill writes the same files (spawned: a fresh interpreter)
+    monkeypatch.undo()
+    cache2 = os.path.join(os.path.dirname(path), "reference_cache")
+    with pipeline._teacher_solutions_ahead(True, tm.path, n, seed, steps, n_ref, "float32"):
+        pass
+    assert sorted(os.listdir(cache2)) == sorted(os.listdir(cache))      # same keys: same noise and checkpoint
+    # Not bit-identical under pytest: conftest imports NumPy before ttfm_np.blas can pick OpenBLAS's
+    # Haswell kernels, the fresh child picks them, and other GEMM kernels round float32 differently
+    # (~1e-7 relative per pass). Over at most 2 n_ref = 16 passes of a flow that does not amplify
+    # differences much on [0, 1], 16 passes x 8 ulp ~ 1e-5 of max |x| bounds it (measured: 3e-7).
+    for name in os.listdir(cache):
+        got, want = np.load(os.path.join(cache2, name)), np.load(os.path.join(cache, name))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())

@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from . import atomic, backend, flow, jsonio, metrics
+from . import atomic, backend, blas, flow, jsonio, metrics, sampling
 from .images import save_image_grid, save_panels, scatter_image
 
 
@@ -68,6 +68,33 @@ def teacher_solution(teacher, z, n_steps: int, solver: str = "heun", cache_dir: 
 def reference_solution(teacher, z, n_ref: int, cache_dir: str | None = None):
     """x_ref = the teacher's Heun solution with n_ref steps from noise z (cached: teacher_solution)."""
     return teacher_solution(teacher, z, n_ref, "heun", cache_dir)
+
+
+def teacher_solutions_needed(steps, n_ref: int) -> list:
+    """[(solver, n_steps)] of every teacher solution generate_samples computes: the reference
+    (Heun n_ref), Euler N and, for even N, Heun N/2 (tests/test_evaluate.py checks the two agree)."""
+    plan = [("heun", n_ref)]
+    for n in steps:
+        plan.append(("euler", n))
+        if n % 2 == 0:
+            plan.append(("heun", n // 2))
+    return plan
+
+
+def precompute_teacher_solutions(teacher_path: str, n: int, seed: int, steps, n_ref: int, dtype: str,
+                                 cache_dir: str) -> None:
+    """Fill cache_dir with the teacher's solutions an evaluation of (n, seed, steps, n_ref) will read.
+
+    Run by pipeline.distill in a child process on the CPU while the student trains (the teacher is
+    fixed by then): on a 2-core machine the reference solve then costs no wall time after training.
+    Same noise (sampling.LoadedModel.noise), same cache keys as evaluate_models: a cache hit there.
+    """
+    backend.select_device("cpu")
+    tm = sampling.load_model(teacher_path, weights="ema", dtype=dtype, role="teacher")
+    z = tm.noise(n, seed)
+    with blas.single_threaded_small_gemms(tm.cfg.kind == "mlp"):
+        for solver, n_steps in teacher_solutions_needed(steps, n_ref):
+            teacher_solution(tm, z, n_steps, solver, cache_dir)
 
 
 def generate_samples(teacher, student, z, steps=(1, 2, 4, 8), n_ref: int = 256, cache_dir: str | None = None):

@@ -382,7 +382,10 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
         _check_resources(objective, student_params, ds, tcfg, done, max_cpu_hours, scfg.kind == "mlp")
         log(f"distill: {loss.loss} from {teacher} on {data}, {tcfg.steps} steps of batch {tcfg.batch_size}, "
             f"device {backend.device_name()}, out {out}")
-        with _locked_run(out), blas.single_threaded_small_gemms(scfg.kind == "mlp"):
+        eval_n = eval_n or (2000 if ds.kind == "toy" else 256)
+        ahead = evaluate and _solve_teacher_ahead(tm.cfg)
+        with _locked_run(out), blas.single_threaded_small_gemms(scfg.kind == "mlp"), \
+                _teacher_solutions_ahead(ahead, teacher, eval_n, eval_seed, eval_steps, eval_n_ref, tcfg.dtype):
             _, _, step = train.train_loop(out, model_cfg=scfg, init_params=student_params, objective=objective,
                                           data_iter=_batches(ds, tcfg), tcfg=tcfg, resume=resume,
                                           run_config=run_config, progress=progress, max_cpu_hours=max_cpu_hours)
@@ -394,6 +397,54 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
                                       out=os.path.join(out, "eval"), seed=eval_seed, data_dir=data_dir,
                                       dtype=tcfg.dtype)
     return result
+
+
+def _solve_teacher_ahead(teacher_cfg) -> bool:
+    """Compute the evaluation's teacher solutions in a second process while the student trains?
+
+    For an MLP teacher on the CPU, in one process, with at least two CPUs to run on: the student
+    then trains on one BLAS thread (blas.single_threaded_small_gemms) and leaves a core idle, where
+    the teacher's 256-step reference solve (about a seventh of the main job) costs no wall time.
+    Not for U-Nets (their training uses every core) nor under mpiexec (the ranks split the evaluation).
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (teacher_cfg.kind == "mlp" and not backend.is_cupy(backend.get_xp())
+            and distributed.current().size == 1 and cpus >= 2)
+
+
+def _precompute_in_child(*args):
+    """The child's entry point: Ctrl-C is the parent's to handle (it stops the child), not a second traceback."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    evaluation.precompute_teacher_solutions(*args)
+
+
+@contextlib.contextmanager
+def _teacher_solutions_ahead(enabled: bool, teacher: str, n: int, seed: int, steps, n_ref: int, dtype: str):
+    """While the block runs, a child process writes the teacher solutions that evaluate_models(teacher,
+    n=n, seed=seed, steps=steps, n_ref=n_ref) reads from the teacher's reference cache
+    (evaluate.precompute_teacher_solutions). The block's end waits for the child; if the child failed,
+    a warning says so and the evaluation computes the solutions itself. An error in the block stops it."""
+    if not enabled:
+        yield
+        return
+    import multiprocessing
+    cache_dir = os.path.join(os.path.dirname(os.path.abspath(teacher)), "reference_cache")
+    # spawn, not fork: a fresh interpreter, whatever threads (OpenBLAS, workers) this process runs
+    child = multiprocessing.get_context("spawn").Process(
+        target=_precompute_in_child, name="ttfm-teacher-solutions", daemon=True,
+        args=(teacher, n, seed, tuple(steps), n_ref, dtype, cache_dir))
+    child.start()
+    try:
+        yield
+    except BaseException:
+        child.terminate()
+        child.join()
+        raise
+    child.join()
+    if child.exitcode != 0:
+        warnings.warn(f"the teacher's evaluation solutions were not computed ahead (the background process "
+                      f"ended with exit code {child.exitcode}); the evaluation computes them now")
 
 
 # ----------------------------------------------------------------------------- evaluation and sampling

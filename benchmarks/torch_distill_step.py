@@ -16,6 +16,8 @@
         t' = t - kappa (t - s), y = phi_ema(x_s, s, t'), y_hat = Heun step of the teacher from t' to t
         L_term = || u(x_s, s, t) - sg((y_hat - x_s) / (t - s)) ||^2      (pairs with t > s)
         clip the gradient norm to 1, Adam, EMA of the student
+      with the MLP both sides evaluate u(x_s, s, s) and u(x_s, s, t) in one pass of 2N rows, and
+      v(x_s, s), v(y, t') in one teacher pass (ttfm_np: losses._itvm_loss_batched)
     teacher: L = || v(x_t, t) - (x1 - x0) ||^2, clip, Adam, EMA
 
 The PyTorch side builds the identical networks (benchmarks/torch_reference.py,
@@ -72,19 +74,19 @@ def torch_update(kind, preset, batch, lr=1e-4, ema_decay=0.99):
         s, t = torch.minimum(a, b), torch.maximum(a, b)
         x_s = (1 - s)[:, None] * x0 + s[:, None] * x1
         with torch.no_grad():
-            v_s = teacher(x_s, s)
-        l_init = ((net(x_s, s, s) - v_s) ** 2).mean(dim=1).mean()
-        with torch.no_grad():
             t_prime = t - kappa * (t - s)
             d = (t - t_prime)[:, None]
             y = x_s + (t_prime - s)[:, None] * ema(x_s, s, t_prime)          # phi_ema(x_s, s, t')
-            v1 = teacher(y, t_prime)
+            v_s, v1 = teacher(torch.cat([x_s, y]), torch.cat([s, t_prime])).chunk(2)   # v(x_s, s), v(y, t')
             v2 = teacher(y + d * v1, t)
             y_hat = y + 0.5 * d * (v1 + v2)                                  # Heun
             gap = t - s
             u_tgt = (y_hat - x_s) / torch.where(gap > 0, gap, torch.ones_like(gap))[:, None]
             valid = (gap > 0).to(x0.dtype)
-        l_term = (valid * ((net(x_s, s, t) - u_tgt) ** 2).mean(dim=1)).mean()
+        # both student evaluations in one pass of 2N rows, as ttfm_np's losses._itvm_loss_batched
+        u_init, u_term = net(torch.cat([x_s, x_s]), torch.cat([s, s]), torch.cat([s, t])).chunk(2)
+        l_init = ((u_init - v_s) ** 2).mean(dim=1).mean()
+        l_term = (valid * ((u_term - u_tgt) ** 2).mean(dim=1)).mean()
         return l_init + l_term
 
     def teacher_loss(x0):

@@ -40,7 +40,7 @@ import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ttfm_np import blas, losses, model, ttfm  # noqa: E402  (first: it picks the OpenBLAS kernels, ttfm_np/blas.py)
+from ttfm_np import backend, blas, losses, model, ttfm  # noqa: E402  (first: it picks the OpenBLAS kernels, ttfm_np/blas.py)
 import numpy as np  # noqa: E402
 from gpu_check import time_ours  # noqa: E402
 
@@ -129,6 +129,7 @@ def time_torch(update, warmup, iters):
               help="threads for both sides (the main job runs its 2-D models on one OpenBLAS thread)")
 def main(kind, preset, batch, warmup, iters, rounds, threads):
     import torch
+    backend.select_device("cpu")         # as the CLI does: NumPy arrays, and the allocator tuned (backend.py)
     if not blas.set_threads(threads):
         raise click.UsageError("--threads: NumPy bundles no OpenBLAS here, so its thread count cannot be set")
     torch.set_num_threads(threads)

@@ -83,11 +83,25 @@ def test_worker_count_follows_openblas_unless_pinned():
         blas.set_threads(1)
         assert parallel.workers() == 1
         parallel.set_workers(2)
-        assert parallel.workers() == min(2, __import__("os").cpu_count())
+        assert parallel.workers() == min(2, parallel.usable_cpus())
         with pytest.raises(ValueError, match=">= 1"):
             parallel.set_workers(0)
     finally:
         blas.set_threads(before)
+
+
+def test_workers_never_exceed_the_cpus_this_process_may_use(monkeypatch):
+    """A container or taskset may allow fewer CPUs than the machine has (os.cpu_count()): the
+    affinity mask caps the workers, or two threads would share one core."""
+    import os
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("this OS reports no CPU affinity (os.sched_getaffinity)")
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    parallel.set_workers(4)
+    assert parallel.usable_cpus() == 1 and parallel.workers() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7})
+    assert parallel.usable_cpus() == 3 and parallel.workers() == 3
 
 
 @pytest.mark.parametrize("silu", [False, True])

@@ -185,3 +185,33 @@ def test_ranks_share_image_data_through_one_memory_mapped_file(tmp_path, monkeyp
                                                                           comm=comm))
     assert errors == [None, None], errors
     assert len(results[0].data) == 6 and len(os.listdir(tmp_path / "data" / "cache")) == 2
+
+
+def test_teacher_solutions_are_computed_ahead_only_where_a_core_is_free(monkeypatch):
+    """A second process for the evaluation's teacher solutions: MLP teachers on the CPU, one process,
+    at least two usable CPUs; never for U-Nets (their training takes every core) or a single CPU."""
+    from ttfm_np import model, parallel
+    mlp, unet = model.make_config("mlp-tiny", (2,)), model.make_config("tiny", (1, 8, 8))
+    monkeypatch.setattr(parallel, "usable_cpus", lambda: 2)
+    assert pipeline._solve_teacher_ahead(mlp) and not pipeline._solve_teacher_ahead(unet)
+    monkeypatch.setattr(parallel, "usable_cpus", lambda: 1)
+    assert not pipeline._solve_teacher_ahead(mlp)
+
+
+def test_main_job_evaluates_from_the_solutions_computed_ahead(tiny_recipes, monkeypatch):
+    """distill on toy data: the child process fills the teacher's reference cache during training,
+    so the evaluation in this process solves no teacher ODE (every teacher row is a cache hit)."""
+    from ttfm_np import evaluate, parallel
+    monkeypatch.setattr(parallel, "usable_cpus", lambda: 2)
+    solved = []
+    real = evaluate.teacher_solution
+
+    def counting(teacher, z, n_steps, solver="heun", cache_dir=None):
+        before = set(os.listdir(cache_dir)) if cache_dir and os.path.isdir(cache_dir) else set()
+        out = real(teacher, z, n_steps, solver, cache_dir)
+        solved.append(set(os.listdir(cache_dir)) - before)          # a new file: solved here, not read
+        return out
+    monkeypatch.setattr(evaluate, "teacher_solution", counting)
+    run = pipeline.distill("toy:moons", quick=True, eval_steps=(1, 2), eval_n=16, eval_n_ref=4, progress=False)
+    assert len(solved) == len(evaluate.teacher_solutions_needed((1, 2), 4)) and not any(solved)
+    assert run.rows and run.rows[0]["method"].startswith("teacher heun 4")

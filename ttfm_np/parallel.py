@@ -42,13 +42,21 @@ def set_workers(n: int | None) -> None:
     _forced = None if n is None else int(n)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS reports one (a container or
+    `taskset` may allow fewer than os.cpu_count(), which counts the whole machine), else the CPU count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def workers() -> int:
     """How many threads run_split uses now: 1 outside the main thread, else the pinned count or
-    OpenBLAS's thread count (1 where NumPy bundles no OpenBLAS), at most the CPU count."""
+    OpenBLAS's thread count (1 where NumPy bundles no OpenBLAS), at most the usable CPUs."""
     if threading.current_thread() is not threading.main_thread():
         return 1
     n = _forced if _forced is not None else (blas.get_threads() or 1)
-    return max(1, min(n, os.cpu_count() or 1))
+    return max(1, min(n, usable_cpus()))
 
 
 def split_range(n: int, parts: int) -> list[tuple[int, int]]:

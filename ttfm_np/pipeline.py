@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from . import backend, blas, ckpt, data as datasets, evaluate as evaluation, images, losses, metrics, model, recipes
 from . import atomic, inputs, jsonio, resources
 from . import params as P
-from . import distributed, sampling, train, ttfm
+from . import distributed, parallel, sampling, train, ttfm
 from .ckpt import CHECKPOINT_NAME
 from .objectives import DistillObjective, FlowMatchingObjective
 from .progress import log
@@ -407,9 +407,8 @@ def _solve_teacher_ahead(teacher_cfg) -> bool:
     the teacher's 256-step reference solve (about a seventh of the main job) costs no wall time.
     Not for U-Nets (their training uses every core) nor under mpiexec (the ranks split the evaluation).
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return (teacher_cfg.kind == "mlp" and not backend.is_cupy(backend.get_xp())
-            and distributed.current().size == 1 and cpus >= 2)
+            and distributed.current().size == 1 and parallel.usable_cpus() >= 2)
 
 
 def _precompute_in_child(*args):

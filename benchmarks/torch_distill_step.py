@@ -47,6 +47,27 @@ from gpu_check import time_ours  # noqa: E402
 import unet_step  # noqa: E402  (simd_levels)
 
 
+def torch_itvm_loss(net, ema, teacher, x_s, s, t, kappa):
+    """ITVM with the library's defaults (relative Delta: t' = t - kappa (t - s); Heun target), the
+    student's two terms in one pass of 2N rows and v(x_s, s), v(y, t') in one teacher pass, as
+    ttfm_np's losses._itvm_loss_batched (tests/test_benchmark_scripts.py: the same loss and gradient)."""
+    import torch
+    with torch.no_grad():
+        t_prime = t - kappa * (t - s)
+        d = (t - t_prime)[:, None]
+        y = x_s + (t_prime - s)[:, None] * ema(x_s, s, t_prime)          # phi_ema(x_s, s, t')
+        v_s, v1 = teacher(torch.cat([x_s, y]), torch.cat([s, t_prime])).chunk(2)   # v(x_s, s), v(y, t')
+        v2 = teacher(y + d * v1, t)
+        y_hat = y + 0.5 * d * (v1 + v2)                                  # Heun
+        gap = t - s
+        u_tgt = (y_hat - x_s) / torch.where(gap > 0, gap, torch.ones_like(gap))[:, None]
+        valid = (gap > 0).to(x_s.dtype)
+    u_init, u_term = net(torch.cat([x_s, x_s]), torch.cat([s, s]), torch.cat([s, t])).chunk(2)
+    l_init = ((u_init - v_s) ** 2).mean(dim=1).mean()
+    l_term = (valid * ((u_term - u_tgt) ** 2).mean(dim=1)).mean()
+    return l_init + l_term
+
+
 def torch_update(kind, preset, batch, lr=1e-4, ema_decay=0.99):
     """(update(i), description) for the PyTorch version of one update of `kind` ('itvm' or 'teacher')."""
     import torch
@@ -73,21 +94,7 @@ def torch_update(kind, preset, batch, lr=1e-4, ema_decay=0.99):
         a, b = torch.rand(batch), torch.rand(batch)
         s, t = torch.minimum(a, b), torch.maximum(a, b)
         x_s = (1 - s)[:, None] * x0 + s[:, None] * x1
-        with torch.no_grad():
-            t_prime = t - kappa * (t - s)
-            d = (t - t_prime)[:, None]
-            y = x_s + (t_prime - s)[:, None] * ema(x_s, s, t_prime)          # phi_ema(x_s, s, t')
-            v_s, v1 = teacher(torch.cat([x_s, y]), torch.cat([s, t_prime])).chunk(2)   # v(x_s, s), v(y, t')
-            v2 = teacher(y + d * v1, t)
-            y_hat = y + 0.5 * d * (v1 + v2)                                  # Heun
-            gap = t - s
-            u_tgt = (y_hat - x_s) / torch.where(gap > 0, gap, torch.ones_like(gap))[:, None]
-            valid = (gap > 0).to(x0.dtype)
-        # both student evaluations in one pass of 2N rows, as ttfm_np's losses._itvm_loss_batched
-        u_init, u_term = net(torch.cat([x_s, x_s]), torch.cat([s, s]), torch.cat([s, t])).chunk(2)
-        l_init = ((u_init - v_s) ** 2).mean(dim=1).mean()
-        l_term = (valid * ((u_term - u_tgt) ** 2).mean(dim=1)).mean()
-        return l_init + l_term
+        return torch_itvm_loss(net, ema, teacher, x_s, s, t, kappa)
 
     def teacher_loss(x0):
         t = torch.rand(batch)

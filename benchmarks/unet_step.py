@@ -29,7 +29,7 @@ import time
 import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ttfm_np import backend, blas, conv, flow, model, optim  # noqa: E402
+from ttfm_np import backend, blas, conv, flow, model, optim, winograd  # noqa: E402
 import numpy as np  # noqa: E402  (after ttfm_np, which picks the OpenBLAS kernels first: ttfm_np/blas.py)
 from ttfm_np.unet import layout  # noqa: E402
 
@@ -206,10 +206,15 @@ def alternate_rounds(rec, rounds, ours_fn, torch_fn, ours, theirs):
               "(on a busy machine the load changes between the two; the per-round ratio is reported)")
 @click.option("--conv3x3", type=click.Choice(conv.CONV3X3_ALGORITHMS), default=conv.CONV3X3,
               help="ttfm_np's algorithm for the NumPy 3x3 / stride 1 / padding 1 convolutions (ttfm_np/conv.py)")
+@click.option("--winograd-v", type=click.Choice(["keep", "recompute"]), default=None,
+              help="whether the Winograd forward keeps its transformed input V for the backward "
+              "(ttfm_np/winograd.py CACHE_V; default: the library's)")
 def main(model_name, batch, resolution, channels, warmup, iters, device, against, torch_only, json_out, threads,
-         rounds, conv3x3):
+         rounds, conv3x3, winograd_v):
     xp = backend.select_device(device)
     conv.set_conv3x3_algorithm(conv3x3)
+    if winograd_v is not None:
+        winograd.CACHE_V = winograd_v == "keep"
     if threads is not None and not blas.set_threads(threads):
         raise click.UsageError("--threads: NumPy bundles no OpenBLAS here, so its thread count cannot be set")
     if model_name == "mlp":
@@ -224,9 +229,10 @@ def main(model_name, batch, resolution, channels, warmup, iters, device, against
                params=int(n_params), device=device, step_gflop=flops / 1e9,
                machine=platform.processor() or platform.machine(), threads=os.cpu_count(),
                blas_threads=None if backend.is_cupy(xp) else blas.get_threads(),
-               simd=simd_levels(), conv3x3=conv3x3)
+               simd=simd_levels(), conv3x3=conv3x3, winograd_keeps_v=winograd.CACHE_V)
     click.echo(f"{model_name} ({n_params:,} params), batch {batch}, {device}: step = {flops / 1e9:.1f} GFLOP")
-    click.echo(f"  SIMD: {rec['simd']}, OpenBLAS threads {rec['blas_threads']}, 3x3 convs: {conv3x3}")
+    click.echo(f"  SIMD: {rec['simd']}, OpenBLAS threads {rec['blas_threads']}, 3x3 convs: {conv3x3}"
+               + (f" (Winograd {'keeps' if winograd.CACHE_V else 'recomputes'} V)" if conv3x3 == "winograd" else ""))
     if not torch_only:
         ours, ours_mem = time_ours(cfg, batch, warmup, iters, xp)   # first: freed buffers would hide memory
         peak = sgemm_peak(xp)

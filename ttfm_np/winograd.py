@@ -95,9 +95,14 @@ AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)                 
 CHUNK_BYTES = 1 * 2**20
 
 # What the forward keeps for the backward: False = x only (the backward recomputes V, one more
-# input transform), True = V itself (about 4x the activation, written out of cache). Measured over the
-# small U-Net's 3x3 convolutions (weighted by their count, ms per step): 1 MiB chunks x 3559 / V 3669,
-# 4 MiB x 3655 / V 3565: no difference beyond the noise (+-5%), so the default keeps the 4x less memory.
+# input transform), True = each chunk's V array itself (about 4x the activation, no copies). Measured
+# over the small U-Net's 3x3 convolutions (weighted by their count, ms per step): 1 MiB chunks x 3559 /
+# V 3669, 4 MiB x 3655 / V 3565 (V then copied into one array and out again). With the chunks kept as they
+# are (2026-12-06, whole small U-Net step, batch 32, 1 thread, AVX-512, same process, alternated): median
+# 0.93-0.94x of the recomputing step over 5-8 rounds, but single rounds from 0.68x to 1.20x on a noisy
+# host, and benchmarks/unet_step.py --winograd-v keep against torch 1.25x [1.24, 1.35] vs recompute 1.22x
+# [1.12, 1.27], with the step's memory 849 -> 1637 MiB. No gain shown beyond the noise for twice the
+# memory: the default recomputes.
 CACHE_V = False
 
 
@@ -191,7 +196,7 @@ def winograd3x3_forward(x, W, b=None, cache_v: bool | None = None):
     """x (N, C, H, W), W (O, C, 3, 3), b (O,) or None -> y (N, O, H, W), cache. Stride 1, padding 1.
 
     cache_v (default CACHE_V): False keeps only x (by reference, as linear.py does) and the
-    backward recomputes V; True keeps V (16, C, N th (tw+1)): about 4x the activation.
+    backward recomputes V; True keeps every chunk's V (4, 4, C, n, th (tw+1)): about 4x the activation.
     """
     N, C, H, Wd = x.shape
     O = W.shape[0]
@@ -204,7 +209,7 @@ def winograd3x3_forward(x, W, b=None, cache_v: bool | None = None):
     U = weight_transform(W.astype(dt, copy=False))                        # (16, O, C)
     xt = x.astype(dt, copy=False).transpose(1, 0, 2, 3)                   # (C, N, H, W) view
     y = np.empty((N, O, H, Wd), dtype=dt)
-    Vs = np.empty((4, 4, C, N, L), dtype=dt) if cache_v else None
+    Vs = {"x": x} if cache_v else None                                    # (n0, n1) -> that chunk's V
 
     def samples(lo, hi):
         """Samples lo..hi-1, in cache-sized chunks; each worker of parallel.run_split takes one block."""
@@ -213,7 +218,7 @@ def winograd3x3_forward(x, W, b=None, cache_v: bool | None = None):
             n = n1 - n0
             V = input_transform(xt[:, n0:n1], th, tw)                      # (4, 4, C, n, L)
             if cache_v:
-                Vs[:, :, :, n0:n1] = V
+                Vs[n0, n1] = V                 # the chunk's own array: kept, not copied (one dict entry per chunk)
             M = gemm(U, V.reshape(16, C, n * L))                           # M[xi] = U[xi] @ V[xi]   (16, O, n L)
             output_transform(M.reshape(4, 4, O, n, th, tw + 1), y[n0:n1], b)   # y = A^T M A + b
     parallel.run_split(samples, N)                                         # serial with one BLAS thread
@@ -230,10 +235,11 @@ def winograd3x3_backward(dy, cache):
     dt = U.dtype
     grads = {}
     UT = np.ascontiguousarray(U.transpose(0, 2, 1))                        # (16, C, O)
-    cached_v = saved.ndim == 5
+    cached_v = isinstance(saved, dict)
     dx = np.empty((N, C, H, Wd), dtype=dt)
     dxt = dx.transpose(1, 0, 2, 3)                                         # (C, N, H, W) view
-    xt = None if cached_v else saved.astype(dt, copy=False).transpose(1, 0, 2, 3)   # as the forward's xt
+    x_saved = saved["x"] if cached_v else saved
+    xt = x_saved.astype(dt, copy=False).transpose(1, 0, 2, 3)             # as the forward's xt
 
     def samples(lo, hi):
         """Samples lo..hi-1 in cache-sized chunks -> this block's parts of dU (16, O, C) and db (O,)."""
@@ -243,9 +249,9 @@ def winograd3x3_backward(dy, cache):
         for c0, c1 in _chunks(hi - lo, 16 * max(C, O) * L * np.dtype(dt).itemsize):
             n0, n1 = lo + c0, lo + c1
             n = n1 - n0
-            if cached_v:
-                V = np.ascontiguousarray(saved[:, :, :, n0:n1])            # (4, 4, C, n, L)
-            else:
+            if cached_v and (n0, n1) in saved:
+                V = saved[n0, n1]                  # the forward's chunk (the same split: same N, same workers)
+            else:                                  # (a worker count changed since the forward: other chunks)
                 V = input_transform(xt[:, n0:n1], th, tw)                  # recomputed, as the forward
             dM = _output_transform_adjoint(dy[n0:n1], th, tw).reshape(16, O, n * L)
             # M[xi] = U[xi] @ V[xi]  =>  dU[xi] = dM[xi] @ V[xi]^T  (summed over chunks),  dV[xi] = U[xi]^T @ dM[xi]

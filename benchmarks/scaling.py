@@ -48,7 +48,7 @@ def main(model_name, batches, resolutions, base_batch, base_resolution, channels
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     grid = [(int(b), base_resolution) for b in batches.split(",")]
     grid += [(base_batch, int(r)) for r in resolutions.split(",") if (base_batch, int(r)) not in grid]
-    click.echo(f"| batch | resolution | GFLOP/step | ttfm_np s/step | ttfm_np GFLOP/s | ttfm_np step memory MiB |"
+    click.echo("| batch | resolution | GFLOP/step | ttfm_np s/step | ttfm_np GFLOP/s | ttfm_np step memory MiB |"
                + (" torch s/step | torch step memory MiB | ours / torch |" if with_torch else ""))
     click.echo("|---|---|---|---|---|---|" + ("---|---|---|" if with_torch else ""))
     for batch, res in grid:

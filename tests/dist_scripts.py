@@ -46,7 +46,7 @@ def train(kind, out, steps, resume=""):
     from ttfm_np.data import BatchIterator, make_toy
     from ttfm_np.objectives import DistillObjective, FlowMatchingObjective
 
-    comm = D.setup("auto", device="cpu")
+    D.setup("auto", device="cpu")
     xp = backend.select_device("cpu")
     tcfg = T.TrainConfig(steps=int(steps), batch_size=8, lr=1e-2, warmup=0, grad_clip=1.0, ema_decay=0.9,
                          seed=3, log_every=1, ckpt_every=2, sample_every=0, dtype="float64")

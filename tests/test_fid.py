@@ -150,7 +150,7 @@ def _few_features(monkeypatch, dims=64):
 
 def _random_inception_in_data_dir(tmp_path, monkeypatch, seed):
     """data/ -> tmp_path, holding inception_fid.h5 with random weights (no torch needed)."""
-    from ttfm_np import fid as fid_mod, inception
+    from ttfm_np import inception
     monkeypatch.setattr(recipes, "DATA_DIR", str(tmp_path))         # the data root (recipes.data_root)
     units = inception.fold_batchnorm(inception.random_weights(seed))
     inception.save_units(units, str(tmp_path / inception.WEIGHTS_H5), source="random")

@@ -133,7 +133,6 @@ def test_cli_train_sample_distill_eval(tmp_path):
 def test_distilled_student_beats_teacher_euler_at_one_step(tmp_path):
     """A tiny teacher on a 2-D toy, distilled with ITVM: the 1-step student lands
     closer to the teacher's reference ODE solution than 1-step Euler does."""
-    from ttfm_np import evaluate, sampling
     r = CliRunner()
     t, s = tmp_path / "t", tmp_path / "s"
     assert r.invoke(cli.cli, ["train", "--data", "toy:8gaussians", "--model", "mlp-tiny", "--steps", "400",

@@ -236,11 +236,38 @@ def test_unet_pass_split_into_sample_blocks_matches_the_serial_pass(rng, preset)
         np.testing.assert_allclose(out[2][2][name], g, rtol=1e-11, atol=1e-12, err_msg=name)
 
 
-def test_seeded_dropout_and_the_mlp_are_not_split_into_sample_blocks(rng):
+def test_seeded_dropout_and_small_mlp_batches_are_not_split_into_sample_blocks(rng):
     from ttfm_np import model
     parallel.set_workers(2)
     x = rng.standard_normal((4, 3, 16, 16))
     drop = model.make_config("tiny", (3, 16, 16), dropout=0.1)
     assert model._sample_blocks(drop, x, dropout_seed=7) is None          # masks are drawn for the whole batch
     assert model._sample_blocks(drop, x, dropout_seed=None) is not None
-    assert model._sample_blocks(model.make_config("mlp", (2,)), rng.standard_normal((8, 2)), None) is None
+    mlp = model.make_config("mlp", (2,))
+    small = 2 * model.MLP_MIN_BLOCK_ROWS - 1                               # a block would be under the minimum
+    assert model._sample_blocks(mlp, rng.standard_normal((small, 2)), None) is None
+    assert model._sample_blocks(mlp, rng.standard_normal((small + 1, 2)), None) == [(0, small // 2 + 1),
+                                                                                    (small // 2 + 1, small + 1)]
+
+
+@pytest.mark.parametrize("two_time", [False, True])
+def test_mlp_pass_split_into_sample_blocks_matches_the_serial_pass(rng, two_time):
+    """A large MLP batch with two workers runs as two blocks (model.MLP_MIN_BLOCK_ROWS rows or more each):
+    the same u and dx rows and the parameter gradients as the blocks' sums (float64: rounding only)."""
+    from ttfm_np import model
+    cfg = model.make_config("mlp-tiny", (2,), two_time=two_time)
+    params = {k: v.astype(np.float64) + 0.1 * rng.standard_normal(v.shape) for k, v in model.init_model(cfg, 0).items()}
+    n = 2 * model.MLP_MIN_BLOCK_ROWS + 3
+    x, s, t = rng.standard_normal((n, 2)), rng.random(n), rng.random(n)
+    du = rng.standard_normal(x.shape)
+    out = {}
+    for k in (1, 2):
+        parallel.set_workers(k)
+        assert (model._sample_blocks(cfg, x, None) is not None) == (k == 2)
+        u, cache = model.model_forward(params, cfg, x, s, t if two_time else None)
+        dx, grads = model.model_backward(du, cache)
+        out[k] = (u, dx, grads)
+    np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out[2][1], out[1][1], rtol=1e-12, atol=1e-12)
+    for name, g in out[1][2].items():
+        np.testing.assert_allclose(out[2][2][name], g, rtol=1e-11, atol=1e-12, err_msg=name)

@@ -82,6 +82,13 @@ def init_model(cfg, seed: int = 0):
     return _family(cfg.kind).init(cfg, seed)
 
 
+# The MLP splits into blocks only when every block gets this many rows: below, a layer call costs
+# about its Python overhead and two threads only contend for the GIL. Measured (benchmarks/unet_step.py
+# --model mlp --threads 2 against torch, AVX-512): batch 4096 1.15-1.17x -> 0.89-0.92x, batch 1024
+# 1.12x -> 0.90x with blocks; the main job's batch of 256 runs on one thread and never splits.
+MLP_MIN_BLOCK_ROWS = 512
+
+
 def _sample_blocks(cfg, x, dropout_seed):
     """Blocks of samples that model_forward runs as separate passes on parallel workers, or None.
 
@@ -90,9 +97,12 @@ def _sample_blocks(cfg, x, dropout_seed):
     (GroupNorm normalises within a sample), so the blocks' outputs are the batch's, and the
     parameter gradients are the blocks' sums. Nothing then runs on one thread alone, which the
     per-layer splits (groupnorm.py, conv.py) leave to the attention, the residual adds and the
-    copies. Not split: the MLP (the 2-D models run on one thread), CuPy arrays, and dropout with a
-    seed (its masks are drawn for the whole batch)."""
-    if cfg.kind == "mlp" or backend.is_cupy(backend.array_module(x)):
+    copies. The MLP splits too when each block gets MLP_MIN_BLOCK_ROWS rows or more (its rows are
+    independent as well; the main job runs its 2-D models on one thread, so one worker: no split).
+    Not split: CuPy arrays, and dropout with a seed (its masks are drawn for the whole batch)."""
+    if backend.is_cupy(backend.array_module(x)):
+        return None
+    if cfg.kind == "mlp" and len(x) < MLP_MIN_BLOCK_ROWS * parallel.workers():
         return None
     if dropout_seed is not None and getattr(cfg, "dropout", 0.0) > 0:
         return None

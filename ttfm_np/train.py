@@ -297,6 +297,10 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
     dp.shard_iterator(data_iter)
     log = _progress.log if comm.is_root else (lambda *a, **k: None)   # rank 0 speaks for all
     xp = xp or backend.get_xp()
+    if not backend.is_cupy(xp):
+        # freed activations stay in the heap for the next step instead of page-faulting back in (backend.py):
+        # select_device does this for the CLI; a script that calls train_loop directly gets it here
+        backend.tune_cpu_allocator()
     dtype = np.dtype(tcfg.dtype)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
     metrics_path = os.path.join(out_dir, METRICS_NAME)

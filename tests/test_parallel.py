@@ -212,28 +212,30 @@ def test_a_forked_child_starts_its_own_workers():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
-@pytest.mark.parametrize("preset", ["tiny"])
-def test_unet_pass_split_into_sample_blocks_matches_the_serial_pass(rng, preset):
-    """model_forward / model_backward of a U-Net run each block of samples as its own pass on a worker:
+def _blocks_against_one_pass(cfg, params, x, s, t=None):
+    """model_forward + model_backward with 1 and with 2 workers (2: one pass per block of samples):
     u and dx the same rows as one pass, parameter gradients the blocks' sums (float64: rounding only)."""
     from ttfm_np import model
-    cfg = model.make_config(preset, (3, 16, 16))
-    params = {k: v.astype(np.float64) for k, v in model.init_model(cfg, 0).items()}
-    params = {k: v + 0.01 * rng.standard_normal(v.shape) for k, v in params.items()}   # no zero-init outputs
-    x = rng.standard_normal((5, 3, 16, 16))
-    s = rng.random(5)
-    du = rng.standard_normal(x.shape)
+    du = np.random.default_rng(9).standard_normal(x.shape)
     out = {}
     for k in (1, 2):
         parallel.set_workers(k)
         assert (model._sample_blocks(cfg, x, None) is not None) == (k == 2)
-        u, cache = model.model_forward(params, cfg, x, s)
+        u, cache = model.model_forward(params, cfg, x, s, t)
         dx, grads = model.model_backward(du, cache)
         out[k] = (u, dx, grads)
     np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(out[2][1], out[1][1], rtol=1e-12, atol=1e-12)
     for name, g in out[1][2].items():
         np.testing.assert_allclose(out[2][2][name], g, rtol=1e-11, atol=1e-12, err_msg=name)
+
+
+def test_unet_pass_split_into_sample_blocks_matches_the_serial_pass(rng):
+    from ttfm_np import model
+    cfg = model.make_config("tiny", (3, 16, 16))
+    params = {k: v.astype(np.float64) for k, v in model.init_model(cfg, 0).items()}
+    params = {k: v + 0.01 * rng.standard_normal(v.shape) for k, v in params.items()}   # no zero-init outputs
+    _blocks_against_one_pass(cfg, params, rng.standard_normal((5, 3, 16, 16)), rng.random(5))
 
 
 def test_seeded_dropout_and_small_mlp_batches_are_not_split_into_sample_blocks(rng):
@@ -252,22 +254,10 @@ def test_seeded_dropout_and_small_mlp_batches_are_not_split_into_sample_blocks(r
 
 @pytest.mark.parametrize("two_time", [False, True])
 def test_mlp_pass_split_into_sample_blocks_matches_the_serial_pass(rng, two_time):
-    """A large MLP batch with two workers runs as two blocks (model.MLP_MIN_BLOCK_ROWS rows or more each):
-    the same u and dx rows and the parameter gradients as the blocks' sums (float64: rounding only)."""
+    """A large MLP batch with two workers runs as two blocks (model.MLP_MIN_BLOCK_ROWS rows or more each)."""
     from ttfm_np import model
     cfg = model.make_config("mlp-tiny", (2,), two_time=two_time)
     params = {k: v.astype(np.float64) + 0.1 * rng.standard_normal(v.shape) for k, v in model.init_model(cfg, 0).items()}
     n = 2 * model.MLP_MIN_BLOCK_ROWS + 3
-    x, s, t = rng.standard_normal((n, 2)), rng.random(n), rng.random(n)
-    du = rng.standard_normal(x.shape)
-    out = {}
-    for k in (1, 2):
-        parallel.set_workers(k)
-        assert (model._sample_blocks(cfg, x, None) is not None) == (k == 2)
-        u, cache = model.model_forward(params, cfg, x, s, t if two_time else None)
-        dx, grads = model.model_backward(du, cache)
-        out[k] = (u, dx, grads)
-    np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(out[2][1], out[1][1], rtol=1e-12, atol=1e-12)
-    for name, g in out[1][2].items():
-        np.testing.assert_allclose(out[2][2][name], g, rtol=1e-11, atol=1e-12, err_msg=name)
+    _blocks_against_one_pass(cfg, params, rng.standard_normal((n, 2)), rng.random(n),
+                             rng.random(n) if two_time else None)

@@ -215,3 +215,10 @@ def test_main_job_evaluates_from_the_solutions_computed_ahead(tiny_recipes, monk
     run = pipeline.distill("toy:moons", quick=True, eval_steps=(1, 2), eval_n=16, eval_n_ref=4, progress=False)
     assert len(solved) == len(evaluate.teacher_solutions_needed((1, 2), 4)) and not any(solved)
     assert run.rows and run.rows[0]["method"].startswith("teacher heun 4")
+
+
+def test_invalid_evaluation_steps_are_refused_before_training(tiny_recipes):
+    """A bad --eval-steps is an error before any training (and before the teacher-solutions process)."""
+    with pytest.raises(ValueError, match="step counts must be integers >= 1"):
+        pipeline.distill("toy:moons", quick=True, eval_steps=(0, 2), eval_n=8, eval_n_ref=2, progress=False)
+    assert not os.path.exists(tiny_recipes / "runs")                  # nothing trained, nothing written

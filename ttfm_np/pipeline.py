@@ -317,6 +317,8 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
     one continued, a different one left alone (the new run goes to <folder>-2, -3, ...).
     """
     loss = (loss or losses.DistillLossConfig()).validate()
+    if evaluate:
+        eval_steps = check_step_counts(eval_steps)      # before training (and the teacher-solutions process)
     model_given = None
     if train_overrides.get("ema_decay") is None and loss.student_ema_decay is not None:
         train_overrides["ema_decay"] = loss.student_ema_decay      # the loss's measured best EMA rate

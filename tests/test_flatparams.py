@@ -6,6 +6,7 @@ comparisons are exact. The gradient norm adds its partial sums in another groupi
 against a float64 reference within the rounding bound of the float64 dot products.
 """
 import copy
+import dataclasses
 import pickle
 
 import numpy as np
@@ -129,30 +130,22 @@ def test_grad_norm_and_clip_of_a_flat_gradient(rng, dtype):
 
 def test_training_loop_runs_on_flat_buffers(tmp_path, rng, monkeypatch):
     """train_loop packs parameters, EMA, moments and gradients; Adam then runs once per step."""
-    from ttfm_np import model, objectives, train
+    from ttfm_np import data, model, objectives, train
     cfg = model.make_config("mlp-tiny", (2,))
     calls = []
     real = optim._adam_update
     monkeypatch.setattr(optim, "_adam_update", lambda *a: calls.append(a[0].size) or real(*a))
-
-    class Data:
-        def __init__(self):
-            self.r = np.random.default_rng(0)
-
-        def next(self):
-            return self.r.uniform(-1, 1, (16, 2)).astype(np.float32)
-
-        def state_dict(self):
-            return {"state": self.r.bit_generator.state}
-
-        def load_state_dict(self, d):
-            self.r.bit_generator.state = d["state"]
-
     tcfg = train.TrainConfig(steps=3, batch_size=16, lr=1e-3, log_every=1, ckpt_every=0, sample_every=0)
-    params, ema, step = train.train_loop(str(tmp_path / "run"), model_cfg=cfg, init_params=model.init_model(cfg, 0),
-                                         objective=objectives.FlowMatchingObjective(cfg, sample_kind="points"),
-                                         data_iter=Data(),
-                                         tcfg=tcfg, run_config={}, progress=False)
+
+    def run(steps, resume):
+        return train.train_loop(str(tmp_path / "run"), model_cfg=cfg, init_params=model.init_model(cfg, 0),
+                                objective=objectives.FlowMatchingObjective(cfg, sample_kind="points"),
+                                data_iter=data.BatchIterator(data.make_toy("moons", 64, 0), 16),
+                                tcfg=dataclasses.replace(tcfg, steps=steps), run_config={}, progress=False,
+                                resume=resume)
+    params, ema, step = run(3, False)
     assert step == 3 and isinstance(params, flatparams.FlatParams) and isinstance(ema, flatparams.FlatParams)
     assert calls == [params.buffer.size] * 3
-    assert backend.array_module(params.buffer) is np
+    assert backend.array_module(params.buffer) is np and not np.shares_memory(params.buffer, ema.buffer)
+    params, ema, step = run(5, True)                                    # resumed from the checkpoint: flat too
+    assert step == 5 and isinstance(ema, flatparams.FlatParams) and calls == [params.buffer.size] * 5

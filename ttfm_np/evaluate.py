@@ -88,8 +88,8 @@ def precompute_teacher_solutions(teacher_path: str, n: int, seed: int, steps, n_
     Run by pipeline.distill in a child process on the CPU while the student trains (the teacher is
     fixed by then): on a 2-core machine the reference solve then costs no wall time after training.
     Same noise (sampling.LoadedModel.noise), same cache keys as evaluate_models: a cache hit there.
+    The model is loaded on the current device (the child process selects the CPU first).
     """
-    backend.select_device("cpu")
     tm = sampling.load_model(teacher_path, weights="ema", dtype=dtype, role="teacher")
     z = tm.noise(n, seed)
     with blas.single_threaded_small_gemms(tm.cfg.kind == "mlp"):

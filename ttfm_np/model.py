@@ -102,11 +102,12 @@ def _sample_blocks(cfg, x, dropout_seed):
     Not split: CuPy arrays, and dropout with a seed (its masks are drawn for the whole batch)."""
     if backend.is_cupy(backend.array_module(x)):
         return None
-    if cfg.kind == "mlp" and len(x) < MLP_MIN_BLOCK_ROWS * parallel.workers():
+    workers = parallel.workers()
+    if cfg.kind == "mlp" and len(x) < MLP_MIN_BLOCK_ROWS * workers:
         return None
     if dropout_seed is not None and getattr(cfg, "dropout", 0.0) > 0:
         return None
-    blocks = parallel.split_range(len(x), parallel.workers())
+    blocks = parallel.split_range(len(x), workers)
     return blocks if len(blocks) > 1 else None
 
 

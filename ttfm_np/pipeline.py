@@ -358,6 +358,7 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
                       "with smooth time features: train one with `train --time-scale 1 --out DIR`")
     ds = _training_data(data, data_dir, resolution=resolution)
     _check_points_scale(ds)
+    eval_n = eval_n or (2000 if ds.kind == "toy" else 256)
     if tuple(ds.shape) != tuple(tm.sample_shape):
         raise ValueError(f"the teacher {teacher} models samples of shape {tm.sample_shape}, but {data} has "
                          f"{ds.shape}: train a teacher on this data")
@@ -384,7 +385,6 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
         _check_resources(objective, student_params, ds, tcfg, done, max_cpu_hours, scfg.kind == "mlp")
         log(f"distill: {loss.loss} from {teacher} on {data}, {tcfg.steps} steps of batch {tcfg.batch_size}, "
             f"device {backend.device_name()}, out {out}")
-        eval_n = eval_n or (2000 if ds.kind == "toy" else 256)
         ahead = evaluate and _solve_teacher_ahead(tm.cfg)
         with _locked_run(out), blas.single_threaded_small_gemms(scfg.kind == "mlp"), \
                 _teacher_solutions_ahead(ahead, teacher, eval_n, eval_seed, eval_steps, eval_n_ref, tcfg.dtype):
@@ -395,7 +395,7 @@ def distill(data: str = "toy:checkerboard", *, teacher: str | None = None, model
                        reused=reused)
     if evaluate:                                          # split over the ranks under mpiexec
         result.rows = evaluate_models(teacher, result.checkpoint, steps=eval_steps,
-                                      n=eval_n or (2000 if ds.kind == "toy" else 256), n_ref=eval_n_ref,
+                                      n=eval_n, n_ref=eval_n_ref,
                                       out=os.path.join(out, "eval"), seed=eval_seed, data_dir=data_dir,
                                       dtype=tcfg.dtype)
     return result
@@ -417,6 +417,7 @@ def _precompute_in_child(*args):
     """The child's entry point: Ctrl-C is the parent's to handle (it stops the child), not a second traceback."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    backend.select_device("cpu")                       # _solve_teacher_ahead: only CPU runs get here
     evaluation.precompute_teacher_solutions(*args)
 
 

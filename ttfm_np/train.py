@@ -308,6 +308,8 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
     fresh_folder = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
 
+    # parameters, EMA, moments and (in loss_at) gradients each in one buffer (flatparams.pack): Adam, the
+    # EMA and the gradient norm then run once per step over all parameters, not once per tensor
     if os.path.exists(ckpt_path):
         if not resume:
             raise FileExistsError(f"{ckpt_path} already exists: pass --resume to continue that run, "
@@ -320,9 +322,11 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
                 + "; ".join(diffs) + "). Resume with the run's own settings (only --steps, --log-every, "
                 "--ckpt-every, --sample-every may change), or start a new run with another --out.")
         ckpt.check_params_match(init_params, state["params"])
-        params = P.to_device(P.astype(state["params"], dtype), xp)
-        ema = P.to_device(P.astype(state["ema"], dtype), xp)
-        opt = optim.adam_state_to_device(state["opt_state"], xp, dtype)
+        params = flatparams.pack(P.to_device(P.astype(state["params"], dtype), xp))
+        ema = flatparams.pack(P.to_device(P.astype(state["ema"], dtype), xp), like=params)
+        loaded = optim.adam_state_to_device(state["opt_state"], xp, dtype)
+        opt = optim.AdamState(step=loaded.step, m=flatparams.pack(loaded.m, like=params),
+                              v=flatparams.pack(loaded.v, like=params))
         step = int(state["step"])
         data_iter.load_state_dict(state["rng_state"]["data"])
         guard = _Guard(tcfg.explode_factor, state["rng_state"].get("guard"))
@@ -332,17 +336,12 @@ def train_loop(out_dir: str, *, model_cfg, init_params: dict, objective, data_it
     else:
         if resume:
             log(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
-        params = P.to_device(P.astype(init_params, dtype), xp)
-        ema = P.copy(params)
-        opt = optim.adam_init(params)
+        params = flatparams.pack(P.to_device(P.astype(init_params, dtype), xp))
+        ema = params.copy()                                       # a FlatParams with its own buffer
+        opt = optim.adam_init(params)                             # moments in one buffer each, like params
         step = 0
         guard = _Guard(tcfg.explode_factor)
 
-    # parameters, EMA, moments and (in loss_at) gradients each in one buffer: Adam, the EMA and the
-    # gradient norm then run once per step over ~all parameters instead of once per tensor (flatparams.py)
-    params, ema = flatparams.pack(params), flatparams.pack(ema, like=params)
-    opt = optim.AdamState(step=opt.step, m=flatparams.pack(opt.m, like=params),
-                          v=flatparams.pack(opt.v, like=params))
     # every rank must now hold the same state (same seed / same checkpoint): compared bit for bit
     distributed.check_replicas(comm, {"params": params, "ema": ema, "adam_m": opt.m, "adam_v": opt.v,
                                       "adam_step": opt.step, "step": step, "data": data_iter.state_dict()})

@@ -206,7 +206,7 @@ def winograd3x3_forward(x, W, b=None, cache_v: bool | None = None):
     """x (N, C, H, W), W (O, C, 3, 3), b (O,) or None -> y (N, O, H, W), cache. Stride 1, padding 1.
 
     cache_v (default CACHE_V): False keeps only x (by reference, as linear.py does) and the
-    backward recomputes V; True keeps every chunk's V (4, 4, C, n, th (tw+1)): about 4x the activation.
+    backward recomputes V; True also keeps every chunk's V (4, 4, C, n, th (tw+1)): about 4x the activation.
     """
     N, C, H, Wd = x.shape
     O = W.shape[0]
@@ -219,7 +219,7 @@ def winograd3x3_forward(x, W, b=None, cache_v: bool | None = None):
     U = weight_transform(W.astype(dt, copy=False))                        # (16, O, C)
     xt = x.astype(dt, copy=False).transpose(1, 0, 2, 3)                   # (C, N, H, W) view
     y = np.empty((N, O, H, Wd), dtype=dt)
-    Vs = {"x": x} if cache_v else None                                    # (n0, n1) -> that chunk's V
+    kept_v = {} if cache_v else None                                      # (n0, n1) -> that chunk's V
 
     def samples(lo, hi):
         """Samples lo..hi-1, in cache-sized chunks; each worker of parallel.run_split takes one block."""
@@ -228,16 +228,16 @@ def winograd3x3_forward(x, W, b=None, cache_v: bool | None = None):
             n = n1 - n0
             V = input_transform(xt[:, n0:n1], th, tw)                      # (4, 4, C, n, L)
             if cache_v:
-                Vs[n0, n1] = V                 # the chunk's own array: kept, not copied (one dict entry per chunk)
+                kept_v[n0, n1] = V             # the chunk's own array: kept, not copied (one dict entry per chunk)
             M = gemm(U, V.reshape(16, C, n * L))                           # M[xi] = U[xi] @ V[xi]   (16, O, n L)
             output_transform(M.reshape(4, 4, O, n, th, tw + 1), y[n0:n1], b)   # y = A^T M A + b
     parallel.run_split(samples, N)                                         # serial with one BLAS thread
-    return y, (Vs if cache_v else x, W, U, x.shape, b is not None)
+    return y, (x, kept_v, W, U, x.shape, b is not None)
 
 
 def winograd3x3_backward(dy, cache):
     """dy (N, O, H, W) -> dx (N, C, H, W), {"weight": dW (O, C, 3, 3)[, "bias": db (O,)]}."""
-    saved, W, U, x_shape, has_bias = cache
+    x, kept_v, W, U, x_shape, has_bias = cache
     N, C, H, Wd = x_shape
     O = W.shape[0]
     th, tw = (H + 1) // 2, (Wd + 1) // 2
@@ -245,11 +245,9 @@ def winograd3x3_backward(dy, cache):
     dt = U.dtype
     grads = {}
     UT = np.ascontiguousarray(U.transpose(0, 2, 1))                        # (16, C, O)
-    cached_v = isinstance(saved, dict)
     dx = np.empty((N, C, H, Wd), dtype=dt)
     dxt = dx.transpose(1, 0, 2, 3)                                         # (C, N, H, W) view
-    x_saved = saved["x"] if cached_v else saved
-    xt = x_saved.astype(dt, copy=False).transpose(1, 0, 2, 3)             # as the forward's xt
+    xt = x.astype(dt, copy=False).transpose(1, 0, 2, 3)                   # as the forward's xt
 
     def samples(lo, hi):
         """Samples lo..hi-1 in cache-sized chunks -> this block's parts of dU (16, O, C) and db (O,)."""
@@ -259,8 +257,8 @@ def winograd3x3_backward(dy, cache):
         for c0, c1 in _chunks(hi - lo, 16 * max(C, O) * L * np.dtype(dt).itemsize):
             n0, n1 = lo + c0, lo + c1
             n = n1 - n0
-            if cached_v and (n0, n1) in saved:
-                V = saved[n0, n1]                  # the forward's chunk (the same split: same N, same workers)
+            if kept_v is not None and (n0, n1) in kept_v:
+                V = kept_v[n0, n1]                 # the forward's chunk (the same split: same N, same workers)
             else:                                  # (a worker count changed since the forward: other chunks)
                 V = input_transform(xt[:, n0:n1], th, tw)                  # recomputed, as the forward
             dM = _output_transform_adjoint(dy[n0:n1], th, tw).reshape(16, O, n * L)

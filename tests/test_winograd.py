@@ -54,6 +54,32 @@ def test_forward_matches_direct_convolution_float64(rng, shape, cache_v):
     assert rel(y0, conv2d_reference(x, Wt, 0 * b, 1, 1)) < 1e-12
 
 
+@pytest.mark.parametrize("O, C", [(1, 1), (3, 5), (64, 32)])
+def test_weight_transform_and_adjoint_against_the_matrix_form(rng, O, C):
+    """U = G g G^T (winograd.weight_transform's slice arithmetic) and dg = G^T dU G (its adjoint) against
+    the 4x3 matrix products written out here; float32 inputs are rounded once from the float64 value."""
+    G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    g = rng.standard_normal((O, C, 3, 3))
+    dU = rng.standard_normal((16, O, C))
+    U_ref = np.stack([G @ g[o, c] @ G.T for o in range(O) for c in range(C)]).reshape(O, C, 16)
+    U_ref = U_ref.transpose(2, 0, 1)                                            # (16, O, C)
+    dg_ref = np.stack([G.T @ dU[:, o, c].reshape(4, 4) @ G for o in range(O) for c in range(C)])
+    dg_ref = dg_ref.reshape(O, C, 3, 3)
+    U, dg = wg.weight_transform(g), wg.weight_transform_adjoint(dU, np.float64)
+    assert U.shape == (16, O, C) and dg.shape == (O, C, 3, 3) and U.dtype == dg.dtype == np.float64
+    assert rel(U, U_ref) < 1e-15 and rel(dg, dg_ref) < 1e-15
+    # the adjoint: <U(g), dU> = <g, U^T(dU)>
+    assert abs(np.vdot(U, dU) - np.vdot(g, dg)) < 1e-12 * np.abs(U).sum() * np.abs(dU).max()
+    # float32: computed in float64 from the float32 values, then rounded once (|error| <= u |value|)
+    g32, dU32 = g.astype(np.float32), dU.astype(np.float32)
+    U_ref32 = wg.weight_transform(g32.astype(np.float64))
+    dg_ref32 = wg.weight_transform_adjoint(dU32.astype(np.float64), np.float64)
+    U_32, dg_32 = wg.weight_transform(g32), wg.weight_transform_adjoint(dU32, np.float32)
+    assert U_32.dtype == dg_32.dtype == np.float32
+    assert np.all(np.abs(U_32 - U_ref32) <= U32 * np.abs(U_ref32))
+    assert np.all(np.abs(dg_32 - dg_ref32) <= U32 * np.abs(dg_ref32))
+
+
 def absolute_winograd(x, Wt):
     """Yabs: F(2x2, 3x3) evaluated on |x|, |W| with |A^T|, |B^T|, |G| (float64, tile by tile, written
     independently of winograd.py): every term c g d of the algorithm counted with its absolute value."""

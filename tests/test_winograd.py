@@ -128,6 +128,28 @@ def test_float32_error_within_the_derived_bound(rng, shape):
     assert np.abs(y - ref).max() > 0 or C * H * W < 8          # float32 really ran (not a float64 detour)
 
 
+@pytest.mark.parametrize("cache_v", [False, True])
+def test_one_sample_chunks_match_one_chunk(rng, monkeypatch, cache_v):
+    """The forward and backward loop over cache-sized chunks of samples (winograd.CHUNK_BYTES): with a
+    chunk per sample (5 chunks) y, dx, dW and db agree with the whole batch as one chunk (float64; the
+    GEMMs' columns and dU's sum over chunks are grouped differently, so to rounding, not bit for bit)."""
+    x, Wt, b = inputs(rng, 5, 3, 4, 6, 7)
+    R = rng.standard_normal((5, 4, 6, 7))
+    results = []
+    for chunk_bytes in (1 << 30, 1):                     # one chunk; every sample its own chunk
+        monkeypatch.setattr(wg, "CHUNK_BYTES", chunk_bytes)
+        y, cache = wg.winograd3x3_forward(x, Wt, b, cache_v=cache_v)
+        if cache_v:                                      # the kept V chunks (n0, n1) tile the batch
+            kept = sorted(cache[1])
+            assert [n0 for n0, _ in kept] == [0] + [n1 for _, n1 in kept[:-1]] and kept[-1][1] == 5
+            assert len(kept) == 5 or chunk_bytes > 1
+        dx, grads = wg.winograd3x3_backward(R, cache)
+        results.append((y, dx, grads["weight"], grads["bias"]))
+    for whole, per_sample in zip(*results):
+        assert rel(per_sample, whole) < 1e-13
+    assert rel(results[0][0], conv2d_reference(x, Wt, b, 1, 1)) < 1e-12
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_backward_matches_finite_differences(rng, shape, bias):

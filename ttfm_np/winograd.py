@@ -94,10 +94,15 @@ G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np
 AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)                                 # (2, 4)
 
 # Samples per chunk: the chunk's V (16 max(C, O) t_h (t_w + 1) floats per sample) and M are written and
-# read back while they sit in the CPU's cache. Measured on the small U-Net's 3x3 convolutions (batch 32,
-# forward + backward, 1 thread, 2-core AMD EPYC, 1 MiB L2, 32 MiB L3, the other core loaded), chunks of
-# 1 / 2 / 4 / 8 MiB: 64 ch 32x32 91 / 105 / 119 / 132 ms, 128 ch 16x16 102 / 99 / 96 / 101 ms (flat).
-CHUNK_BYTES = 1 * 2**20
+# read back while they sit in the CPU's cache, and each chunk costs ~45 NumPy calls forward and ~90
+# backward. Measured on the whole small U-Net step (forward + backward, 2-core AMD EPYC Zen 4, 1 MiB L2,
+# 32 MiB L3, 2026-12-06, sizes alternated in one process, medians of 4-6 rounds): batch 32 on 2 threads
+# (two workers of 16 samples) 1 / 2 / 4 / 8 MiB / whole block: 1.99 / 1.95 / 1.83-1.85 / 1.88 / 2.08 s;
+# batch 16 on 1 thread 1 / 4 MiB: 1.74 / 1.72 s. With two workers every NumPy call also waits for the
+# GIL more often (a 36 KB add: 1.3 us alone, 3.1-3.4 us with a second thread doing the same), so fewer,
+# larger chunks pay off there, while one thread is flat. (Before the transforms' column pass ran as one
+# shifted run, 1 MiB had measured best: 64 ch 32x32 91 vs 119 ms for 4 MiB, 1 thread, the other core loaded.)
+CHUNK_BYTES = 4 * 2**20
 
 # What the forward keeps for the backward: False = x only (the backward recomputes V, one more
 # input transform), True = each chunk's V array itself (about 4x the activation, no copies). Measured

@@ -29,7 +29,7 @@ import time
 import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ttfm_np import backend, blas, conv, flow, model, optim, winograd  # noqa: E402
+from ttfm_np import backend, blas, block_processes, conv, flow, model, optim, winograd  # noqa: E402
 import numpy as np  # noqa: E402  (after ttfm_np, which picks the OpenBLAS kernels first: ttfm_np/blas.py)
 from ttfm_np.unet import layout  # noqa: E402
 
@@ -125,6 +125,7 @@ def time_ours(cfg, batch, warmup, iters, xp):
     xt = flow.interpolate(x0, x1, t)
     times = []
     rss0 = reset_peak_rss()
+    block_processes.reset_peak_rss()          # a U-Net's blocks may run on worker processes: their memory counts
     for i in range(warmup + iters):
         t0 = time.perf_counter()
         v, cache = model.model_forward(p, cfg, xt, t)
@@ -140,6 +141,7 @@ def time_ours(cfg, batch, warmup, iters, xp):
         mem = xp.get_default_memory_pool().total_bytes()   # the pool holds the step's peak
     else:
         mem = peak_rss_bytes() - rss0                       # growth of the peak RSS over the steps
+        mem += sum(child["peak_rss"] for child in block_processes.status())   # + the worker processes' peaks
     return statistics.median(times), mem
 
 
@@ -206,12 +208,17 @@ def alternate_rounds(rec, rounds, ours_fn, torch_fn, ours, theirs):
               "(on a busy machine the load changes between the two; the per-round ratio is reported)")
 @click.option("--conv3x3", type=click.Choice(conv.CONV3X3_ALGORITHMS), default=conv.CONV3X3,
               help="ttfm_np's algorithm for the NumPy 3x3 / stride 1 / padding 1 convolutions (ttfm_np/conv.py)")
+@click.option("--block-workers", type=click.Choice(["processes", "threads"]), default=None,
+              help="where a U-Net's blocks of samples run with 2+ workers (ttfm_np/block_processes.py; "
+              "default: the library's)")
 @click.option("--winograd-v", type=click.Choice(["keep", "recompute"]), default=None,
               help="whether the Winograd forward keeps its transformed input V for the backward "
               "(ttfm_np/winograd.py CACHE_V; default: the library's)")
 def main(model_name, batch, resolution, channels, warmup, iters, device, against, torch_only, json_out, threads,
-         rounds, conv3x3, winograd_v):
+         rounds, conv3x3, block_workers, winograd_v):
     xp = backend.select_device(device)
+    if block_workers is not None:
+        block_processes.set_enabled(block_workers == "processes")
     conv.set_conv3x3_algorithm(conv3x3)
     if winograd_v is not None:
         winograd.CACHE_V = winograd_v == "keep"
@@ -229,9 +236,11 @@ def main(model_name, batch, resolution, channels, warmup, iters, device, against
                params=int(n_params), device=device, step_gflop=flops / 1e9,
                machine=platform.processor() or platform.machine(), threads=os.cpu_count(),
                blas_threads=None if backend.is_cupy(xp) else blas.get_threads(),
-               simd=simd_levels(), conv3x3=conv3x3, winograd_keeps_v=winograd.CACHE_V)
+               simd=simd_levels(), conv3x3=conv3x3, winograd_keeps_v=winograd.CACHE_V,
+               block_workers="processes" if block_processes.enabled() else "threads")
     click.echo(f"{model_name} ({n_params:,} params), batch {batch}, {device}: step = {flops / 1e9:.1f} GFLOP")
-    click.echo(f"  SIMD: {rec['simd']}, OpenBLAS threads {rec['blas_threads']}, 3x3 convs: {conv3x3}"
+    click.echo(f"  SIMD: {rec['simd']}, OpenBLAS threads {rec['blas_threads']}, blocks on {rec['block_workers']}, "
+               f"3x3 convs: {conv3x3}"
                + (f" (Winograd {'keeps' if winograd.CACHE_V else 'recomputes'} V)" if conv3x3 == "winograd" else ""))
     if not torch_only:
         ours, ours_mem = time_ours(cfg, batch, warmup, iters, xp)   # first: freed buffers would hide memory

@@ -341,6 +341,8 @@ pipeline.train_teacher("imagefolder:" + out, model_name=name, out=out + "/run", 
                        ckpt_every=1, progress=False)
 # VmHWM: this program's peak resident memory (ru_maxrss would include the forking parent's, on Linux)
 peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+from ttfm_np import block_processes                 # a U-Net's blocks may run on worker processes: theirs too
+peak += sum(child["peak_rss"] for child in block_processes.status())
 print(est.total(), peak)
 """
 

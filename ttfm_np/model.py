@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from . import adm_unet, backend, mlp, parallel, unet
+from . import adm_unet, backend, block_processes, mlp, parallel, unet
 
 
 class Family(NamedTuple):
@@ -126,6 +126,9 @@ def model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad: bool 
     """u(x, s[, t]) -> (u, cache), or (u, None) when need_grad is False."""
     forward = _family(cfg.kind).forward
     blocks = _sample_blocks(cfg, x, dropout_seed)
+    if blocks is not None and cfg.kind != "mlp" and block_processes.enabled():
+        u, cache = block_processes.forward(forward, params, cfg, x, s, t, dropout_seed, need_grad, blocks)
+        return u, (None if cache is None else (cfg.kind, cache))
     if blocks is not None:
         parts = parallel.run_blocks(lambda lo, hi: forward(params, cfg, x[lo:hi], _rows(s, lo, hi), _rows(t, lo, hi),
                                                            dropout_seed, need_grad), blocks)
@@ -143,6 +146,8 @@ def model_backward(du, cache):
                          "for evaluations that need a backward")
     kind, net_cache = cache
     backward = _family(kind).backward
+    if isinstance(net_cache, block_processes.BlockCache):    # the forward ran its blocks on worker processes
+        return block_processes.backward(backward, du, net_cache)
     if isinstance(net_cache, _BlockCaches):
         # the forward ran per block of samples: the backward too, on the same blocks; dx stacks,
         # the parameter gradients add up (in block order: the same sum for the same worker count)

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import block_processes
+
 STATE_COPIES = 11          # EMA, Adam m, v, checkpoint snapshot (4) and its HDF5 image (4): see the docstring
 SAFETY = 1.2               # the estimate is compared as SAFETY * M(B) - M_now <= available
 PROBE_WAIT_S = 30.0        # refuse up front only when 3 steps take longer than this (see the docstring)
@@ -136,6 +138,9 @@ class Estimate:
 def _probe_pass(objective, params, x, seed):
     """(peak traced bytes, seconds) of one loss-and-gradient pass on the rows x."""
     rng = np.random.default_rng(seed)
+    # tracemalloc sees this process only: the probe keeps a U-Net's blocks on threads (block_processes.py),
+    # which hold the same activations as the worker processes would, all of them traced here
+    processes = block_processes.set_enabled(False)
     tracemalloc.start()
     try:
         t = time.perf_counter()
@@ -144,6 +149,7 @@ def _probe_pass(objective, params, x, seed):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+        block_processes.set_enabled(processes)
     del out
     return peak, seconds
 
@@ -159,7 +165,10 @@ def estimate(objective, params: dict, data, batch: int, dtype) -> Estimate:
     peak1, _ = _probe_pass(objective, p, rows[0], 0)
     peak2, seconds2 = _probe_pass(objective, p, rows[1], 1)
     per_sample = max(peak2 - peak1, 0)
-    return Estimate(now=resident_memory(), state=n_params * dtype.itemsize * STATE_COPIES,
+    from . import parallel
+    processes = block_processes.memory_overhead(getattr(objective, "cfg", None), n_params * dtype.itemsize,
+                                                parallel.workers(), not backend.is_cupy(xp))
+    return Estimate(now=resident_memory(), state=n_params * dtype.itemsize * STATE_COPIES + processes,
                     pass_fixed=max(peak1 - per_sample, 0), per_sample=per_sample, batch=batch,
                     seconds_per_sample=seconds2 / 2)
 

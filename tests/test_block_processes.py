@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ttfm_np import block_processes as bp
-from ttfm_np import model, parallel
+from ttfm_np import blas, conv, model, parallel, precision
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="block worker processes need a POSIX system")
 
@@ -47,9 +47,9 @@ def rel(a, b):
 
 @pytest.mark.parametrize("two_time", [False, True])
 def test_processes_match_threads(rng, two_workers, two_time):
-    """float64: the same blocks, the same per-block arithmetic; the parameter gradients are the blocks'
-    sums in block order either way. Not bit for bit: the child's arrays sit at other addresses, and
-    NumPy's vector loops may split a sum differently by alignment."""
+    """float64: the same blocks, the same per-block arithmetic (the child runs this process's OpenBLAS
+    kernels), the parameter gradients the blocks' sums in block order either way; measured bit for bit,
+    asserted to rounding (the child's arrays sit at other addresses)."""
     cfg, p = net(rng, two_time)
     x = rng.standard_normal((5, 3, 16, 16))
     s, t = rng.random(5), (rng.random(5) if two_time else None)
@@ -62,6 +62,7 @@ def test_processes_match_threads(rng, two_workers, two_time):
     u3, none = model.model_forward(p, cfg, x, s, t, need_grad=False)       # no cache kept anywhere
     assert none is None and rel(u3, u2) < 1e-13
     assert all(child["caches"] == 0 for child in bp.status())
+    assert all(child["kernels"] == blas.kernel_set() for child in bp.status())   # whichever loaded first here
 
 
 def test_float32_gradients_within_rounding(rng, two_workers):
@@ -83,7 +84,7 @@ def test_an_error_is_raised_and_the_workers_go_on(rng, two_workers):
     model.model_backward(np.ones_like(u), cache)
     _, cache = model.model_forward(p, cfg, x, s, need_grad=True)
     child = bp._children[0]
-    child.send(("backward", [], 10**9, None, np.ones((2, 3, 16, 16))))         # a token the child never saw
+    child.send(("backward", [], bp._settings(), 10**9, None, np.ones((2, 3, 16, 16))))         # a token the child never saw
     with pytest.raises(bp.BlockProcessError, match="no cache for token"):
         child.receive()
     model.model_backward(np.ones_like(u), cache)                               # the real one still works
@@ -127,3 +128,24 @@ def test_the_mlp_and_single_worker_stay_in_process(rng):
         parallel.set_workers(None)
     assert bp.memory_overhead(model.make_config("mlp", (2,)), 10**6, 2) == 0
     assert bp.memory_overhead(model.make_config("tiny", (3, 16, 16)), 10**6, 1) == 0
+
+
+def test_the_workers_compute_with_this_processs_switches(rng, two_workers):
+    """--precision tf32 rounds every GEMM operand to 10 mantissa bits (emulated on NumPy): a worker that
+    kept fp32 would differ from the threaded rows by ~1e-3, far above float32 rounding."""
+    cfg, p = net(rng, dtype=np.float32)
+    x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+    s, du = rng.random(4).astype(np.float32), rng.standard_normal(x.shape).astype(np.float32)
+    previous_algorithm = conv.set_conv3x3_algorithm("im2col")
+    try:
+        with precision.using("tf32"):
+            (u1, dx1, g1), (u2, dx2, g2) = both_ways(p, cfg, x, s, None, du)
+            assert bp.status()[0]["settings"] == bp._settings()
+            assert bp._settings()["precision"] == "tf32" and bp._settings()["conv3x3"] == "im2col"
+        fp32 = both_ways(p, cfg, x, s, None, du)[0][0]
+    finally:
+        conv.set_conv3x3_algorithm(previous_algorithm)
+    # a rounding difference in fp32 may flip an operand's TF32 rounding (2^-11): the bound is TF32's
+    assert rel(u1, u2) < 2e-3 and rel(dx1, dx2) < 2e-3
+    assert all(rel(g1[k], g2[k]) < 2e-3 for k in p)
+    assert rel(u1[2:], fp32[2:]) > 1e-4                  # the worker's rows really were computed in tf32

@@ -26,6 +26,9 @@ How a call runs (block 0 stays in this process, block i >= 1 goes to child proce
     the gradients are added in block order, the same sum as the threads';
   * a cache dropped without a backward is dropped in the child too: a finalizer queues its token and
     the next message carries it;
+  * the child runs this process's OpenBLAS kernel set (OPENBLAS_CORETYPE), and every message carries
+    this process's switches (precision mode, 3x3 algorithm, chunk sizes, sigmoid form), which the
+    child applies first: it computes as this process would (bit for bit, measured);
   * an error in a child comes back as BlockProcessError with the child's traceback.
 """
 from __future__ import annotations
@@ -47,7 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import blas
+from . import activations, blas, conv, precision, winograd
 
 ENV = "TTFM_BLOCK_PROCESSES"
 _enabled = os.name == "posix" and os.environ.get(ENV, "1") not in ("", "0")   # pass_fds: POSIX only
@@ -146,6 +149,9 @@ class _Child:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [package_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        kernels = blas.kernel_set()          # the child's OpenBLAS runs this process's kernels (blas.py: the choice
+        if kernels != "unknown":             # is made once, at load, and depends on whether numpy came first)
+            env[blas.CORETYPE_ENV] = kernels
         self.process = subprocess.Popen(
             [sys.executable, "-c", f"from ttfm_np.block_processes import _serve_fd; _serve_fd({child_sock.fileno()})"],
             pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL)
@@ -250,6 +256,25 @@ def reset_peak_rss():
 
 # ----------------------------------------------------------------------------- forward / backward
 
+def _settings() -> dict:
+    """This process's switches that change what a block computes; every message carries them, so that
+    the children compute as this process does (e.g. --precision tf32, --conv3x3 im2col)."""
+    return {"precision": precision.get_mode(), "conv3x3": conv.CONV3X3,
+            "winograd_min_pixels": conv.WINOGRAD_MIN_PIXELS, "conv_chunk_bytes": conv._CHUNK_BYTES,
+            "winograd_chunk_bytes": winograd.CHUNK_BYTES, "winograd_cache_v": winograd.CACHE_V,
+            "sigmoid_form": activations.SIGMOID_FORM}
+
+
+def _apply_settings(settings: dict):
+    precision.set_mode(settings["precision"])
+    conv.set_conv3x3_algorithm(settings["conv3x3"])
+    conv.WINOGRAD_MIN_PIXELS = settings["winograd_min_pixels"]
+    conv._CHUNK_BYTES = settings["conv_chunk_bytes"]
+    winograd.CHUNK_BYTES = settings["winograd_chunk_bytes"]
+    winograd.CACHE_V = settings["winograd_cache_v"]
+    activations.SIGMOID_FORM = settings["sigmoid_form"]
+
+
 class BlockCache(NamedTuple):
     """What model_forward keeps when the blocks ran on processes: block 0's cache here, the token
     under which each child keeps its block's cache, and the object whose finalizer frees them."""
@@ -286,7 +311,7 @@ def forward(family_forward, params, cfg, x, s, t, dropout_seed, need_grad, block
     shared = _shared_params(params)
     token = next(_tokens)
     for i, (child, (lo, hi)) in enumerate(zip(children, blocks[1:])):
-        child.send(("forward", _drops_for(i), token, family_forward, shared.shm.name, shared.layout, cfg,
+        child.send(("forward", _drops_for(i), _settings(), token, family_forward, shared.shm.name, shared.layout, cfg,
                     x[lo:hi], _rows(s, lo, hi), _rows(t, lo, hi), dropout_seed, need_grad))
     lo, hi = blocks[0]
     previous = _single_blas_thread()
@@ -316,7 +341,7 @@ def backward(family_backward, du, cache: BlockCache):
                                 "it: run the forward again (the worker is started again)")
     children = _children[:n]
     for i, (child, (lo, hi)) in enumerate(zip(children, cache.blocks[1:])):
-        child.send(("backward", _drops_for(i), cache.token, family_backward, du[lo:hi]))
+        child.send(("backward", _drops_for(i), _settings(), cache.token, family_backward, du[lo:hi]))
     lo, hi = cache.blocks[0]
     previous = _single_blas_thread()
     try:
@@ -399,7 +424,8 @@ def _serve(conn):
         try:
             if kind == "forward":
                 # the network's forward arrives as a function reference (pickled by name, e.g. unet.unet_forward)
-                _, _, token, family_forward, shm_name, layout, cfg, x, s, t, dropout_seed, need_grad = message
+                _, _, settings, token, family_forward, shm_name, layout, cfg, x, s, t, dropout_seed, need_grad = message
+                _apply_settings(settings)
                 if shm_name not in attached:
                     shm = _attach(shm_name, 2 * _nbytes(layout))
                     attached[shm_name] = (shm, *_views(shm, layout))
@@ -410,7 +436,8 @@ def _serve(conn):
                     caches[token] = (cache, shm_name, layout)
                 conn.send(("ok", u))
             elif kind == "backward":
-                _, _, token, family_backward, du = message
+                _, _, settings, token, family_backward, du = message
+                _apply_settings(settings)
                 if token not in caches:
                     raise KeyError(f"no cache for token {token}: its forward ran with need_grad=False, "
                                    "or its backward already ran")
@@ -425,7 +452,8 @@ def _serve(conn):
                         other[k] = g
                 conn.send(("ok", (dx, layout, other)))
             elif kind == "status":
-                conn.send(("ok", {"pid": os.getpid(), "caches": len(caches), "peak_rss": _peak_rss()}))
+                conn.send(("ok", {"pid": os.getpid(), "caches": len(caches), "peak_rss": _peak_rss(),
+                                  "settings": _settings(), "kernels": blas.kernel_set()}))
             elif kind == "reset_rss":
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")

@@ -149,3 +149,22 @@ def test_the_workers_compute_with_this_processs_switches(rng, two_workers):
     assert rel(u1, u2) < 2e-3 and rel(dx1, dx2) < 2e-3
     assert all(rel(g1[k], g2[k]) < 2e-3 for k in p)
     assert rel(u1[2:], fp32[2:]) > 1e-4                  # the worker's rows really were computed in tf32
+
+
+def test_a_reply_left_unread_by_an_interrupted_call_is_not_taken_for_the_next(rng, two_workers, monkeypatch):
+    """Ctrl-C between sending a block and reading its reply leaves the reply in the pipe: the next call
+    must not read it as its own (same shape, other values)."""
+    cfg, p = net(rng)
+    x, s = rng.standard_normal((4, 3, 16, 16)), rng.random(4)
+    u, _ = model.model_forward(p, cfg, x, s, need_grad=False)
+    real = bp._Child.receive
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bp._Child, "receive", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.model_forward(p, cfg, 2 * x, s, need_grad=False)                  # its reply stays unread
+    monkeypatch.setattr(bp._Child, "receive", real)
+    assert bp._children[0].pending == 1
+    u2, _ = model.model_forward(p, cfg, x, s, need_grad=False)
+    assert rel(u2, u) < 1e-13 and bp._children[0].pending == 0

@@ -157,6 +157,7 @@ class _Child:
             pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL)
         child_sock.close()
         self.conn = Connection(parent_sock.detach())
+        self.pending = 0                     # replies not read yet (a call interrupted by Ctrl-C leaves one)
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -166,10 +167,20 @@ class _Child:
             self.conn.send(message)
         except (BrokenPipeError, EOFError, OSError) as exc:
             raise BlockProcessError(f"a block worker process (pid {self.process.pid}) exited: {exc}") from exc
+        self.pending += 1
+
+    def discard_stale_replies(self):
+        """Read and drop the replies of calls that were interrupted before they read them."""
+        while self.pending:
+            try:
+                self.receive()
+            except BlockProcessError:
+                pass
 
     def receive(self):
         try:
             status, payload = self.conn.recv()
+            self.pending -= 1
         except (EOFError, OSError) as exc:
             raise BlockProcessError(f"a block worker process (pid {self.process.pid}) exited during a call "
                                     f"(exit code {self.process.poll()}); it is started again at the next call") from exc
@@ -191,12 +202,14 @@ class _Child:
 
 
 def _ensure_children(n: int) -> list:
-    """n live children (a child that died between calls is replaced)."""
+    """n live children (a child that died between calls is replaced), none with a reply left unread."""
     for i, child in enumerate(_children):
         if not child.alive():
             child.conn.close()
             child.process.wait()
             _children[i] = _Child()
+        else:
+            child.discard_stale_replies()
     while len(_children) < n:
         _children.append(_Child())
     return _children[:n]
@@ -241,6 +254,7 @@ def status() -> list:
     out = []
     for i, child in enumerate(_children):
         if child.alive():
+            child.discard_stale_replies()
             child.send(("status", _drops_for(i)))
             out.append(child.receive())
     return out
@@ -250,6 +264,7 @@ def reset_peak_rss():
     """Reset each child's peak resident set size (as benchmarks/unet_step.py does for this process)."""
     for i, child in enumerate(_children):
         if child.alive():
+            child.discard_stale_replies()
             child.send(("reset_rss", _drops_for(i)))
             child.receive()
 
@@ -335,6 +350,9 @@ def forward(family_forward, params, cfg, x, s, t, dropout_seed, need_grad, block
 def backward(family_backward, du, cache: BlockCache):
     """-> dx (like x), grads: block 0's backward here, the others' in the children; gradients added in block order."""
     n = len(cache.blocks) - 1
+    for child in _children[:n]:
+        if child.alive():
+            child.discard_stale_replies()
     if len(_children) < n or not all(child.alive() for child in _children[:n]):
         _ensure_children(n)                     # replaced for the next forward; this cache died with the child
         raise BlockProcessError("a block worker process exited after this forward, and its block's cache with "

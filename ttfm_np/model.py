@@ -93,7 +93,8 @@ def _sample_blocks(cfg, x, dropout_seed):
     """Blocks of samples that model_forward runs as separate passes on parallel workers, or None.
 
     With more than one worker (parallel.workers(): OpenBLAS's thread count) a U-Net on NumPy runs
-    each block's whole forward and backward on its own thread: every layer works per sample
+    each block's whole forward and backward on its own worker (a process, block_processes.py, or a
+    thread where those are switched off): every layer works per sample
     (GroupNorm normalises within a sample), so the blocks' outputs are the batch's, and the
     parameter gradients are the blocks' sums. Nothing then runs on one thread alone, which the
     per-layer splits (groupnorm.py, conv.py) leave to the attention, the residual adds and the

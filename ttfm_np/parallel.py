@@ -5,7 +5,9 @@ slice copies and reductions (im2col, the Winograd transforms, GroupNorm, SiLU) r
 on one. PyTorch splits those over its threads too, so at two threads the U-Net step
 of ttfm_np fell behind it (docs/benchmarks.md). NumPy releases the GIL inside its
 loops, so plain Python threads that each take a contiguous block of samples run
-those passes side by side.
+those passes side by side. (Every NumPy call still takes the GIL back after its
+loop; a U-Net's whole per-block passes therefore run on worker processes instead,
+ttfm_np/block_processes.py, with the same blocks.)
 
     parts = run_split(lambda lo, hi: work(x[lo:hi]), n=len(x))     # one call per worker, in order
 

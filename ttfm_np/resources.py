@@ -8,10 +8,13 @@ and the fixes (--batch-size, --model, --device gpu; --yes starts anyway).
 
 Memory (bytes) of one training process:
 
-    M(B) = M_now + n_params * itemsize * STATE_COPIES + a + b * B
+    M(B) = M_now + n_params * itemsize * STATE_COPIES + W + a + b * B
 
     M_now          the process's resident memory now (interpreter, libraries, the
                    data set, the parameters and, for distillation, the teacher)
+    W              a U-Net's block worker processes (block_processes.memory_overhead):
+                   per worker its interpreter and a copy of the parameters, plus the
+                   shared parameter and gradient buffer; 0 on one worker or a GPU
     STATE_COPIES   EMA, Adam m and v, plus what a checkpoint save holds at once
                    (host snapshot of params/EMA/m/v and the in-memory HDF5 image of
                    the four): 3 + 4 + 4 = 11 copies of the parameters, with slack

@@ -168,3 +168,17 @@ def test_a_reply_left_unread_by_an_interrupted_call_is_not_taken_for_the_next(rn
     assert bp._children[0].pending == 1
     u2, _ = model.model_forward(p, cfg, x, s, need_grad=False)
     assert rel(u2, u) < 1e-13 and bp._children[0].pending == 0
+
+
+def test_a_worker_that_cannot_start_says_how_to_run_without(rng, two_workers, monkeypatch):
+    cfg, p = net(rng)
+    x, s = rng.standard_normal((4, 3, 16, 16)), rng.random(4)
+    bp.shutdown()                                                               # no worker left to reuse
+    monkeypatch.setattr("sys.executable", "/nonexistent/python")
+    with pytest.raises(bp.BlockProcessError, match="could not start.*TTFM_BLOCK_PROCESSES=0"):
+        model.model_forward(p, cfg, x, s)
+    monkeypatch.undo()
+    parallel.set_workers(2)
+    bp.set_enabled(True)
+    u, _ = model.model_forward(p, cfg, x, s, need_grad=False)                   # starts normally again
+    assert u.shape == x.shape and bp._children[0].alive()

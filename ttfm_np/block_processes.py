@@ -152,10 +152,16 @@ class _Child:
         kernels = blas.kernel_set()          # the child's OpenBLAS runs this process's kernels (blas.py: the choice
         if kernels != "unknown":             # is made once, at load, and depends on whether numpy came first)
             env[blas.CORETYPE_ENV] = kernels
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", f"from ttfm_np.block_processes import _serve_fd; _serve_fd({child_sock.fileno()})"],
-            pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL)
-        child_sock.close()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", f"from ttfm_np.block_processes import _serve_fd; _serve_fd({child_sock.fileno()})"],
+                pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            parent_sock.close()
+            raise BlockProcessError(f"could not start a block worker process ({sys.executable!r}: {exc}); "
+                                    f"{ENV}=0 runs a U-Net's blocks on threads instead") from exc
+        finally:
+            child_sock.close()
         self.conn = Connection(parent_sock.detach())
         self.pending = 0                     # replies not read yet (a call interrupted by Ctrl-C leaves one)
 
@@ -183,7 +189,8 @@ class _Child:
             self.pending -= 1
         except (EOFError, OSError) as exc:
             raise BlockProcessError(f"a block worker process (pid {self.process.pid}) exited during a call "
-                                    f"(exit code {self.process.poll()}); it is started again at the next call") from exc
+                                    f"(exit code {self.process.poll()}; its error, if any, is on stderr above); it is "
+                                    f"started again at the next call, and {ENV}=0 runs the blocks on threads") from exc
         if status == "error":
             raise BlockProcessError(f"a block worker process failed:\n{payload}")
         return payload

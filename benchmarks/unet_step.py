@@ -84,36 +84,6 @@ def sgemm_peak(xp, n: int = 2048, reps: int = 3) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def _status_kib(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def reset_peak_rss() -> int:
-    """Reset the peak resident set size to the current one and return it (Linux; 0 elsewhere).
-
-    Writing 5 to /proc/self/clear_refs resets VmHWM (the peak RSS) to the
-    current RSS, so peak_rss_bytes() afterwards sees only what follows.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size (VmHWM) since the last reset_peak_rss() call."""
-    return _status_kib("VmHWM") * 1024
-
-
 def time_ours(cfg, batch, warmup, iters, xp):
     p = {k: xp.asarray(v) for k, v in model.init_model(cfg, 0).items()}
     st = optim.adam_init(p)
@@ -124,7 +94,7 @@ def time_ours(cfg, batch, warmup, iters, xp):
     t = xp.asarray(rng.random(batch).astype(np.float32))
     xt = flow.interpolate(x0, x1, t)
     times = []
-    rss0 = reset_peak_rss()
+    rss0 = backend.reset_peak_resident_memory()
     block_processes.reset_peak_rss()          # a U-Net's blocks may run on worker processes: their memory counts
     for i in range(warmup + iters):
         t0 = time.perf_counter()
@@ -140,7 +110,7 @@ def time_ours(cfg, batch, warmup, iters, xp):
     if backend.is_cupy(xp):
         mem = xp.get_default_memory_pool().total_bytes()   # the pool holds the step's peak
     else:
-        mem = peak_rss_bytes() - rss0                       # growth of the peak RSS over the steps
+        mem = backend.peak_resident_memory() - rss0        # growth of the peak RSS over the steps
         mem += sum(child["peak_rss"] for child in block_processes.status())   # + the worker processes' peaks
     return statistics.median(times), mem
 
@@ -157,7 +127,7 @@ def time_torch(cfg, batch, warmup, iters, device):
     t = torch.rand(batch, device=device)
     xt = (1 - t.view(-1, *[1] * (len(shape) - 1))) * x0 + t.view(-1, *[1] * (len(shape) - 1)) * x1
     times = []
-    rss0 = reset_peak_rss()
+    rss0 = backend.reset_peak_resident_memory()
     for i in range(warmup + iters):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -169,7 +139,7 @@ def time_torch(cfg, batch, warmup, iters, device):
         if i >= warmup:
             times.append(time.perf_counter() - t0)
         del loss
-    mem = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes() - rss0
+    mem = torch.cuda.max_memory_allocated() if device == "cuda" else backend.peak_resident_memory() - rss0
     return statistics.median(times), mem
 
 

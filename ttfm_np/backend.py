@@ -225,3 +225,34 @@ def tune_cpu_allocator():
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 31)
     except (OSError, AttributeError):
         pass
+
+
+def _proc_status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def reset_peak_resident_memory() -> int:
+    """Reset this process's peak resident set size (VmHWM) to the current one and return that (bytes).
+
+    Writing 5 to /proc/self/clear_refs does it (Linux; elsewhere nothing is reset), so
+    peak_resident_memory() afterwards sees only what follows: how benchmarks measure a step's memory.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def peak_resident_memory() -> int:
+    """This process's peak resident set size (VmHWM, bytes) since it started or the last reset; 0 without /proc."""
+    return _proc_status_kib("VmHWM") * 1024

@@ -16,11 +16,12 @@ step (batch 32, 2 workers, forward + backward, alternated in one process): threa
 1.86 s (medians of 5 rounds, 2-core AMD EPYC Zen 4, 2026-12-06); the children cost ~45 MB each at rest.
 
 How a call runs (block 0 stays in this process, block i >= 1 goes to child process i - 1):
-  * the children are started once (multiprocessing "spawn") and kept; a child that died between
-    calls is started again; they ignore SIGINT (Ctrl-C is this process's to handle);
+  * the children are started once (`python -c` over a socket pair, see _Child) and kept; a child
+    that died between calls is started again; they ignore SIGINT (Ctrl-C is this process's to handle);
   * the parameters travel through shared memory: copied at every forward into one buffer per
-    parameter layout (names, shapes, dtypes): a memcpy, ~4 ms for the small U-Net's 25 MB; the
-    child copies them out again, so that its caches never see a later call's parameters;
+    parameter layout (names, shapes, dtypes): a memcpy, ~4 ms for the small U-Net's 25 MB; a forward
+    that keeps a cache copies them out again in the child, so that its cache never sees a later
+    call's parameters;
   * a child keeps its block's cache under a token; the backward sends du's rows and the token, the
     child writes its block's parameter gradients into the same shared buffer and returns dx's rows;
     the gradients are added in block order, the same sum as the threads';
@@ -50,7 +51,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import activations, blas, conv, precision, winograd
+from . import activations, backend, blas, conv, parallel, precision, winograd
 
 ENV = "TTFM_BLOCK_PROCESSES"
 _enabled = os.name == "posix" and os.environ.get(ENV, "1") not in ("", "0")   # pass_fds: POSIX only
@@ -77,6 +78,12 @@ def enabled() -> bool:
     return _enabled
 
 
+def applies(cfg) -> bool:
+    """Whether a model of cfg runs its blocks of samples here (U-Nets; an MLP's blocks are too short
+    for the transfers). model._sample_blocks decides whether there are blocks at all."""
+    return _enabled and getattr(cfg, "kind", "mlp") != "mlp"
+
+
 # A child at rest (interpreter, NumPy, ttfm_np): 41-45 MB measured (VmHWM after a tiny U-Net pass); with slack.
 CHILD_BASE_BYTES = 64 * 2**20
 
@@ -85,7 +92,7 @@ def memory_overhead(cfg, param_bytes: int, workers: int, on_numpy: bool = True) 
     """Bytes the worker processes add to a U-Net run with `workers` blocks (0 where none run): per child
     its interpreter and its private copy of the parameters, plus the shared buffer of parameters and
     gradients. The activations are the same as with threads, only divided among the processes."""
-    if not (_enabled and on_numpy and workers > 1 and getattr(cfg, "kind", "mlp") != "mlp"):
+    if not (applies(cfg) and on_numpy and workers > 1):
         return 0
     return (workers - 1) * (CHILD_BASE_BYTES + 2 * param_bytes) + 2 * param_bytes
 
@@ -97,8 +104,7 @@ class _SharedParams:
 
     def __init__(self, layout):
         self.layout = layout                                  # ((name, shape, dtype str), ...)
-        self.nbytes = _nbytes(layout)
-        self.shm = shared_memory.SharedMemory(create=True, size=max(1, 2 * self.nbytes))
+        self.shm = shared_memory.SharedMemory(create=True, size=max(1, 2 * _nbytes(layout)))
         self.params, self.grads = _views(self.shm, layout)
 
     def close(self):
@@ -256,24 +262,26 @@ def _drops_for(index: int) -> list:
     return [token for _, token in mine]
 
 
-def status() -> list:
-    """Per child: {"pid", "caches" (held), "peak_rss" (bytes, VmHWM)}; benchmarks add the children's memory."""
+def _ask_all(kind: str) -> list:
+    """Send a message without payload to every live child; their replies, in child order."""
     out = []
     for i, child in enumerate(_children):
         if child.alive():
             child.discard_stale_replies()
-            child.send(("status", _drops_for(i)))
+            child.send((kind, _drops_for(i)))
             out.append(child.receive())
     return out
 
 
+def status() -> list:
+    """Per live child: {"pid", "caches" (held), "peak_rss" (bytes, VmHWM), "settings" (_settings as
+    last applied), "kernels" (its OpenBLAS kernel set)}; benchmarks add the children's memory."""
+    return _ask_all("status")
+
+
 def reset_peak_rss():
     """Reset each child's peak resident set size (as benchmarks/unet_step.py does for this process)."""
-    for i, child in enumerate(_children):
-        if child.alive():
-            child.discard_stale_replies()
-            child.send(("reset_rss", _drops_for(i)))
-            child.receive()
+    _ask_all("reset_rss")
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -310,40 +318,23 @@ class _Guard:
     """Lives as long as the BlockCache; when collected, the children's caches are queued for dropping."""
 
 
-def _rows(a, lo, hi):
-    return a if a is None or np.ndim(a) == 0 else a[lo:hi]
-
-
-def _single_blas_thread():
-    previous = blas.get_threads()
-    if previous is not None and previous > 1:
-        blas.set_threads(1)
-    return previous
-
-
-def _restore_blas(previous):
-    if previous is not None and previous > 1:
-        blas.set_threads(previous)
-
-
 def forward(family_forward, params, cfg, x, s, t, dropout_seed, need_grad, blocks):
     """The U-Net forward on blocks of samples: block 0 here (family_forward), the others on the children.
     -> (u, BlockCache or None)."""
     children = _ensure_children(len(blocks) - 1)
     shared = _shared_params(params)
-    token = next(_tokens)
+    token, settings = next(_tokens), _settings()
     for i, (child, (lo, hi)) in enumerate(zip(children, blocks[1:])):
-        child.send(("forward", _drops_for(i), _settings(), token, family_forward, shared.shm.name, shared.layout, cfg,
-                    x[lo:hi], _rows(s, lo, hi), _rows(t, lo, hi), dropout_seed, need_grad))
+        child.send(("forward", _drops_for(i), settings, token, family_forward, shared.shm.name, shared.layout, cfg,
+                    x[lo:hi], parallel.rows(s, lo, hi), parallel.rows(t, lo, hi), dropout_seed, need_grad))
     lo, hi = blocks[0]
-    previous = _single_blas_thread()
     try:
-        u0, cache0 = family_forward(params, cfg, x[lo:hi], _rows(s, lo, hi), _rows(t, lo, hi), dropout_seed, need_grad)
+        with parallel.one_blas_thread():
+            u0, cache0 = family_forward(params, cfg, x[lo:hi], parallel.rows(s, lo, hi), parallel.rows(t, lo, hi),
+                                        dropout_seed, need_grad)
     except BaseException:
         _drain(children)                        # the children's replies are read (protocol in step), this error raised
         raise
-    finally:
-        _restore_blas(previous)
     parts = _receive_all(children)
     u = np.concatenate([u0] + parts)
     if not need_grad:
@@ -364,23 +355,19 @@ def backward(family_backward, du, cache: BlockCache):
         _ensure_children(n)                     # replaced for the next forward; this cache died with the child
         raise BlockProcessError("a block worker process exited after this forward, and its block's cache with "
                                 "it: run the forward again (the worker is started again)")
-    children = _children[:n]
+    children, settings = _children[:n], _settings()
     for i, (child, (lo, hi)) in enumerate(zip(children, cache.blocks[1:])):
-        child.send(("backward", _drops_for(i), _settings(), cache.token, family_backward, du[lo:hi]))
+        child.send(("backward", _drops_for(i), settings, cache.token, family_backward, du[lo:hi]))
     lo, hi = cache.blocks[0]
-    previous = _single_blas_thread()
     try:
-        dx0, grads = family_backward(du[lo:hi], cache.local)
+        with parallel.one_blas_thread():
+            dx0, grads0 = family_backward(du[lo:hi], cache.local)
     except BaseException:
         _drain(children)
         raise
-    finally:
-        _restore_blas(previous)
     parts = _receive_all(children)
-    grads = dict(grads)
-    for _, layout, other in parts:
-        child_grads = {**_buffers[layout].grads, **other}
-        grads = {k: grads[k] + child_grads[k] for k in grads}   # a new array each: the buffer is reused
+    # the children's gradients from the shared buffer (add_dicts makes new arrays: the buffer is reused)
+    grads = parallel.add_dicts([grads0] + [{**_buffers[layout].grads, **other} for _, layout, other in parts])
     return np.concatenate([dx0] + [p[0] for p in parts]), grads
 
 
@@ -431,7 +418,6 @@ def _attach(name: str, nbytes: int):
 def _serve(conn):
     """A child: run forward/backward messages on its block until "stop" (or the parent is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)          # Ctrl-C is the parent's to handle
-    from . import backend
     backend.select_device("cpu")
     blas.set_threads(1)
     attached: dict = {}                                   # shared-memory name -> (shm, params views, grads views)
@@ -455,7 +441,9 @@ def _serve(conn):
                     shm = _attach(shm_name, 2 * _nbytes(layout))
                     attached[shm_name] = (shm, *_views(shm, layout))
                 _, shared, _ = attached[shm_name]
-                params = {k: v.copy() for k, v in shared.items()}   # private: a later call may overwrite the buffer
+                # a kept cache holds the parameters it was made with: private copies (a later call may overwrite
+                # the buffer); without one, nothing outlives this call and the shared views do
+                params = {k: v.copy() for k, v in shared.items()} if need_grad else shared
                 u, cache = family_forward(params, cfg, x, s, t, dropout_seed, need_grad)
                 if need_grad:
                     caches[token] = (cache, shm_name, layout)
@@ -477,24 +465,13 @@ def _serve(conn):
                         other[k] = g
                 conn.send(("ok", (dx, layout, other)))
             elif kind == "status":
-                conn.send(("ok", {"pid": os.getpid(), "caches": len(caches), "peak_rss": _peak_rss(),
+                conn.send(("ok", {"pid": os.getpid(), "caches": len(caches), "peak_rss": backend.peak_resident_memory(),
                                   "settings": _settings(), "kernels": blas.kernel_set()}))
             elif kind == "reset_rss":
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
+                backend.reset_peak_resident_memory()
                 conn.send(("ok", None))
             else:
                 raise ValueError(f"unknown message {kind!r}")
         except Exception:                                 # noqa: BLE001 (sent back, raised in the parent)
             conn.send(("error", traceback.format_exc()))
 
-
-def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

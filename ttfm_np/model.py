@@ -118,21 +118,16 @@ class _BlockCaches(NamedTuple):
     caches: list
 
 
-def _rows(a, lo, hi):
-    """Rows lo..hi-1 of a per-sample time array; a number or None stays as it is."""
-    return a if a is None or np.ndim(a) == 0 else a[lo:hi]
-
-
 def model_forward(params, cfg, x, s, t=None, dropout_seed=None, need_grad: bool = True):
     """u(x, s[, t]) -> (u, cache), or (u, None) when need_grad is False."""
     forward = _family(cfg.kind).forward
     blocks = _sample_blocks(cfg, x, dropout_seed)
-    if blocks is not None and cfg.kind != "mlp" and block_processes.enabled():
+    if blocks is not None and block_processes.applies(cfg):
         u, cache = block_processes.forward(forward, params, cfg, x, s, t, dropout_seed, need_grad, blocks)
         return u, (None if cache is None else (cfg.kind, cache))
     if blocks is not None:
-        parts = parallel.run_blocks(lambda lo, hi: forward(params, cfg, x[lo:hi], _rows(s, lo, hi), _rows(t, lo, hi),
-                                                           dropout_seed, need_grad), blocks)
+        parts = parallel.run_blocks(lambda lo, hi: forward(params, cfg, x[lo:hi], parallel.rows(s, lo, hi),
+                                                           parallel.rows(t, lo, hi), dropout_seed, need_grad), blocks)
         u = np.concatenate([p[0] for p in parts])
         cache = _BlockCaches(blocks, [p[1] for p in parts]) if need_grad else None
         return u, (None if cache is None else (cfg.kind, cache))
@@ -154,11 +149,7 @@ def model_backward(du, cache):
         # the parameter gradients add up (in block order: the same sum for the same worker count)
         by_block = dict(zip(net_cache.blocks, net_cache.caches))
         parts = parallel.run_blocks(lambda lo, hi: backward(du[lo:hi], by_block[(lo, hi)]), net_cache.blocks)
-        dx = np.concatenate([p[0] for p in parts])
-        grads = dict(parts[0][1])
-        for _, g in parts[1:]:
-            grads = {k: grads[k] + g[k] for k in grads}
-        return dx, grads
+        return np.concatenate([p[0] for p in parts]), parallel.add_dicts([p[1] for p in parts])
     return backward(du, net_cache)
 
 

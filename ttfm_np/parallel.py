@@ -25,9 +25,12 @@ Rules that keep the results reproducible and the machine sane:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from . import blas
 
@@ -126,10 +129,7 @@ def run_blocks(fn, blocks) -> list:
     that must reuse the blocks of an earlier split, such as a backward, passes them here)."""
     if len(blocks) <= 1:
         return [fn(lo, hi) for lo, hi in blocks]
-    previous = blas.get_threads()
-    if previous is not None and previous > 1:
-        blas.set_threads(1)              # one BLAS thread per worker: the workers are the parallelism
-    try:
+    with one_blas_thread():              # one BLAS thread per worker: the workers are the parallelism
         futures = [_executor(len(blocks) - 1).submit(fn, lo, hi) for lo, hi in blocks[1:]]
         first_error, results = None, []
         try:
@@ -144,6 +144,31 @@ def run_blocks(fn, blocks) -> list:
         if first_error is not None:
             raise first_error
         return results
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """OpenBLAS on one thread inside the block (the previous count restored after): while blocks of
+    samples run side by side, each worker's products run on its own core."""
+    previous = blas.get_threads()
+    if previous is not None and previous > 1:
+        blas.set_threads(1)
+    try:
+        yield
     finally:
         if previous is not None and previous > 1:
             blas.set_threads(previous)
+
+
+def rows(a, lo, hi):
+    """Rows lo..hi-1 of a per-sample array (a block's share); a number or None stays as it is."""
+    return a if a is None or np.ndim(a) == 0 else a[lo:hi]
+
+
+def add_dicts(parts) -> dict:
+    """The dicts (e.g. the blocks' parameter gradients) added key by key, in list order: the same
+    sum for the same blocks."""
+    total = dict(parts[0])
+    for part in parts[1:]:
+        total = {k: total[k] + part[k] for k in total}
+    return total

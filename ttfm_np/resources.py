@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import block_processes
+from . import block_processes, parallel
 
 STATE_COPIES = 11          # EMA, Adam m, v, checkpoint snapshot (4) and its HDF5 image (4): see the docstring
 SAFETY = 1.2               # the estimate is compared as SAFETY * M(B) - M_now <= available
@@ -168,7 +168,6 @@ def estimate(objective, params: dict, data, batch: int, dtype) -> Estimate:
     peak1, _ = _probe_pass(objective, p, rows[0], 0)
     peak2, seconds2 = _probe_pass(objective, p, rows[1], 1)
     per_sample = max(peak2 - peak1, 0)
-    from . import parallel
     processes = block_processes.memory_overhead(getattr(objective, "cfg", None), n_params * dtype.itemsize,
                                                 parallel.workers(), not backend.is_cupy(xp))
     return Estimate(now=resident_memory(), state=n_params * dtype.itemsize * STATE_COPIES + processes,
